@@ -1,0 +1,1014 @@
+// tsvmm native addon: the system calls a VMM needs, and the vCPU threads.
+//
+// This file holds no device logic. It opens /dev/kvm, issues ioctls on
+// buffers that TypeScript lays out (sizes checked here), maps guest RAM and
+// kvm_run, runs each vCPU's KVM_RUN loop on a thread of its own and hands
+// every exit to the main thread, and watches fds on the main event loop.
+// Errors are thrown with `code` (errno name), `errno` and `syscall`.
+
+#include <napi.h>
+#include <uv.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
+#include <linux/kvm.h>
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Errors
+
+const char* ErrnoName(int err) {
+  switch (err) {
+#define E(x) \
+  case x:    \
+    return #x;
+    E(EPERM) E(ENOENT) E(EINTR) E(EIO) E(ENXIO) E(E2BIG) E(EBADF) E(EAGAIN)
+    E(ENOMEM) E(EACCES) E(EFAULT) E(EBUSY) E(EEXIST) E(ENODEV) E(ENOTDIR)
+    E(EISDIR) E(EINVAL) E(ENFILE) E(EMFILE) E(ENOTTY) E(EFBIG) E(ENOSPC)
+    E(EROFS) E(ERANGE) E(ENOSYS) E(EOPNOTSUPP) E(ETIMEDOUT) E(ESRCH) E(ENOEXEC)
+#undef E
+    default:
+      return "EUNKNOWN";
+  }
+}
+
+[[noreturn]] void ThrowErrno(Napi::Env env, const std::string& syscall, int err) {
+  Napi::Error e = Napi::Error::New(env, syscall + " failed: " + strerror(err) + " (" + ErrnoName(err) + ")");
+  e.Set("code", Napi::String::New(env, ErrnoName(err)));
+  e.Set("errno", Napi::Number::New(env, err));
+  e.Set("syscall", Napi::String::New(env, syscall));
+  throw e;
+}
+
+[[noreturn]] void ThrowType(Napi::Env env, const std::string& msg) {
+  throw Napi::TypeError::New(env, msg);
+}
+
+int ArgInt(const Napi::CallbackInfo& info, size_t i) {
+  if (i >= info.Length() || !info[i].IsNumber()) ThrowType(info.Env(), "argument " + std::to_string(i) + " must be a number");
+  return info[i].As<Napi::Number>().Int32Value();
+}
+
+uint64_t ArgU64(const Napi::CallbackInfo& info, size_t i) {
+  if (i >= info.Length()) ThrowType(info.Env(), "argument " + std::to_string(i) + " missing");
+  if (info[i].IsBigInt()) {
+    bool lossless = false;
+    uint64_t v = info[i].As<Napi::BigInt>().Uint64Value(&lossless);
+    if (!lossless) ThrowType(info.Env(), "argument " + std::to_string(i) + " does not fit in 64 bits");
+    return v;
+  }
+  if (!info[i].IsNumber()) ThrowType(info.Env(), "argument " + std::to_string(i) + " must be a number or bigint");
+  double d = info[i].As<Napi::Number>().DoubleValue();
+  if (d < 0 || d > 9007199254740991.0) ThrowType(info.Env(), "argument " + std::to_string(i) + " out of range");
+  return static_cast<uint64_t>(d);
+}
+
+// A Uint8Array (or Buffer) argument as a raw byte range.
+struct Bytes {
+  uint8_t* data;
+  size_t length;
+};
+
+Bytes ArgBytes(const Napi::CallbackInfo& info, size_t i) {
+  if (i >= info.Length() || !info[i].IsTypedArray()) ThrowType(info.Env(), "argument " + std::to_string(i) + " must be a Uint8Array");
+  Napi::TypedArray ta = info[i].As<Napi::TypedArray>();
+  if (ta.TypedArrayType() != napi_uint8_array) ThrowType(info.Env(), "argument " + std::to_string(i) + " must be a Uint8Array");
+  Napi::Uint8Array u8 = ta.As<Napi::Uint8Array>();
+  return {u8.Data(), u8.ByteLength()};
+}
+
+// ---------------------------------------------------------------------------
+// ioctl helpers
+
+// struct kvm_cpuid2 and struct kvm_msrs end in a zero-length array, which
+// g++ sizes differently from C (12 and 16 bytes, not 8). The ioctl numbers
+// encode the struct size, so define them from the C layout: an 8-byte header.
+struct CpuidHeader {
+  uint32_t nent;
+  uint32_t padding;
+};
+struct MsrsHeader {
+  uint32_t nmsrs;
+  uint32_t pad;
+};
+static_assert(sizeof(CpuidHeader) == 8 && sizeof(MsrsHeader) == 8, "C header sizes");
+static_assert(sizeof(kvm_cpuid_entry2) == 40 && sizeof(kvm_msr_entry) == 16, "entry sizes");
+constexpr unsigned long kGetSupportedCpuid = _IOWR(KVMIO, 0x05, CpuidHeader);
+constexpr unsigned long kSetCpuid2 = _IOW(KVMIO, 0x90, CpuidHeader);
+constexpr unsigned long kGetMsrs = _IOWR(KVMIO, 0x88, MsrsHeader);
+constexpr unsigned long kSetMsrs = _IOW(KVMIO, 0x89, MsrsHeader);
+
+int Ioctl(Napi::Env env, int fd, unsigned long req, void* arg, const char* name) {
+  int r;
+  do {
+    r = ioctl(fd, req, arg);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) ThrowErrno(env, name, errno);
+  return r;
+}
+
+int IoctlVal(Napi::Env env, int fd, unsigned long req, unsigned long arg, const char* name) {
+  int r;
+  do {
+    r = ioctl(fd, req, arg);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) ThrowErrno(env, name, errno);
+  return r;
+}
+
+// A fixed-size struct ioctl on a caller's buffer. The size check makes the
+// kernel's copy_to/from_user stay inside the buffer.
+Napi::Value StructIoctl(const Napi::CallbackInfo& info, unsigned long req, size_t size, const char* name) {
+  int fd = ArgInt(info, 0);
+  Bytes b = ArgBytes(info, 1);
+  if (b.length != size) ThrowType(info.Env(), std::string(name) + ": buffer must be " + std::to_string(size) + " bytes, got " + std::to_string(b.length));
+  return Napi::Number::New(info.Env(), Ioctl(info.Env(), fd, req, b.data, name));
+}
+
+#define STRUCT_IOCTL(fn, req, type)                              \
+  Napi::Value fn(const Napi::CallbackInfo& info) {               \
+    return StructIoctl(info, req, sizeof(struct type), #req);    \
+  }
+
+STRUCT_IOCTL(GetRegs, KVM_GET_REGS, kvm_regs)
+STRUCT_IOCTL(SetRegs, KVM_SET_REGS, kvm_regs)
+STRUCT_IOCTL(GetSregs, KVM_GET_SREGS, kvm_sregs)
+STRUCT_IOCTL(SetSregs, KVM_SET_SREGS, kvm_sregs)
+STRUCT_IOCTL(GetFpu, KVM_GET_FPU, kvm_fpu)
+STRUCT_IOCTL(SetFpu, KVM_SET_FPU, kvm_fpu)
+STRUCT_IOCTL(GetLapic, KVM_GET_LAPIC, kvm_lapic_state)
+STRUCT_IOCTL(SetLapic, KVM_SET_LAPIC, kvm_lapic_state)
+STRUCT_IOCTL(GetVcpuEvents, KVM_GET_VCPU_EVENTS, kvm_vcpu_events)
+STRUCT_IOCTL(SetVcpuEvents, KVM_SET_VCPU_EVENTS, kvm_vcpu_events)
+STRUCT_IOCTL(GetMpState, KVM_GET_MP_STATE, kvm_mp_state)
+STRUCT_IOCTL(SetMpState, KVM_SET_MP_STATE, kvm_mp_state)
+STRUCT_IOCTL(Translate, KVM_TRANSLATE, kvm_translation)
+
+// kvm_msrs: a header counting the entries that follow. The count must match
+// the buffer so the kernel reads and writes only inside it.
+Napi::Value MsrsIoctl(const Napi::CallbackInfo& info, unsigned long req, const char* name) {
+  int fd = ArgInt(info, 0);
+  Bytes b = ArgBytes(info, 1);
+  if (b.length < sizeof(MsrsHeader)) ThrowType(info.Env(), std::string(name) + ": buffer too small");
+  uint32_t n;
+  memcpy(&n, b.data, sizeof n);
+  if (b.length != sizeof(MsrsHeader) + size_t(n) * sizeof(kvm_msr_entry))
+    ThrowType(info.Env(), std::string(name) + ": buffer size does not match nmsrs");
+  return Napi::Number::New(info.Env(), Ioctl(info.Env(), fd, req, b.data, name));
+}
+Napi::Value SetMsrs(const Napi::CallbackInfo& info) { return MsrsIoctl(info, kSetMsrs, "KVM_SET_MSRS"); }
+Napi::Value GetMsrs(const Napi::CallbackInfo& info) { return MsrsIoctl(info, kGetMsrs, "KVM_GET_MSRS"); }
+
+Napi::Value SetCpuid2(const Napi::CallbackInfo& info) {
+  int fd = ArgInt(info, 0);
+  Bytes b = ArgBytes(info, 1);
+  if (b.length < sizeof(CpuidHeader)) ThrowType(info.Env(), "KVM_SET_CPUID2: buffer too small");
+  uint32_t n;
+  memcpy(&n, b.data, sizeof n);
+  if (b.length != sizeof(CpuidHeader) + size_t(n) * sizeof(kvm_cpuid_entry2))
+    ThrowType(info.Env(), "KVM_SET_CPUID2: buffer size does not match nent");
+  Ioctl(info.Env(), fd, kSetCpuid2, b.data, "KVM_SET_CPUID2");
+  return info.Env().Undefined();
+}
+
+Napi::Value GetSupportedCpuid(const Napi::CallbackInfo& info) {
+  int fd = ArgInt(info, 0);
+  // KVM reports E2BIG until the buffer holds every entry: grow and retry.
+  for (uint32_t n = 64; n <= 4096; n *= 2) {
+    size_t size = sizeof(CpuidHeader) + n * sizeof(kvm_cpuid_entry2);
+    std::vector<uint8_t> buf(size, 0);
+    // Safe: buf holds the header plus n entries, and vector storage is suitably aligned.
+    auto* c = reinterpret_cast<CpuidHeader*>(buf.data());
+    c->nent = n;
+    if (ioctl(fd, kGetSupportedCpuid, c) == 0) {
+      size_t used = sizeof(CpuidHeader) + c->nent * sizeof(kvm_cpuid_entry2);
+      return Napi::Buffer<uint8_t>::Copy(info.Env(), buf.data(), used);
+    }
+    if (errno != E2BIG) ThrowErrno(info.Env(), "KVM_GET_SUPPORTED_CPUID", errno);
+  }
+  ThrowErrno(info.Env(), "KVM_GET_SUPPORTED_CPUID", E2BIG);
+}
+
+// ---------------------------------------------------------------------------
+// fds, system and VM ioctls
+
+Napi::Value Open(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsString()) ThrowType(info.Env(), "path must be a string");
+  std::string path = info[0].As<Napi::String>();
+  int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) ThrowErrno(info.Env(), "open " + path, errno);
+  return Napi::Number::New(info.Env(), fd);
+}
+
+Napi::Value Close(const Napi::CallbackInfo& info) {
+  int fd = ArgInt(info, 0);
+  if (close(fd) < 0 && errno != EINTR) ThrowErrno(info.Env(), "close", errno);
+  return info.Env().Undefined();
+}
+
+Napi::Value GetApiVersion(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION"));
+}
+
+Napi::Value CheckExtension(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CHECK_EXTENSION, ArgInt(info, 1), "KVM_CHECK_EXTENSION"));
+}
+
+Napi::Value CreateVm(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VM, 0, "KVM_CREATE_VM"));
+}
+
+Napi::Value GetVcpuMmapSize(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"));
+}
+
+Napi::Value SetTssAddr(const Napi::CallbackInfo& info) {
+  IoctlVal(info.Env(), ArgInt(info, 0), KVM_SET_TSS_ADDR, ArgU64(info, 1), "KVM_SET_TSS_ADDR");
+  return info.Env().Undefined();
+}
+
+Napi::Value SetIdentityMapAddr(const Napi::CallbackInfo& info) {
+  uint64_t addr = ArgU64(info, 1);
+  Ioctl(info.Env(), ArgInt(info, 0), KVM_SET_IDENTITY_MAP_ADDR, &addr, "KVM_SET_IDENTITY_MAP_ADDR");
+  return info.Env().Undefined();
+}
+
+Napi::Value CreateIrqchip(const Napi::CallbackInfo& info) {
+  IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP");
+  return info.Env().Undefined();
+}
+
+Napi::Value CreatePit2(const Napi::CallbackInfo& info) {
+  kvm_pit_config cfg = {};
+  cfg.flags = ArgInt(info, 1);
+  Ioctl(info.Env(), ArgInt(info, 0), KVM_CREATE_PIT2, &cfg, "KVM_CREATE_PIT2");
+  return info.Env().Undefined();
+}
+
+Napi::Value IrqLine(const Napi::CallbackInfo& info) {
+  kvm_irq_level lvl = {};
+  lvl.irq = ArgInt(info, 1);
+  lvl.level = ArgInt(info, 2);
+  Ioctl(info.Env(), ArgInt(info, 0), KVM_IRQ_LINE, &lvl, "KVM_IRQ_LINE");
+  return info.Env().Undefined();
+}
+
+Napi::Value SetUserMemoryRegion(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int vmFd = ArgInt(info, 0);
+  if (info.Length() < 7 || !info[4].IsArrayBuffer()) ThrowType(env, "memory must be an ArrayBuffer from allocGuestMemory");
+  Napi::ArrayBuffer ab = info[4].As<Napi::ArrayBuffer>();
+  uint64_t offset = ArgU64(info, 5);
+  uint64_t size = ArgU64(info, 6);
+  if (offset > ab.ByteLength() || size > ab.ByteLength() - offset || size == 0 || (offset & 0xfff) || (size & 0xfff))
+    ThrowType(env, "memory region must be a non-empty page-aligned range inside the buffer");
+  kvm_userspace_memory_region r = {};
+  r.slot = ArgInt(info, 1);
+  r.flags = ArgInt(info, 2);
+  r.guest_phys_addr = ArgU64(info, 3);
+  r.memory_size = size;
+  // Safe: the range was checked against the ArrayBuffer; TypeScript keeps the
+  // buffer referenced for the VM's lifetime, so the mapping outlives the slot.
+  r.userspace_addr = reinterpret_cast<uint64_t>(static_cast<uint8_t*>(ab.Data()) + offset);
+  Ioctl(env, vmFd, KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION");
+  return env.Undefined();
+}
+
+Napi::Value IoEventFd(const Napi::CallbackInfo& info) {
+  kvm_ioeventfd io = {};
+  io.addr = ArgU64(info, 1);
+  io.len = ArgInt(info, 2);
+  io.fd = ArgInt(info, 3);
+  io.flags = ArgInt(info, 4);
+  io.datamatch = ArgU64(info, 5);
+  Ioctl(info.Env(), ArgInt(info, 0), KVM_IOEVENTFD, &io, "KVM_IOEVENTFD");
+  return info.Env().Undefined();
+}
+
+Napi::Value IrqFd(const Napi::CallbackInfo& info) {
+  kvm_irqfd f = {};
+  f.fd = ArgInt(info, 1);
+  f.gsi = ArgInt(info, 2);
+  f.flags = ArgInt(info, 3);
+  Ioctl(info.Env(), ArgInt(info, 0), KVM_IRQFD, &f, "KVM_IRQFD");
+  return info.Env().Undefined();
+}
+
+Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VCPU, ArgInt(info, 1), "KVM_CREATE_VCPU"));
+}
+
+// ---------------------------------------------------------------------------
+// Mappings exposed as ArrayBuffers
+
+struct Mapping {
+  void* addr;
+  size_t size;
+};
+
+Napi::Value ExternalMapping(Napi::Env env, void* addr, size_t size) {
+  auto* m = new Mapping{addr, size};
+  return Napi::ArrayBuffer::New(env, addr, size, [](Napi::Env, void*, Mapping* hint) {
+    munmap(hint->addr, hint->size);
+    delete hint;
+  }, m);
+}
+
+Napi::Value AllocGuestMemory(const Napi::CallbackInfo& info) {
+  uint64_t size = ArgU64(info, 0);
+  if (size == 0 || (size & 0xfff)) ThrowType(info.Env(), "guest memory size must be a non-zero multiple of 4096");
+  // MAP_NORESERVE: guest RAM is touched lazily, like a real VMM's.
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) ThrowErrno(info.Env(), "mmap guest memory", errno);
+  madvise(p, size, MADV_MERGEABLE);
+  return ExternalMapping(info.Env(), p, size);
+}
+
+Napi::Value MapVcpuRun(const Napi::CallbackInfo& info) {
+  int fd = ArgInt(info, 0);
+  uint64_t size = ArgU64(info, 1);
+  if (size < sizeof(kvm_run)) ThrowType(info.Env(), "kvm_run mapping too small");
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) ThrowErrno(info.Env(), "mmap kvm_run", errno);
+  return ExternalMapping(info.Env(), p, size);
+}
+
+// ---------------------------------------------------------------------------
+// vCPU threads
+//
+// Each vCPU loops on KVM_RUN on its own thread. After each return it hands
+// the exit to the main thread through a thread-safe function and waits for
+// the answer: device models all live on the main thread, so they need no
+// locks, and asynchronous inputs (stdin, TAP, disk completions) are served by
+// the same event loop. A kick is immediate_exit plus a signal, so a vCPU
+// sleeping in the guest's HLT leaves KVM_RUN at once.
+
+enum Report { kExit = 0, kKicked = 1, kStopped = 2, kError = 3 };
+enum Action { kContinue = 0, kStop = 1 };
+
+int KickSignal() { return SIGRTMIN; }
+
+void KickHandler(int) {}
+
+struct VcpuThread {
+  int id = 0;
+  int fd = -1;
+  kvm_run* run = nullptr;
+  Napi::ThreadSafeFunction tsfn;
+  Napi::Reference<Napi::ArrayBuffer> runRef;
+  std::thread thread;
+  pthread_t tid{};
+  std::atomic<bool> started{false};
+
+  std::mutex mu;
+  std::condition_variable cv;
+  bool replied = false;
+  int action = kContinue;
+  int report = kExit;
+  int err = 0;
+
+  std::atomic<bool> stopRequested{false};
+  std::atomic<bool> kickRequested{false};
+  std::atomic<bool> sampleRequested{false};
+
+  // RIP samples: slot 0 counts samples taken, slots 1..cap hold them (a ring).
+  std::mutex sampleMu;
+  uint64_t* samples = nullptr;
+  size_t sampleCap = 0;
+  Napi::Reference<Napi::Value> samplesRef;
+};
+
+std::map<int, VcpuThread*> g_vcpus;
+int g_nextVcpu = 1;
+
+void RecordSample(VcpuThread* v) {
+  kvm_regs regs;
+  if (ioctl(v->fd, KVM_GET_REGS, &regs) < 0) return;
+  std::lock_guard<std::mutex> lock(v->sampleMu);
+  if (!v->samples || v->sampleCap == 0) return;
+  uint64_t n = __atomic_load_n(&v->samples[0], __ATOMIC_RELAXED);
+  v->samples[1 + n % v->sampleCap] = regs.rip;
+  // Release: a reader that sees the new count also sees the sample.
+  __atomic_store_n(&v->samples[0], n + 1, __ATOMIC_RELEASE);
+}
+
+// Runs on the main thread for each report.
+void CallReport(Napi::Env env, Napi::Function cb, VcpuThread* v) {
+  int action = kStop;
+  if (env != nullptr && cb != nullptr) {
+    try {
+      Napi::Value ret = cb.Call({Napi::Number::New(env, v->report), Napi::Number::New(env, v->err)});
+      action = ret.IsNumber() ? ret.As<Napi::Number>().Int32Value() : kContinue;
+    } catch (const Napi::Error& e) {
+      // The TypeScript handler catches its own errors; reaching here is a
+      // bug. Stop this vCPU and let the error surface as uncaught.
+      action = kStop;
+      {
+        std::lock_guard<std::mutex> lock(v->mu);
+        v->action = action;
+        v->replied = true;
+      }
+      v->cv.notify_one();
+      e.ThrowAsJavaScriptException();
+      return;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(v->mu);
+    v->action = action;
+    v->replied = true;
+  }
+  v->cv.notify_one();
+}
+
+// Hands one report to the main thread and waits for its answer.
+int ReportAndWait(VcpuThread* v, int report, int err) {
+  {
+    std::lock_guard<std::mutex> lock(v->mu);
+    v->report = report;
+    v->err = err;
+    v->replied = false;
+  }
+  if (v->tsfn.BlockingCall(v, CallReport) != napi_ok) return kStop;
+  std::unique_lock<std::mutex> lock(v->mu);
+  v->cv.wait(lock, [v] { return v->replied; });
+  return v->action;
+}
+
+void VcpuLoop(VcpuThread* v) {
+  v->tid = pthread_self();
+  // Block nothing: the kick signal must reach this thread inside KVM_RUN.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, KickSignal());
+  pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+  v->started.store(true);
+
+  while (!v->stopRequested.load()) {
+    int r = ioctl(v->fd, KVM_RUN, 0);
+    int err = r < 0 ? errno : 0;
+    if (r < 0 && (err == EINTR || err == EAGAIN)) {
+      // Safe: run points at this vCPU's kvm_run mapping, alive while the thread runs.
+      __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_RELAXED);
+      if (v->stopRequested.load()) break;
+      if (v->sampleRequested.exchange(false)) RecordSample(v);
+      if (v->kickRequested.exchange(false)) {
+        if (ReportAndWait(v, kKicked, 0) == kStop) break;
+      }
+      continue;
+    }
+    if (ReportAndWait(v, r < 0 ? kError : kExit, err) == kStop) break;
+  }
+  {
+    std::lock_guard<std::mutex> lock(v->mu);
+    v->report = kStopped;
+    v->err = 0;
+  }
+  v->tsfn.NonBlockingCall(v, [](Napi::Env env, Napi::Function cb, VcpuThread* vt) {
+    if (env != nullptr && cb != nullptr) {
+      cb.Call({Napi::Number::New(env, kStopped), Napi::Number::New(env, 0)});
+    }
+  });
+  v->tsfn.Release();
+}
+
+void InstallKickHandler() {
+  static bool installed = false;
+  if (installed) return;
+  struct sigaction sa = {};
+  sa.sa_handler = KickHandler;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
+  sigaction(KickSignal(), &sa, nullptr);
+  installed = true;
+}
+
+VcpuThread* FindVcpu(const Napi::CallbackInfo& info) {
+  int h = ArgInt(info, 0);
+  auto it = g_vcpus.find(h);
+  if (it == g_vcpus.end()) ThrowType(info.Env(), "unknown or finished vCPU handle " + std::to_string(h));
+  return it->second;
+}
+
+void Kick(VcpuThread* v) {
+  // immediate_exit covers the window before the thread re-enters KVM_RUN;
+  // the signal covers a thread already inside it.
+  __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_RELEASE);
+  if (v->started.load()) pthread_kill(v->tid, KickSignal());
+}
+
+Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = ArgInt(info, 0);
+  if (info.Length() < 3 || !info[1].IsArrayBuffer() || !info[2].IsFunction()) ThrowType(env, "startVcpu(fd, run, onReport)");
+  Napi::ArrayBuffer run = info[1].As<Napi::ArrayBuffer>();
+  if (run.ByteLength() < sizeof(kvm_run)) ThrowType(env, "run must be the vCPU's kvm_run mapping");
+  InstallKickHandler();
+
+  auto* v = new VcpuThread();
+  v->id = g_nextVcpu++;
+  v->fd = fd;
+  // Safe: the buffer is the kvm_run mmap (size checked); runRef keeps it mapped.
+  v->run = static_cast<kvm_run*>(run.Data());
+  v->runRef = Napi::Persistent(run);
+  v->tsfn = Napi::ThreadSafeFunction::New(
+      env, info[2].As<Napi::Function>(), "tsvmm-vcpu", 0, 1, v,
+      [](Napi::Env, void*, VcpuThread* vt) {
+        // Runs on the main thread after the vCPU thread released the function,
+        // which is its last act: the join returns at once.
+        if (vt->thread.joinable()) vt->thread.join();
+        g_vcpus.erase(vt->id);
+        vt->runRef.Reset();
+        vt->samplesRef.Reset();
+        delete vt;
+      },
+      static_cast<void*>(nullptr));
+  g_vcpus[v->id] = v;
+  v->thread = std::thread(VcpuLoop, v);
+  return Napi::Number::New(env, v->id);
+}
+
+Napi::Value KickVcpu(const Napi::CallbackInfo& info) {
+  VcpuThread* v = FindVcpu(info);
+  bool sample = info.Length() > 1 && info[1].ToBoolean();
+  if (sample)
+    v->sampleRequested.store(true);
+  else
+    v->kickRequested.store(true);
+  Kick(v);
+  return info.Env().Undefined();
+}
+
+Napi::Value StopVcpu(const Napi::CallbackInfo& info) {
+  auto it = g_vcpus.find(ArgInt(info, 0));
+  if (it == g_vcpus.end()) return info.Env().Undefined();  // already gone: stopping twice is fine
+  it->second->stopRequested.store(true);
+  Kick(it->second);
+  return info.Env().Undefined();
+}
+
+Napi::Value SetSampleBuffer(const Napi::CallbackInfo& info) {
+  VcpuThread* v = FindVcpu(info);
+  if (info.Length() < 2 || !info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_biguint64_array)
+    ThrowType(info.Env(), "sample buffer must be a BigUint64Array");
+  Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
+  size_t n = ta.ElementLength();
+  if (n < 2) ThrowType(info.Env(), "sample buffer needs at least 2 slots");
+  std::lock_guard<std::mutex> lock(v->sampleMu);
+  // Safe: a BigUint64Array's data is 8-byte aligned; samplesRef keeps it alive.
+  v->samples = reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
+  v->sampleCap = n - 1;
+  v->samplesRef = Napi::Persistent(info[1]);
+  return info.Env().Undefined();
+}
+
+Napi::Value RunOnce(const Napi::CallbackInfo& info) {
+  int r = ioctl(ArgInt(info, 0), KVM_RUN, 0);
+  return Napi::Number::New(info.Env(), r < 0 ? -errno : r);
+}
+
+// ---------------------------------------------------------------------------
+// eventfd, TAP, plain fd I/O, file locks
+
+Napi::Value EventFd(const Napi::CallbackInfo& info) {
+  int fd = eventfd(ArgInt(info, 0), EFD_CLOEXEC | EFD_NONBLOCK);
+  if (fd < 0) ThrowErrno(info.Env(), "eventfd", errno);
+  return Napi::Number::New(info.Env(), fd);
+}
+
+Napi::Value EventFdWrite(const Napi::CallbackInfo& info) {
+  uint64_t v = ArgU64(info, 1);
+  ssize_t r;
+  do {
+    r = write(ArgInt(info, 0), &v, sizeof v);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0 && errno != EAGAIN) ThrowErrno(info.Env(), "eventfd write", errno);
+  return info.Env().Undefined();
+}
+
+Napi::Value EventFdRead(const Napi::CallbackInfo& info) {
+  uint64_t v = 0;
+  ssize_t r;
+  do {
+    r = read(ArgInt(info, 0), &v, sizeof v);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    if (errno == EAGAIN) return Napi::Number::New(info.Env(), 0);
+    ThrowErrno(info.Env(), "eventfd read", errno);
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(v));
+}
+
+Napi::Value TapOpen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) ThrowType(env, "tap name must be a string");
+  std::string name = info[0].As<Napi::String>();
+  if (name.size() >= IFNAMSIZ) ThrowType(env, "tap name longer than " + std::to_string(IFNAMSIZ - 1) + " characters");
+  int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) ThrowErrno(env, "open /dev/net/tun", errno);
+  ifreq ifr = {};
+  memcpy(ifr.ifr_name, name.c_str(), name.size());
+  ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+  if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+    int err = errno;
+    close(fd);
+    ThrowErrno(env, "TUNSETIFF " + name, err);
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("fd", fd);
+  out.Set("name", std::string(ifr.ifr_name, strnlen(ifr.ifr_name, IFNAMSIZ)));
+  return out;
+}
+
+Napi::Value TapSetOffload(const Napi::CallbackInfo& info) {
+  IoctlVal(info.Env(), ArgInt(info, 0), TUNSETOFFLOAD, ArgInt(info, 1), "TUNSETOFFLOAD");
+  return info.Env().Undefined();
+}
+
+Napi::Value TapSetVnetHdrSize(const Napi::CallbackInfo& info) {
+  int size = ArgInt(info, 1);
+  Ioctl(info.Env(), ArgInt(info, 0), TUNSETVNETHDRSZ, &size, "TUNSETVNETHDRSZ");
+  return info.Env().Undefined();
+}
+
+Napi::Value Read(const Napi::CallbackInfo& info) {
+  int fd = ArgInt(info, 0);
+  Bytes b = ArgBytes(info, 1);
+  ssize_t r;
+  do {
+    r = read(fd, b.data, b.length);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    if (errno == EAGAIN) return Napi::Number::New(info.Env(), -EAGAIN);
+    ThrowErrno(info.Env(), "read", errno);
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(r));
+}
+
+Napi::Value Writev(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = ArgInt(info, 0);
+  if (info.Length() < 2 || !info[1].IsArray()) ThrowType(env, "pieces must be an array of Uint8Array");
+  Napi::Array arr = info[1].As<Napi::Array>();
+  uint32_t n = arr.Length();
+  if (n > IOV_MAX) ThrowType(env, "too many pieces for writev");
+  std::vector<iovec> iov(n);
+  for (uint32_t i = 0; i < n; i++) {
+    Napi::Value v = arr.Get(i);
+    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) ThrowType(env, "pieces must be Uint8Arrays");
+    Napi::Uint8Array u8 = v.As<Napi::Uint8Array>();
+    iov[i].iov_base = u8.Data();
+    iov[i].iov_len = u8.ByteLength();
+  }
+  ssize_t r;
+  do {
+    r = writev(fd, iov.data(), n);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    if (errno == EAGAIN) return Napi::Number::New(env, -EAGAIN);
+    ThrowErrno(env, "writev", errno);
+  }
+  return Napi::Number::New(env, static_cast<double>(r));
+}
+
+Napi::Value LockFile(const Napi::CallbackInfo& info) {
+  int fd = ArgInt(info, 0);
+  bool exclusive = info.Length() > 1 && info[1].ToBoolean();
+  struct flock fl = {};
+  fl.l_type = exclusive ? F_WRLCK : F_RDLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = 0;
+  fl.l_len = 0;  // the whole file, however it grows
+  // OFD locks belong to the open file, not the process: a second open in the
+  // same process conflicts too, and closing an unrelated fd does not drop it.
+  if (fcntl(fd, F_OFD_SETLK, &fl) < 0) ThrowErrno(info.Env(), exclusive ? "F_OFD_SETLK write lock" : "F_OFD_SETLK read lock", errno);
+  return info.Env().Undefined();
+}
+
+// ---------------------------------------------------------------------------
+// fd readiness on the main event loop
+
+struct PollWatch {
+  int id;
+  uv_poll_t handle;
+  Napi::FunctionReference cb;
+  std::unique_ptr<Napi::AsyncContext> ctx;
+  Napi::Env env;
+  bool active = false;
+  PollWatch(Napi::Env e) : env(e) {}
+};
+
+std::map<int, PollWatch*> g_polls;
+int g_nextPoll = 1;
+
+void OnPoll(uv_poll_t* h, int status, int events) {
+  // Safe: handle.data was set to the owning PollWatch, freed only in the close callback.
+  auto* w = static_cast<PollWatch*>(h->data);
+  (void)events;
+  (void)status;
+  Napi::HandleScope scope(w->env);
+  // MakeCallback runs the microtask queue after the callback, as for any I/O callback.
+  w->cb.MakeCallback(Napi::Object::New(w->env), {}, *w->ctx);
+}
+
+PollWatch* FindPoll(const Napi::CallbackInfo& info) {
+  auto it = g_polls.find(ArgInt(info, 0));
+  if (it == g_polls.end()) ThrowType(info.Env(), "unknown poll handle");
+  return it->second;
+}
+
+Napi::Value PollStart(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = ArgInt(info, 0);
+  if (info.Length() < 2 || !info[1].IsFunction()) ThrowType(env, "pollStart(fd, onReadable)");
+  uv_loop_t* loop = nullptr;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok) ThrowType(env, "no event loop");
+  auto* w = new PollWatch(env);
+  w->id = g_nextPoll++;
+  int r = uv_poll_init(loop, &w->handle, fd);
+  if (r < 0) {
+    delete w;
+    ThrowErrno(env, "uv_poll_init", -r);
+  }
+  w->handle.data = w;
+  w->cb = Napi::Persistent(info[1].As<Napi::Function>());
+  w->ctx = std::make_unique<Napi::AsyncContext>(env, "tsvmm-poll");
+  uv_poll_start(&w->handle, UV_READABLE, OnPoll);
+  w->active = true;
+  g_polls[w->id] = w;
+  return Napi::Number::New(env, w->id);
+}
+
+Napi::Value PollResume(const Napi::CallbackInfo& info) {
+  PollWatch* w = FindPoll(info);
+  if (!w->active) {
+    uv_poll_start(&w->handle, UV_READABLE, OnPoll);
+    w->active = true;
+  }
+  return info.Env().Undefined();
+}
+
+Napi::Value PollStop(const Napi::CallbackInfo& info) {
+  PollWatch* w = FindPoll(info);
+  if (w->active) {
+    uv_poll_stop(&w->handle);
+    w->active = false;
+  }
+  return info.Env().Undefined();
+}
+
+Napi::Value PollClose(const Napi::CallbackInfo& info) {
+  auto it = g_polls.find(ArgInt(info, 0));
+  if (it == g_polls.end()) return info.Env().Undefined();
+  PollWatch* w = it->second;
+  g_polls.erase(it);
+  uv_poll_stop(&w->handle);
+  w->cb.Reset();
+  uv_close(reinterpret_cast<uv_handle_t*>(&w->handle), [](uv_handle_t* h) {
+    // Safe: data is the PollWatch that owns this handle; nothing else frees it.
+    delete static_cast<PollWatch*>(h->data);
+  });
+  return info.Env().Undefined();
+}
+
+// ---------------------------------------------------------------------------
+// Layout and constants
+
+#define OFF(type, field) Napi::Number::New(env, offsetof(type, field))
+
+Napi::Object Layout(Napi::Env env) {
+  Napi::Object l = Napi::Object::New(env);
+
+  Napi::Object run = Napi::Object::New(env);
+  run.Set("requestInterruptWindow", OFF(kvm_run, request_interrupt_window));
+  run.Set("immediateExit", OFF(kvm_run, immediate_exit));
+  run.Set("exitReason", OFF(kvm_run, exit_reason));
+  run.Set("readyForInterruptInjection", OFF(kvm_run, ready_for_interrupt_injection));
+  run.Set("ifFlag", OFF(kvm_run, if_flag));
+  run.Set("ioDirection", OFF(kvm_run, io.direction));
+  run.Set("ioSize", OFF(kvm_run, io.size));
+  run.Set("ioPort", OFF(kvm_run, io.port));
+  run.Set("ioCount", OFF(kvm_run, io.count));
+  run.Set("ioDataOffset", OFF(kvm_run, io.data_offset));
+  run.Set("mmioPhysAddr", OFF(kvm_run, mmio.phys_addr));
+  run.Set("mmioData", OFF(kvm_run, mmio.data));
+  run.Set("mmioLen", OFF(kvm_run, mmio.len));
+  run.Set("mmioIsWrite", OFF(kvm_run, mmio.is_write));
+  run.Set("internalSuberror", OFF(kvm_run, internal.suberror));
+  run.Set("internalNdata", OFF(kvm_run, internal.ndata));
+  run.Set("internalData", OFF(kvm_run, internal.data));
+  run.Set("emulationFlags", OFF(kvm_run, emulation_failure.flags));
+  run.Set("emulationInsnSize", OFF(kvm_run, emulation_failure.insn_size));
+  run.Set("emulationInsnBytes", OFF(kvm_run, emulation_failure.insn_bytes));
+  run.Set("failEntryReason", OFF(kvm_run, fail_entry.hardware_entry_failure_reason));
+  run.Set("failEntryCpu", OFF(kvm_run, fail_entry.cpu));
+  run.Set("systemEventType", OFF(kvm_run, system_event.type));
+  run.Set("syncRegs", OFF(kvm_run, s.regs.regs));
+  run.Set("kvmValidRegs", OFF(kvm_run, kvm_valid_regs));
+  run.Set("kvmDirtyRegs", OFF(kvm_run, kvm_dirty_regs));
+  l.Set("run", run);
+
+  Napi::Object s = Napi::Object::New(env);
+  s.Set("size", Napi::Number::New(env, sizeof(kvm_sregs)));
+  s.Set("cs", OFF(kvm_sregs, cs));
+  s.Set("ds", OFF(kvm_sregs, ds));
+  s.Set("es", OFF(kvm_sregs, es));
+  s.Set("fs", OFF(kvm_sregs, fs));
+  s.Set("gs", OFF(kvm_sregs, gs));
+  s.Set("ss", OFF(kvm_sregs, ss));
+  s.Set("tr", OFF(kvm_sregs, tr));
+  s.Set("ldt", OFF(kvm_sregs, ldt));
+  s.Set("gdt", OFF(kvm_sregs, gdt));
+  s.Set("idt", OFF(kvm_sregs, idt));
+  s.Set("cr0", OFF(kvm_sregs, cr0));
+  s.Set("cr2", OFF(kvm_sregs, cr2));
+  s.Set("cr3", OFF(kvm_sregs, cr3));
+  s.Set("cr4", OFF(kvm_sregs, cr4));
+  s.Set("cr8", OFF(kvm_sregs, cr8));
+  s.Set("efer", OFF(kvm_sregs, efer));
+  s.Set("apicBase", OFF(kvm_sregs, apic_base));
+  l.Set("sregs", s);
+
+  Napi::Object seg = Napi::Object::New(env);
+  seg.Set("size", Napi::Number::New(env, sizeof(kvm_segment)));
+  seg.Set("base", OFF(kvm_segment, base));
+  seg.Set("limit", OFF(kvm_segment, limit));
+  seg.Set("selector", OFF(kvm_segment, selector));
+  seg.Set("type", OFF(kvm_segment, type));
+  seg.Set("present", OFF(kvm_segment, present));
+  seg.Set("dpl", OFF(kvm_segment, dpl));
+  seg.Set("db", OFF(kvm_segment, db));
+  seg.Set("s", OFF(kvm_segment, s));
+  seg.Set("l", OFF(kvm_segment, l));
+  seg.Set("g", OFF(kvm_segment, g));
+  seg.Set("avl", OFF(kvm_segment, avl));
+  seg.Set("unusable", OFF(kvm_segment, unusable));
+  l.Set("segment", seg);
+
+  Napi::Object dt = Napi::Object::New(env);
+  dt.Set("size", Napi::Number::New(env, sizeof(kvm_dtable)));
+  dt.Set("base", OFF(kvm_dtable, base));
+  dt.Set("limit", OFF(kvm_dtable, limit));
+  l.Set("dtable", dt);
+
+  l.Set("regsSize", Napi::Number::New(env, sizeof(kvm_regs)));
+
+  Napi::Object fpu = Napi::Object::New(env);
+  fpu.Set("size", Napi::Number::New(env, sizeof(kvm_fpu)));
+  fpu.Set("fcw", OFF(kvm_fpu, fcw));
+  fpu.Set("mxcsr", OFF(kvm_fpu, mxcsr));
+  l.Set("fpu", fpu);
+
+  l.Set("lapicSize", Napi::Number::New(env, sizeof(kvm_lapic_state)));
+
+  Napi::Object ev = Napi::Object::New(env);
+  ev.Set("size", Napi::Number::New(env, sizeof(kvm_vcpu_events)));
+  ev.Set("exceptionInjected", OFF(kvm_vcpu_events, exception.injected));
+  ev.Set("exceptionNr", OFF(kvm_vcpu_events, exception.nr));
+  ev.Set("exceptionHasErrorCode", OFF(kvm_vcpu_events, exception.has_error_code));
+  ev.Set("exceptionPending", OFF(kvm_vcpu_events, exception.pending));
+  ev.Set("exceptionErrorCode", OFF(kvm_vcpu_events, exception.error_code));
+  ev.Set("flags", OFF(kvm_vcpu_events, flags));
+  l.Set("vcpuEvents", ev);
+
+  Napi::Object tr = Napi::Object::New(env);
+  tr.Set("size", Napi::Number::New(env, sizeof(kvm_translation)));
+  tr.Set("linearAddress", OFF(kvm_translation, linear_address));
+  tr.Set("physicalAddress", OFF(kvm_translation, physical_address));
+  tr.Set("valid", OFF(kvm_translation, valid));
+  l.Set("translation", tr);
+
+  l.Set("cpuid2HeaderSize", Napi::Number::New(env, sizeof(CpuidHeader)));
+  Napi::Object ce = Napi::Object::New(env);
+  ce.Set("size", Napi::Number::New(env, sizeof(kvm_cpuid_entry2)));
+  ce.Set("function", OFF(kvm_cpuid_entry2, function));
+  ce.Set("index", OFF(kvm_cpuid_entry2, index));
+  ce.Set("flags", OFF(kvm_cpuid_entry2, flags));
+  ce.Set("eax", OFF(kvm_cpuid_entry2, eax));
+  ce.Set("ebx", OFF(kvm_cpuid_entry2, ebx));
+  ce.Set("ecx", OFF(kvm_cpuid_entry2, ecx));
+  ce.Set("edx", OFF(kvm_cpuid_entry2, edx));
+  l.Set("cpuidEntry", ce);
+
+  l.Set("msrsHeaderSize", Napi::Number::New(env, sizeof(MsrsHeader)));
+  l.Set("msrEntrySize", Napi::Number::New(env, sizeof(kvm_msr_entry)));
+  l.Set("mpStateSize", Napi::Number::New(env, sizeof(kvm_mp_state)));
+  return l;
+}
+
+Napi::Object Constants(Napi::Env env) {
+  Napi::Object c = Napi::Object::New(env);
+#define C(x) c.Set(#x, Napi::Number::New(env, static_cast<double>(x)));
+  C(KVM_API_VERSION)
+  C(KVM_EXIT_UNKNOWN) C(KVM_EXIT_EXCEPTION) C(KVM_EXIT_IO) C(KVM_EXIT_HYPERCALL) C(KVM_EXIT_DEBUG)
+  C(KVM_EXIT_HLT) C(KVM_EXIT_MMIO) C(KVM_EXIT_IRQ_WINDOW_OPEN) C(KVM_EXIT_SHUTDOWN) C(KVM_EXIT_FAIL_ENTRY)
+  C(KVM_EXIT_INTR) C(KVM_EXIT_SET_TPR) C(KVM_EXIT_TPR_ACCESS) C(KVM_EXIT_NMI) C(KVM_EXIT_INTERNAL_ERROR)
+  C(KVM_EXIT_SYSTEM_EVENT) C(KVM_EXIT_IOAPIC_EOI) C(KVM_EXIT_X86_RDMSR) C(KVM_EXIT_X86_WRMSR)
+  C(KVM_EXIT_X86_BUS_LOCK) C(KVM_EXIT_NOTIFY)
+  C(KVM_EXIT_IO_IN) C(KVM_EXIT_IO_OUT)
+  C(KVM_INTERNAL_ERROR_EMULATION) C(KVM_INTERNAL_ERROR_SIMUL_EX) C(KVM_INTERNAL_ERROR_DELIVERY_EV)
+  C(KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON) C(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+  C(KVM_SYSTEM_EVENT_SHUTDOWN) C(KVM_SYSTEM_EVENT_RESET) C(KVM_SYSTEM_EVENT_CRASH)
+  C(KVM_CAP_IRQCHIP) C(KVM_CAP_HLT) C(KVM_CAP_USER_MEMORY) C(KVM_CAP_SET_TSS_ADDR) C(KVM_CAP_EXT_CPUID)
+  C(KVM_CAP_NR_VCPUS) C(KVM_CAP_MAX_VCPUS) C(KVM_CAP_NR_MEMSLOTS) C(KVM_CAP_PIT2) C(KVM_CAP_IOEVENTFD)
+  C(KVM_CAP_IRQFD) C(KVM_CAP_SET_IDENTITY_MAP_ADDR) C(KVM_CAP_IMMEDIATE_EXIT) C(KVM_CAP_VCPU_EVENTS)
+  C(KVM_CAP_SYNC_REGS) C(KVM_CAP_IRQ_ROUTING) C(KVM_CAP_ADJUST_CLOCK) C(KVM_CAP_TSC_CONTROL)
+  C(KVM_CAP_X86_ROBUST_SINGLESTEP)
+  C(KVM_MEM_LOG_DIRTY_PAGES) C(KVM_MEM_READONLY)
+  C(KVM_IOEVENTFD_FLAG_DATAMATCH) C(KVM_IOEVENTFD_FLAG_PIO) C(KVM_IOEVENTFD_FLAG_DEASSIGN)
+  C(KVM_IRQFD_FLAG_DEASSIGN)
+  C(KVM_PIT_SPEAKER_DUMMY)
+  C(KVM_MP_STATE_RUNNABLE) C(KVM_MP_STATE_UNINITIALIZED) C(KVM_MP_STATE_INIT_RECEIVED) C(KVM_MP_STATE_HALTED)
+  C(KVM_MP_STATE_SIPI_RECEIVED)
+  C(KVM_VCPUEVENT_VALID_NMI_PENDING) C(KVM_VCPUEVENT_VALID_SIPI_VECTOR) C(KVM_VCPUEVENT_VALID_SHADOW)
+  C(KVM_CPUID_FLAG_SIGNIFCANT_INDEX)
+  C(TUN_F_CSUM) C(TUN_F_TSO4) C(TUN_F_TSO6) C(TUN_F_TSO_ECN) C(TUN_F_UFO)
+  C(EAGAIN) C(EINTR)
+#undef C
+  return c;
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("layout", Layout(env));
+  exports.Set("constants", Constants(env));
+#define F(name, fn) exports.Set(name, Napi::Function::New(env, fn, name));
+  F("open", Open)
+  F("close", Close)
+  F("getApiVersion", GetApiVersion)
+  F("checkExtension", CheckExtension)
+  F("createVm", CreateVm)
+  F("getVcpuMmapSize", GetVcpuMmapSize)
+  F("getSupportedCpuid", GetSupportedCpuid)
+  F("setTssAddr", SetTssAddr)
+  F("setIdentityMapAddr", SetIdentityMapAddr)
+  F("createIrqchip", CreateIrqchip)
+  F("createPit2", CreatePit2)
+  F("irqLine", IrqLine)
+  F("setUserMemoryRegion", SetUserMemoryRegion)
+  F("ioeventfd", IoEventFd)
+  F("irqfd", IrqFd)
+  F("createVcpu", CreateVcpu)
+  F("allocGuestMemory", AllocGuestMemory)
+  F("mapVcpuRun", MapVcpuRun)
+  F("getRegs", GetRegs)
+  F("setRegs", SetRegs)
+  F("getSregs", GetSregs)
+  F("setSregs", SetSregs)
+  F("getFpu", GetFpu)
+  F("setFpu", SetFpu)
+  F("setMsrs", SetMsrs)
+  F("getMsrs", GetMsrs)
+  F("setCpuid2", SetCpuid2)
+  F("getLapic", GetLapic)
+  F("setLapic", SetLapic)
+  F("getVcpuEvents", GetVcpuEvents)
+  F("setVcpuEvents", SetVcpuEvents)
+  F("getMpState", GetMpState)
+  F("setMpState", SetMpState)
+  F("translate", Translate)
+  F("runOnce", RunOnce)
+  F("startVcpu", StartVcpu)
+  F("kickVcpu", KickVcpu)
+  F("stopVcpu", StopVcpu)
+  F("setSampleBuffer", SetSampleBuffer)
+  F("eventfd", EventFd)
+  F("eventfdWrite", EventFdWrite)
+  F("eventfdRead", EventFdRead)
+  F("tapOpen", TapOpen)
+  F("tapSetOffload", TapSetOffload)
+  F("tapSetVnetHdrSize", TapSetVnetHdrSize)
+  F("read", Read)
+  F("writev", Writev)
+  F("lockFile", LockFile)
+  F("pollStart", PollStart)
+  F("pollResume", PollResume)
+  F("pollStop", PollStop)
+  F("pollClose", PollClose)
+#undef F
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(tsvmm, Init)

@@ -1,0 +1,30 @@
+/**
+ * An interrupt line as a device sees it. The VMM wires each device's line
+ * to the in-kernel irqchip (KVM_IRQ_LINE or an irqfd); tests use a fake
+ * that records what happened.
+ */
+export interface IrqLine {
+  /** Drives the line to a level; used by devices whose line follows state (UART). */
+  setLevel(high: boolean): void;
+  /** Sends one edge: used by devices that signal events (PIT ticks, virtio). */
+  trigger(): void;
+}
+
+/** An IrqLine that records its history: for device unit tests. */
+export class FakeIrqLine implements IrqLine {
+  level = false;
+  /** Rising edges seen, whether by setLevel or trigger. */
+  edges = 0;
+  readonly history: Array<'high' | 'low' | 'trigger'> = [];
+
+  setLevel(high: boolean): void {
+    if (high && !this.level) this.edges++;
+    this.level = high;
+    this.history.push(high ? 'high' : 'low');
+  }
+
+  trigger(): void {
+    this.edges++;
+    this.history.push('trigger');
+  }
+}
