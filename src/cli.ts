@@ -1,0 +1,189 @@
+/**
+ * The command line: a thin layer over the library. `tsvmm run` builds a VM
+ * from flags, connects the guest console to stdin/stdout, and exits with
+ * the code of the VM's outcome.
+ */
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { createLogger, LOG_LEVELS, type LogLevel } from './log.js';
+import { VirtualMachine, DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize, type VmConfig } from './vmm/machine.js';
+import { EXIT_CODES, EXIT_USAGE, type VmOutcome } from './vmm/outcome.js';
+import type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
+import { parseDiskOption, parseNetOption } from './vmm/virtio-devices.js';
+
+/** Ctrl-A, the console escape key (as in QEMU and screen). */
+const ESCAPE = 0x01;
+
+interface RunOptions {
+  kernel: string;
+  initrd?: string;
+  cmdline: string;
+  memory: string;
+  cpus: number;
+  disk: DiskConfig[];
+  net: NetConfig[];
+  bootMode: 'auto' | 'host' | 'guest';
+  pit: 'emulated' | 'kernel';
+  emulationFallback: 'auto' | 'on' | 'off';
+  logLevel: LogLevel;
+  stats: boolean;
+  name: string;
+}
+
+function intArg(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n)) throw new InvalidArgumentError('not a whole number');
+  return n;
+}
+
+function memoryArg(value: string): string {
+  try {
+    parseMemorySize(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+  return value;
+}
+
+function collect<T>(parse: (v: string) => T) {
+  return (value: string, previous: T[] | undefined): T[] => {
+    try {
+      return [...(previous ?? []), parse(value)];
+    } catch (err) {
+      throw new InvalidArgumentError((err as Error).message);
+    }
+  };
+}
+
+/**
+ * Forwards the terminal to the guest. In raw mode, Ctrl-A x quits,
+ * Ctrl-A Ctrl-A sends one Ctrl-A, and Ctrl-A h prints the keys.
+ */
+function connectConsole(vm: VirtualMachine, onQuit: () => void): () => void {
+  const stdin = process.stdin;
+  const raw = stdin.isTTY === true;
+  if (raw) stdin.setRawMode(true);
+  let escaped = false;
+  const onData = (chunk: Buffer) => {
+    if (!raw) {
+      vm.console.write(chunk);
+      return;
+    }
+    const out: number[] = [];
+    for (const b of chunk) {
+      if (escaped) {
+        escaped = false;
+        if (b === 0x78 /* x */) {
+          onQuit();
+          return;
+        }
+        if (b === ESCAPE) out.push(ESCAPE);
+        else if (b === 0x68 /* h */) process.stderr.write('\r\ntsvmm: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A\r\n');
+        continue;
+      }
+      if (b === ESCAPE) escaped = true;
+      else out.push(b);
+    }
+    if (out.length > 0) vm.console.write(Buffer.from(out));
+  };
+  stdin.on('data', onData);
+  vm.console.on('data', (chunk: Buffer) => process.stdout.write(chunk));
+  return () => {
+    stdin.off('data', onData);
+    if (raw) stdin.setRawMode(false);
+    stdin.pause();
+  };
+}
+
+async function run(opts: RunOptions): Promise<number> {
+  const log = createLogger(opts.logLevel);
+  const config: VmConfig = {
+    kernel: opts.kernel,
+    cmdline: opts.cmdline,
+    memory: opts.memory,
+    cpus: opts.cpus,
+    disks: opts.disk,
+    nets: opts.net,
+    bootMode: opts.bootMode,
+    pit: opts.pit,
+    emulationFallback: opts.emulationFallback,
+    name: opts.name,
+    logger: log,
+    ...(opts.initrd !== undefined ? { initrd: opts.initrd } : {}),
+  };
+  let vm: VirtualMachine;
+  try {
+    vm = await VirtualMachine.create(config);
+  } catch (err) {
+    process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    log.debug({ err }, 'vm creation failed');
+    return EXIT_CODES.error;
+  }
+
+  let signalCode: number | undefined;
+  const disconnect = connectConsole(vm, () => {
+    void vm.stop('quit from the console (Ctrl-A x)');
+  });
+  const onSignal = (signal: NodeJS.Signals) => {
+    signalCode = signal === 'SIGTERM' ? 143 : 130;
+    void vm.stop(`stopped by ${signal}`);
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('SIGHUP', onSignal);
+
+  vm.start();
+  const result: VmOutcome = await vm.wait();
+  disconnect();
+  process.off('SIGINT', onSignal);
+  process.off('SIGTERM', onSignal);
+  process.off('SIGHUP', onSignal);
+  if (opts.stats) process.stderr.write(`${JSON.stringify({ outcome: result.kind, ...vm.stats() }, null, 2)}\n`);
+  if (result.kind !== 'reboot' && result.kind !== 'poweroff') process.stderr.write(`\ntsvmm: ${result.message}\n`);
+  return result.kind === 'stopped' && signalCode !== undefined ? signalCode : result.exitCode;
+}
+
+export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Command {
+  const program = new Command('tsvmm')
+    .description('A KVM virtual machine monitor with device models in TypeScript')
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+  program
+    .command('run')
+    .description('boot a Linux kernel with its console on this terminal')
+    .requiredOption('-k, --kernel <path>', 'kernel to boot: a bzImage or an ELF vmlinux')
+    .option('-i, --initrd <path>', 'initramfs to pass to the kernel')
+    .option('-c, --cmdline <text>', 'kernel command line', DEFAULT_CMDLINE)
+    .option('-m, --memory <size>', 'guest RAM, e.g. 256M or 1G', memoryArg, '256M')
+    .option('--cpus <n>', `vCPUs, 1 to ${MAX_CPUS}`, intArg, 1)
+    .option('--disk <spec>', 'virtio-blk disk: <path>[,readonly][,serial=<id>] (repeatable)', collect(parseDiskOption), [])
+    .option('--net <spec>', 'virtio-net over a TAP device: tap=<name>[,mac=<mac>] (repeatable)', collect(parseNetOption), [])
+    .addOption(new Option('--boot-mode <mode>', 'bzImage boot: host-decompressed, or the kernel\'s own decompressor').choices(['auto', 'host', 'guest']).default('auto'))
+    .addOption(new Option('--pit <impl>', 'i8254 PIT implementation').choices(['emulated', 'kernel']).default('emulated'))
+    .addOption(new Option('--emulation-fallback <when>', 'handle instructions the host KVM cannot emulate').choices(['auto', 'on', 'off']).default('auto'))
+    .addOption(new Option('--log-level <level>', 'log level (logs go to stderr)').choices([...LOG_LEVELS]).default('warn'))
+    .option('--stats', 'print the VM counters as JSON on stderr when it ends', false)
+    .option('--name <name>', 'VM name, for logs and stable MAC addresses', 'tsvmm')
+    .action(async (opts: RunOptions) => {
+      await onRun(opts);
+    });
+  return program;
+}
+
+/** Runs the CLI; resolves to the process exit code. */
+export async function main(argv: string[]): Promise<number> {
+  let code = 0;
+  const program = buildProgram(async (opts) => {
+    code = await run(opts);
+  });
+  try {
+    await program.parseAsync(argv);
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      // Help and version are not errors; commander has printed what it had to.
+      return err.exitCode === 0 ? 0 : EXIT_USAGE;
+    }
+    process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    return EXIT_CODES.error;
+  }
+  return code;
+}

@@ -1,0 +1,35 @@
+/**
+ * tsvmm as a library: build a VM, start it, talk to its console, wait for
+ * its outcome.
+ *
+ * ```ts
+ * import { createVm } from 'tsvmm';
+ * const vm = await createVm({ kernel: 'bzImage', initrd: 'initrd.gz' });
+ * vm.console.pipe(process.stdout);
+ * vm.start();
+ * const outcome = await vm.wait(); // { kind: 'reboot', exitCode: 0, ... }
+ * ```
+ */
+import { VirtualMachine, type VmConfig } from './vmm/machine.js';
+
+/** Builds a VM (nothing runs until `start()`). Bad input rejects with a one-line error. */
+export function createVm(config: VmConfig): Promise<VirtualMachine> {
+  return VirtualMachine.create(config);
+}
+
+export {
+  VirtualMachine,
+  VmConfigError,
+  DEFAULT_CMDLINE,
+  DEFAULT_MEMORY,
+  MAX_CPUS,
+  parseMemorySize,
+  type VmConfig,
+  type VmStats,
+  type BootMode,
+} from './vmm/machine.js';
+export type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
+export { EXIT_CODES, type VmOutcome, type OutcomeKind } from './vmm/outcome.js';
+export { KvmError } from './vmm/kvm.js';
+export { BootError } from './vmm/boot/errors.js';
+export { createLogger, type LogLevel } from './log.js';

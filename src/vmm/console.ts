@@ -1,0 +1,108 @@
+/**
+ * The guest console as a Node stream, and the watcher that reads the
+ * guest's own words about how it ends (panic, power off).
+ */
+import { Duplex } from 'node:stream';
+
+/**
+ * A duplex stream over the serial port: what the guest prints is readable,
+ * what is written reaches the guest's receive FIFO. Output is batched per
+ * event-loop turn (one byte per THR write would be one chunk per byte).
+ */
+export class ConsoleStream extends Duplex {
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
+  private flushScheduled = false;
+
+  constructor(private readonly sendToGuest: (bytes: Uint8Array) => void) {
+    super({ allowHalfOpen: true });
+  }
+
+  /** Called by the serial device for each byte the guest transmits. */
+  guestOutput(bytes: Uint8Array): void {
+    this.pending.push(Buffer.from(bytes));
+    this.pendingBytes += bytes.length;
+    if (this.pendingBytes >= 4096) {
+      this.flush();
+    } else if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      setImmediate(() => this.flush());
+    }
+  }
+
+  /** Pushes buffered guest output now. */
+  flush(): void {
+    this.flushScheduled = false;
+    if (this.pending.length === 0) return;
+    const chunk = Buffer.concat(this.pending, this.pendingBytes);
+    this.pending = [];
+    this.pendingBytes = 0;
+    // Readable back-pressure is not applied to the guest: a UART has no
+    // flow control we could use, and dropping console output loses data.
+    this.push(chunk);
+  }
+
+  /** Ends the readable side after the last output. */
+  finish(): void {
+    this.flush();
+    this.push(null);
+  }
+
+  override _read(): void {
+    // Data is pushed as the guest produces it.
+  }
+
+  override _write(chunk: Buffer, _enc: BufferEncoding, cb: (err?: Error | null) => void): void {
+    this.sendToGuest(chunk);
+    cb();
+  }
+}
+
+/** What the guest's console says about its end. */
+export type ConsoleEvent = 'panic' | 'power-down' | 'halted';
+
+const PANIC_MARK = 'Kernel panic - not syncing';
+const POWER_DOWN_MARK = 'reboot: Power down';
+const HALTED_MARK = 'reboot: System halted';
+
+/**
+ * Scans console output line by line for the kernel's panic and power-off
+ * messages. A guest without ACPI has no other way to tell the VMM it is
+ * powering off, and a panic with panic=-1 is a reboot to the hardware.
+ */
+export class ConsoleWatcher {
+  private line = '';
+  /** Complete lines seen, with the host time each one ended (for the profiler timeline). */
+  lines = 0;
+  panicLine: string | undefined;
+
+  constructor(
+    private readonly onEvent: (event: ConsoleEvent, line: string) => void,
+    private readonly onLine?: (line: string) => void,
+  ) {}
+
+  feed(bytes: Uint8Array): void {
+    for (const b of bytes) {
+      if (b === 0x0a) {
+        this.endLine();
+      } else if (b !== 0x0d && this.line.length < 4096) {
+        this.line += String.fromCharCode(b);
+      }
+    }
+  }
+
+  private endLine(): void {
+    const line = this.line;
+    this.line = '';
+    this.lines++;
+    this.onLine?.(line);
+    if (line.includes(PANIC_MARK)) {
+      if (this.panicLine === undefined) this.panicLine = line.slice(line.indexOf(PANIC_MARK));
+      this.onEvent('panic', line);
+    } else if (line.includes(POWER_DOWN_MARK)) {
+      this.onEvent('power-down', line);
+    } else if (line.includes(HALTED_MARK)) {
+      this.onEvent('halted', line);
+    }
+  }
+}

@@ -1,0 +1,438 @@
+/**
+ * The machine: builds a VM from a configuration as a recipe (check the
+ * host, read the inputs, memory, VM, devices, load the kernel, vCPUs), runs
+ * it, and reports how it ended.
+ */
+import { EventEmitter } from 'node:events';
+import { readFile } from 'node:fs/promises';
+import type { Logger } from '../log.js';
+import { silentLogger } from '../log.js';
+import { Serial16550 } from '../devices/serial.js';
+import { Pit8254, PortB } from '../devices/pit.js';
+import { I8042 } from '../devices/i8042.js';
+import { Cmos } from '../devices/cmos.js';
+import { DebugPort, IgnoredPorts } from '../devices/legacy.js';
+import type { IrqLine } from '../devices/irq.js';
+import { Bus } from './bus.js';
+import { ConsoleStream, ConsoleWatcher } from './console.js';
+import { cpuidForVcpu, parseCpuid } from './cpuid.js';
+import { handleExit, type ExitContext, type GuestStop } from './exits.js';
+import { EMULATED_HOST_CMDLINE, EmulationFallback } from './fallback.js';
+import { Kvm, VmFd } from './kvm.js';
+import * as layout from './layout.js';
+import { GuestMemory } from './memory.js';
+import { outcome, type VmOutcome } from './outcome.js';
+import { probeHost, type HostProbe } from './probe.js';
+import { Vcpu } from './vcpu.js';
+import { loadLinux, type BootInfo } from './boot/loader.js';
+import { prepareInitrd } from './boot/initrd.js';
+import { writeMpTable } from './mptable.js';
+import { VirtioDevices, type DiskConfig, type NetConfig } from './virtio-devices.js';
+
+/** The default kernel command line: a microVM with its console on COM1. */
+export const DEFAULT_CMDLINE = 'console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd';
+
+export const DEFAULT_MEMORY = 256 * 1024 * 1024;
+export const MAX_CPUS = 8;
+
+export type BootMode = 'auto' | 'host' | 'guest';
+
+/** How a VM is built. Paths or bytes for the kernel and initrd. */
+export interface VmConfig {
+  kernel: string | Uint8Array;
+  initrd?: string | Uint8Array;
+  /** The kernel command line; defaults to {@link DEFAULT_CMDLINE}. Device and host parameters are appended. */
+  cmdline?: string;
+  /** Guest RAM in bytes, or a size such as "256M" or "1G". Default 256 MiB. */
+  memory?: number | string;
+  /** vCPUs, 1 to {@link MAX_CPUS}. Default 1. */
+  cpus?: number;
+  /**
+   * How to boot a bzImage: 'host' decompresses the kernel in tsvmm and
+   * enters it directly; 'guest' runs the kernel's own decompressor (the
+   * classic path); 'auto' (default) is 'host' when tsvmm can decompress the
+   * payload.
+   */
+  bootMode?: BootMode;
+  /** 'emulated' (default): the TypeScript i8254. 'kernel': KVM's in-kernel PIT. */
+  pit?: 'emulated' | 'kernel';
+  /** The emulation-failure fallback: 'auto' (default) probes the host. */
+  emulationFallback?: 'auto' | 'on' | 'off';
+  disks?: DiskConfig[];
+  nets?: NetConfig[];
+  /**
+   * Inflate a gzip initramfs on the host (default true): the guest kernel
+   * then only copies a cpio archive instead of running inflate.
+   */
+  initrdInflate?: boolean;
+  /** A name for logs and for deriving stable MAC addresses. Default "tsvmm". */
+  name?: string;
+  logger?: Logger;
+  /** Device to open for KVM. Default /dev/kvm. */
+  kvmDevice?: string;
+}
+
+export type VmConfigErrorKind = 'kernel-unreadable' | 'initrd-unreadable' | 'bad-memory' | 'bad-cpus' | 'bad-option';
+
+export class VmConfigError extends Error {
+  constructor(
+    readonly kind: VmConfigErrorKind,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'VmConfigError';
+  }
+}
+
+const SIZE_UNITS: Record<string, number> = { '': 1024 * 1024, k: 1024, m: 1024 * 1024, g: 1024 * 1024 * 1024 };
+
+/** Parses "256M", "1G", "512K" or a plain number of MiB into bytes. */
+export function parseMemorySize(value: number | string): number {
+  if (typeof value === 'number') {
+    if (!Number.isSafeInteger(value) || value <= 0) throw new VmConfigError('bad-memory', `invalid memory size ${value}: give bytes as a positive integer`);
+    return value;
+  }
+  const m = /^\s*(\d+)\s*([kmg]?)i?b?\s*$/i.exec(value);
+  if (!m) throw new VmConfigError('bad-memory', `invalid memory size "${value}": use a number with K, M or G, such as 256M`);
+  const bytes = Number(m[1]) * SIZE_UNITS[m[2]!.toLowerCase()]!;
+  if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new VmConfigError('bad-memory', `invalid memory size "${value}"`);
+  return bytes;
+}
+
+/** Minimum guest RAM: below this no Linux kernel boots, whatever its size. */
+export const MIN_MEMORY = 16 * 1024 * 1024;
+export const MAX_MEMORY = 64 * 1024 * 1024 * 1024;
+
+async function readInput(what: 'kernel' | 'initrd', input: string | Uint8Array): Promise<Uint8Array> {
+  if (typeof input !== 'string') return input;
+  try {
+    return await readFile(input);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    const kind = what === 'kernel' ? 'kernel-unreadable' : 'initrd-unreadable';
+    const reason =
+      code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : code === 'EISDIR' ? 'is a directory' : (err as Error).message;
+    throw new VmConfigError(kind, `cannot read ${what} ${input}: ${reason}; pass the path of a readable ${what === 'kernel' ? 'bzImage or vmlinux' : 'initramfs'} with --${what}`, { cause: err });
+  }
+}
+
+/** An IRQ line driven through KVM_IRQ_LINE on the in-kernel irqchip. */
+class KvmIrqLine implements IrqLine {
+  constructor(
+    private readonly vm: VmFd,
+    readonly gsi: number,
+    private readonly counter: { irqs: number },
+  ) {}
+  setLevel(high: boolean): void {
+    if (high) this.counter.irqs++;
+    this.vm.irqLine(this.gsi, high);
+  }
+  trigger(): void {
+    this.counter.irqs++;
+    this.vm.irqLine(this.gsi, true);
+    this.vm.irqLine(this.gsi, false);
+  }
+}
+
+/** Counters for a whole VM; the library exposes them through {@link VirtualMachine.stats}. */
+export interface VmStats {
+  exits: Record<string, number>;
+  /** Port and MMIO accesses that hit no device, by address. */
+  unhandledPio: Record<string, number>;
+  unhandledMmio: Record<string, number>;
+  irqsInjected: number;
+  emulationFallback: Record<string, number>;
+  devices: Record<string, unknown>;
+}
+
+export interface VirtualMachineEvents {
+  exit: [VmOutcome];
+}
+
+/**
+ * A running (or ready) VM. Create with {@link VirtualMachine.create}, then
+ * {@link start}; the guest console is {@link console}; {@link wait} gives
+ * the outcome.
+ */
+export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
+  readonly console: ConsoleStream;
+  readonly log: Logger;
+  private readonly exitCounts = new Map<string, number>();
+  private readonly fallbacks: EmulationFallback[] = [];
+  private finished: VmOutcome | undefined;
+  private stopping: VmOutcome | undefined;
+  private readonly done: Promise<VmOutcome>;
+  private resolveDone!: (o: VmOutcome) => void;
+  private started = false;
+  private panicSeen = false;
+
+  private constructor(
+    readonly config: Readonly<VmConfig>,
+    private readonly kvm: Kvm,
+    private readonly vm: VmFd,
+    readonly memory: GuestMemory,
+    readonly vcpus: Vcpu[],
+    readonly boot: BootInfo,
+    readonly host: HostProbe,
+    readonly cmdline: string,
+    private readonly pio: Bus,
+    private readonly mmio: Bus,
+    private readonly serial: Serial16550,
+    private readonly pit: Pit8254 | undefined,
+    private readonly virtio: VirtioDevices,
+    private readonly irqCounter: { irqs: number },
+    consoleStream: ConsoleStream,
+    log: Logger,
+  ) {
+    super();
+    this.console = consoleStream;
+    this.log = log;
+    this.done = new Promise((resolve) => {
+      this.resolveDone = resolve;
+    });
+  }
+
+  /**
+   * Builds a VM: checks KVM, reads and validates the kernel and initrd,
+   * creates memory, devices and vCPUs, and loads the kernel. Nothing runs
+   * until {@link start}. Bad input throws a one-line error (VmConfigError,
+   * KvmError, BootError, or a device's error).
+   */
+  static async create(config: VmConfig): Promise<VirtualMachine> {
+    const log = config.logger ?? silentLogger;
+    const memSize = parseMemorySize(config.memory ?? DEFAULT_MEMORY);
+    if (memSize < MIN_MEMORY) throw new VmConfigError('bad-memory', `guest memory ${memSize >> 20} MiB is too small: pass --memory 64M or more`);
+    if (memSize > MAX_MEMORY) throw new VmConfigError('bad-memory', `guest memory ${memSize >> 20} MiB is more than tsvmm supports (64 GiB)`);
+    const memory = Math.ceil(memSize / layout.PAGE_SIZE) * layout.PAGE_SIZE;
+    const cpus = config.cpus ?? 1;
+    if (!Number.isInteger(cpus) || cpus < 1 || cpus > MAX_CPUS) throw new VmConfigError('bad-cpus', `--cpus must be 1 to ${MAX_CPUS} (got ${cpus})`);
+
+    // Inputs first: a bad path fails before KVM is touched.
+    const kernel = await readInput('kernel', config.kernel);
+    let initrd = config.initrd !== undefined ? await readInput('initrd', config.initrd) : undefined;
+    if (initrd && config.initrdInflate !== false) {
+      const prepared = prepareInitrd(initrd);
+      if (prepared.inflated) log.debug({ from: initrd.length, to: prepared.data.length }, 'initramfs inflated on the host');
+      initrd = prepared.data;
+    }
+
+    const kvm = Kvm.open(config.kvmDevice);
+    const host: HostProbe =
+      config.emulationFallback === 'on'
+        ? { emulationGaps: ['forced'] }
+        : config.emulationFallback === 'off'
+          ? { emulationGaps: [] }
+          : probeHost(kvm, log);
+    const fallbackOn = host.emulationGaps.length > 0;
+    if (fallbackOn) log.info({ gaps: host.emulationGaps }, 'host KVM emulates guest kernel code: emulation fallback on');
+
+    const vm = kvm.createVm();
+    try {
+      const addon = kvm.addon;
+      addon.setTssAddr(vm.fd, layout.KVM_TSS_ADDR);
+      addon.setIdentityMapAddr(vm.fd, layout.KVM_IDENTITY_MAP_ADDR);
+      addon.createIrqchip(vm.fd);
+      if (config.pit === 'kernel') addon.createPit2(vm.fd, addon.constants.KVM_PIT_SPEAKER_DUMMY!);
+
+      const mem = new GuestMemory(VmFd.allocateRam(vm, layout.ramRegions(memory)));
+      const irqCounter = { irqs: 0 };
+      const irq = (gsi: number): IrqLine => new KvmIrqLine(vm, gsi, irqCounter);
+
+      // --- devices ---
+      const pio = new Bus('pio');
+      const mmioBus = new Bus('mmio');
+      let vmRef: VirtualMachine | undefined;
+      const consoleStream = new ConsoleStream((bytes) => serial.enqueueInput(bytes));
+      const watcher = new ConsoleWatcher((event, line) => vmRef?.onConsoleEvent(event, line));
+      const serial = new Serial16550({
+        irq: irq(layout.COM1_IRQ),
+        output: (bytes) => {
+          consoleStream.guestOutput(bytes);
+          watcher.feed(bytes);
+        },
+        logger: log.child({ dev: 'serial' }),
+      });
+      pio.insert(serial, layout.COM1_PORT, 8, 'com1');
+      let pit: Pit8254 | undefined;
+      if (config.pit !== 'kernel') {
+        pit = new Pit8254({ irq: irq(0), logger: log.child({ dev: 'pit' }) });
+        pio.insert(pit, 0x40, 4, 'pit');
+        pio.insert(new PortB(pit), 0x61, 1, 'port61');
+      }
+      const i8042 = new I8042({ onReset: () => vmRef?.onGuestStop({ kind: 'reboot' }), logger: log.child({ dev: 'i8042' }) });
+      pio.insert(i8042.dataPort, 0x60, 1, 'i8042-data');
+      pio.insert(i8042.commandPort, 0x64, 1, 'i8042-command');
+      pio.insert(new Cmos(), 0x70, 2, 'cmos');
+      pio.insert(new DebugPort(), 0x80, 1, 'post');
+      // COM2-COM4: Linux probes them; an absent UART reads as all-ones.
+      for (const base of [0x2f8, 0x3e8, 0x2e8]) pio.insert(new IgnoredPorts({ readValue: 0xff }), base, 8, `com-absent-${base.toString(16)}`);
+
+      const virtio = await VirtioDevices.create({
+        vm,
+        mem,
+        mmio: mmioBus,
+        irq,
+        disks: config.disks ?? [],
+        nets: config.nets ?? [],
+        seed: config.name ?? 'tsvmm',
+        log,
+        counter: irqCounter,
+      });
+
+      // --- command line and kernel ---
+      const parts = [config.cmdline ?? DEFAULT_CMDLINE, ...virtio.cmdlineFragments];
+      if (fallbackOn) parts.push(EMULATED_HOST_CMDLINE);
+      const cmdline = parts.filter((p) => p.length > 0).join(' ');
+      const boot = await loadLinux(mem, { kernel, initrd, cmdline, mode: config.bootMode ?? 'auto' });
+      // Also for one CPU: the MP table is how a kernel without ACPI finds the IOAPIC.
+      writeMpTable(mem, cpus);
+
+      // --- vCPUs ---
+      const supported = parseCpuid(addon.getSupportedCpuid(kvm.fd), addon.layout);
+      const vcpus: Vcpu[] = [];
+      for (let id = 0; id < cpus; id++) {
+        const vcpu = new Vcpu(vm, id);
+        vcpu.setCpuid(cpuidForVcpu(supported, id, cpus));
+        vcpu.setBootMsrs();
+        vcpu.setFpuDefaults();
+        vcpu.setLapicLint();
+        if (id === 0) {
+          vcpu.setSregs(boot.cpu.sregs);
+          vcpu.setRegs(boot.cpu.regs);
+        }
+        vcpus.push(vcpu);
+      }
+      log.info({ kind: boot.kind, entry: `0x${boot.entry.toString(16)}`, cmdline, memory, cpus }, 'kernel loaded');
+
+      const machine = new VirtualMachine(config, kvm, vm, mem, vcpus, boot, host, cmdline, pio, mmioBus, serial, pit, virtio, irqCounter, consoleStream, log);
+      vmRef = machine;
+      return machine;
+    } catch (err) {
+      vm.close();
+      kvm.close();
+      throw err;
+    }
+  }
+
+  /** Starts every vCPU thread. The VM runs until the guest ends it or {@link stop}. */
+  start(): void {
+    if (this.started) throw new Error('VM already started');
+    this.started = true;
+    this.vcpus.forEach((vcpu) => {
+      const fallback = this.host.emulationGaps.length > 0 ? new EmulationFallback(vcpu, this.memory, this.log.child({ vcpu: vcpu.id })) : undefined;
+      if (fallback) this.fallbacks.push(fallback);
+      const ctx: ExitContext = {
+        pio: this.pio,
+        mmio: this.mmio,
+        counts: this.exitCounts,
+        ...(fallback ? { emulationFallback: (exit) => fallback.handle(exit.insn) } : {}),
+      };
+      vcpu.start({
+        onExit: (exit) => {
+          if (this.stopping) return 'stop';
+          const action = handleExit(exit, ctx);
+          if (action.kind === 'continue') return 'continue';
+          this.onGuestStop(action.stop);
+          return 'stop';
+        },
+        onKick: () => (this.stopping ? 'stop' : 'continue'),
+        onError: (err) => this.finish(outcome('error', err.message, err)),
+      });
+    });
+  }
+
+  /** Resolves with the outcome once the VM has ended and every vCPU thread has stopped. */
+  wait(): Promise<VmOutcome> {
+    return this.done;
+  }
+
+  /** Stops the VM from the host side. */
+  stop(message = 'stopped by the host'): Promise<VmOutcome> {
+    this.finish(outcome('stopped', message));
+    return this.done;
+  }
+
+  /** The VM's counters now. */
+  stats(): VmStats {
+    const fallback: Record<string, number> = {};
+    for (const f of this.fallbacks) for (const [k, v] of f.counts) fallback[k] = (fallback[k] ?? 0) + v;
+    const hexKeys = (m: Map<number, number>) => Object.fromEntries([...m].map(([k, v]) => [`0x${k.toString(16)}`, v]));
+    return {
+      exits: Object.fromEntries(this.exitCounts),
+      unhandledPio: hexKeys(this.pio.unhandled),
+      unhandledMmio: hexKeys(this.mmio.unhandled),
+      irqsInjected: this.irqCounter.irqs,
+      emulationFallback: fallback,
+      devices: {
+        serial: { ...this.serial.stats },
+        ...(this.pit ? { pit: { ...this.pit.stats } } : {}),
+        ...this.virtio.stats(),
+      },
+    };
+  }
+
+  private onConsoleEvent(event: 'panic' | 'power-down' | 'halted', line: string): void {
+    if (event === 'panic') {
+      this.panicSeen = true;
+      this.log.warn({ line }, 'guest kernel panic');
+    } else if (event === 'power-down') {
+      this.onGuestStop({ kind: 'poweroff' });
+    } else {
+      this.onGuestStop({ kind: 'halt' });
+    }
+  }
+
+  private onGuestStop(stop: GuestStop): void {
+    // A panic with panic=-1 ends in a reboot: report the panic.
+    if (this.panicSeen && (stop.kind === 'reboot' || stop.kind === 'halt' || stop.kind === 'triple-fault')) {
+      this.finish(outcome('panic', `guest kernel panic: ${this.consolePanicLine()}`));
+      return;
+    }
+    switch (stop.kind) {
+      case 'reboot':
+        this.finish(outcome('reboot', 'guest rebooted'));
+        break;
+      case 'poweroff':
+        this.finish(outcome('poweroff', 'guest powered off'));
+        break;
+      case 'halt':
+        this.finish(outcome('poweroff', 'guest halted'));
+        break;
+      case 'crash':
+        this.finish(outcome('panic', 'guest reported a crash'));
+        break;
+      case 'triple-fault':
+        this.finish(outcome('triple-fault', 'guest triple fault (the CPU reset itself)'));
+        break;
+      case 'error':
+        this.finish(outcome('error', stop.message, new Error(stop.message)));
+        break;
+    }
+  }
+
+  private consolePanicLine(): string {
+    return 'see the console';
+  }
+
+  /** Records the outcome (first one wins), stops every vCPU, then resolves {@link wait}. */
+  private finish(result: VmOutcome): void {
+    if (this.stopping) return;
+    this.stopping = result;
+    this.log.info({ outcome: result.kind, message: result.message }, 'vm ending');
+    void Promise.all(this.vcpus.map((v) => v.stop()))
+      .then(() => this.virtio.drain())
+      .then(() => {
+      this.pit?.dispose();
+      this.virtio.close();
+      this.console.finish();
+      for (const v of this.vcpus) v.close();
+      this.vm.close();
+      this.kvm.close();
+      this.finished = result;
+      this.emit('exit', result);
+      this.resolveDone(result);
+    });
+  }
+}
+
