@@ -27,6 +27,7 @@ interface RunOptions {
   logLevel: LogLevel;
   stats: boolean;
   name: string;
+  kvmDevice: string;
 }
 
 function intArg(value: string): number {
@@ -107,6 +108,7 @@ async function run(opts: RunOptions): Promise<number> {
     pit: opts.pit,
     emulationFallback: opts.emulationFallback,
     name: opts.name,
+    kvmDevice: opts.kvmDevice,
     logger: log,
     ...(opts.initrd !== undefined ? { initrd: opts.initrd } : {}),
   };
@@ -163,6 +165,7 @@ export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Comman
     .addOption(new Option('--log-level <level>', 'log level (logs go to stderr)').choices([...LOG_LEVELS]).default('warn'))
     .option('--stats', 'print the VM counters as JSON on stderr when it ends', false)
     .option('--name <name>', 'VM name, for logs and stable MAC addresses', 'tsvmm')
+    .option('--kvm-device <path>', 'the KVM device to open', '/dev/kvm')
     .action(async (opts: RunOptions) => {
       await onRun(opts);
     });

@@ -1,0 +1,112 @@
+/**
+ * Boots the fixture kernel for real. Each test is one boot; they assert on
+ * what the guest printed and on how the VM ended.
+ */
+import { describe, expect, it } from 'vitest';
+import { fixtures } from '../helpers/fixtures.js';
+import { BOOT_TIMEOUT_MS, GuestSession, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+
+const noKvm = kvmUnavailable();
+
+describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
+  it(
+    'boots a host-decompressed bzImage to the initramfs shell, talks to it, and ends with reboot -f',
+    async () => {
+      const fx = fixtures();
+      const guest = await GuestSession.boot({
+        kernel: fx.bzImage,
+        initrd: fx.initramfs,
+        cmdline: testCmdline(),
+        bootMode: 'host',
+      });
+      expect(guest.vm.boot.kind).toBe('bzimage-host');
+      await guest.waitFor(/TSVMM-INIT-OK/);
+      await guest.waitFor(/# $/m);
+
+      const hello = await guest.run('echo hello $((6*7))');
+      expect(hello.out).toContain('hello 42');
+      expect(hello.status).toBe(0);
+
+      const cmdline = await guest.run('cat /proc/cmdline');
+      expect(cmdline.out).toContain('console=ttyS0');
+
+      const failing = await guest.run('false');
+      expect(failing.status).toBe(1);
+
+      // Metrics make sense: every byte the guest printed went through the UART.
+      const stats = guest.vm.stats();
+      const serial = stats.devices.serial as { bytesOut: number; bytesIn: number };
+      guest.vm.console.flush();
+      expect(serial.bytesOut).toBe(Buffer.byteLength(guest.output, 'latin1'));
+      expect(serial.bytesIn).toBeGreaterThan(0);
+      expect(stats.exits.io).toBeGreaterThan(0);
+      expect(stats.irqsInjected).toBeGreaterThan(0);
+
+      const outcome = await guest.finish('reboot -f');
+      expect(outcome.kind).toBe('reboot');
+      expect(outcome.exitCode).toBe(0);
+    },
+    BOOT_TIMEOUT_MS,
+  );
+
+  it(
+    'boots an ELF vmlinux from the CLI; poweroff -f ends it with exit code 0',
+    async () => {
+      const fx = fixtures();
+      const r = await runCli([
+        'run',
+        '--kernel', fx.vmlinux,
+        '--initrd', fx.initramfs,
+        '--memory', '128M',
+        '--cmdline', testCmdline('tsvmm.mode=poweroff'),
+      ]);
+      expect(r.stdout).toContain('TSVMM-INIT-OK');
+      expect(r.stdout).toMatch(/reboot: (System halted|Power down)/);
+      expect(r.code).toBe(0);
+      // Logs go to stderr, never into the console stream.
+      expect(r.stdout).not.toContain('"level"');
+    },
+    BOOT_TIMEOUT_MS,
+  );
+
+  it(
+    'reports a guest panic with exit code 3 (xz bzImage, host-decompressed)',
+    async () => {
+      const fx = fixtures();
+      const r = await runCli([
+        'run',
+        '--kernel', fx.bzImageXz,
+        '--initrd', fx.initramfs,
+        '--memory', '128M',
+        '--boot-mode', 'host',
+        '--cmdline', testCmdline('tsvmm.mode=panic'),
+      ]);
+      expect(r.stdout).toContain('TSVMM-PANIC-NOW');
+      expect(r.stdout).toContain('Kernel panic - not syncing');
+      expect(r.stderr).toMatch(/tsvmm: guest kernel panic/);
+      expect(r.code).toBe(3);
+    },
+    BOOT_TIMEOUT_MS,
+  );
+
+  it(
+    'boots a bzImage the classic way (the kernel decompresses itself) and reboots',
+    async () => {
+      const fx = fixtures();
+      const r = await runCli([
+        'run',
+        '--kernel', fx.bzImage,
+        '--initrd', fx.initramfs,
+        '--memory', '128M',
+        '--boot-mode', 'guest',
+        '--log-level', 'info',
+        '--cmdline', testCmdline('tsvmm.mode=reboot'),
+      ]);
+      expect(r.stderr).toContain('"kind":"bzimage-guest"');
+      expect(r.stdout).toContain('TSVMM-INIT-OK');
+      expect(r.stdout).toContain('reboot: Restarting system');
+      expect(r.code).toBe(0);
+    },
+    BOOT_TIMEOUT_MS,
+  );
+});

@@ -1,0 +1,124 @@
+/**
+ * Bad input through the real CLI: each gets one line on stderr that names
+ * the problem and the fix, a non-zero exit, and no guest runs.
+ */
+import { execFileSync } from 'node:child_process';
+import { chmodSync, copyFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { fixtures } from '../helpers/fixtures.js';
+import { runCli } from '../helpers/guest.js';
+
+let dir: string;
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'tsvmm-cli-'));
+});
+afterAll(() => {
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** Exactly one line on stderr, starting with "tsvmm: ". */
+function oneLine(stderr: string): string {
+  const lines = stderr.trim().split('\n');
+  expect(lines).toHaveLength(1);
+  expect(lines[0]).toMatch(/^tsvmm: /);
+  return lines[0]!;
+}
+
+describe('tsvmm run: bad input', () => {
+  it('refuses a missing kernel', async () => {
+    const r = await runCli(['run', '--kernel', join(dir, 'nope')]);
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/cannot read kernel .*nope: no such file; pass the path of a readable bzImage or vmlinux/);
+    expect(r.stdout).toBe('');
+  });
+
+  it('refuses an unreadable kernel', async () => {
+    const r = await runCli(['run', '--kernel', dir]);
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/cannot read kernel .*: is a directory/);
+  });
+
+  it('refuses a file that is not a kernel', async () => {
+    const junk = join(dir, 'junk');
+    writeFileSync(junk, Buffer.alloc(64 * 1024, 0x42));
+    const r = await runCli(['run', '--kernel', junk, '--emulation-fallback', 'off']);
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/neither a bzImage .* nor an ELF vmlinux: pass/);
+  });
+
+  it('refuses too little memory for the kernel and initrd', async () => {
+    const fx = fixtures();
+    const r = await runCli(['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '24M']);
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/MiB of guest RAM .*--memory/);
+  });
+
+  it('refuses a memory size below the minimum', async () => {
+    const fx = fixtures();
+    const r = await runCli(['run', '--kernel', fx.bzImage, '--memory', '8M']);
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/too small: pass --memory 64M or more/);
+  });
+
+  it('refuses a missing initrd', async () => {
+    const fx = fixtures();
+    const r = await runCli(['run', '--kernel', fx.bzImage, '--initrd', join(dir, 'missing.cpio')]);
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/cannot read initrd .*missing\.cpio: no such file/);
+  });
+
+  it('says what to do when there is no KVM device', async () => {
+    const fx = fixtures();
+    const r = await runCli(['run', '--kernel', fx.bzImage, '--kvm-device', join(dir, 'kvm')]);
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/not found: this host has no KVM; enable VT-x\/AMD-V/);
+  });
+
+  it('says what to do without permission on /dev/kvm', async () => {
+    // As an unprivileged user (root would bypass the permission check).
+    const fx = fixtures();
+    const kernel = join(dir, 'bzImage');
+    copyFileSync(fx.bzImage, kernel);
+    chmodSync(dir, 0o755);
+    chmodSync(kernel, 0o644);
+    const fakeKvm = join(dir, 'kvm-no-access');
+    writeFileSync(fakeKvm, '');
+    chmodSync(fakeKvm, 0o600);
+    let setpriv: string[] = [];
+    try {
+      execFileSync('setpriv', ['--version'], { stdio: 'ignore' });
+      setpriv = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
+    } catch {
+      // Already unprivileged: run directly.
+    }
+    const r = await runCli(['run', '--kernel', kernel, '--kvm-device', fakeKvm], { wrap: setpriv });
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/no permission to open .*kvm-no-access: add your user to the kvm group/);
+  });
+
+  it('rejects a bad option value as a usage error (exit 2)', async () => {
+    const r = await runCli(['run', '--kernel', 'x', '--memory', 'lots']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/invalid memory size "lots"/);
+  });
+
+  it('rejects an out-of-range CPU count', async () => {
+    const fx = fixtures();
+    const r = await runCli(['run', '--kernel', fx.bzImage, '--cpus', '99']);
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/--cpus must be 1 to 8 \(got 99\)/);
+  });
+
+  it('refuses a missing disk image and a TAP device it cannot open', async () => {
+    const fx = fixtures();
+    const disk = await runCli(['run', '--kernel', fx.bzImage, '--disk', join(dir, 'no-disk.img')]);
+    expect(disk.code).toBe(1);
+    expect(oneLine(disk.stderr)).toMatch(/no-disk\.img/);
+    const tap = await runCli(['run', '--kernel', fx.bzImage, '--net', 'tap=this-name-is-far-too-long-for-a-tap']);
+    expect(tap.code).not.toBe(0);
+    expect(tap.stderr.trim().split('\n')).toHaveLength(1);
+    expect(tap.stderr).toMatch(/tap/i);
+  });
+});

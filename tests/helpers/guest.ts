@@ -1,0 +1,156 @@
+/**
+ * Helpers for boot tests: a guest driven through the library API (console
+ * as a stream, commands typed into the guest shell), and the CLI run as a
+ * child process. Timeouts here are hang guards, never speed checks: a boot
+ * on a host that emulates guest kernel code takes a minute or more.
+ */
+import { spawn } from 'node:child_process';
+import { accessSync, constants } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createVm, type VmConfig, type VmOutcome } from '../../src/index.js';
+import type { VirtualMachine } from '../../src/vmm/machine.js';
+
+export const REPO = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const CLI = join(REPO, 'bin', 'tsvmm.js');
+
+/** Generous: a boot here takes 1 to 3 minutes, the classic path up to 5. */
+export const BOOT_TIMEOUT_MS = 8 * 60 * 1000;
+
+/** Why KVM tests cannot run here, or undefined when they can. */
+export function kvmUnavailable(): string | undefined {
+  try {
+    accessSync('/dev/kvm', constants.R_OK | constants.W_OK);
+    return undefined;
+  } catch (err) {
+    return `/dev/kvm is not usable here (${(err as NodeJS.ErrnoException).code}): boot tests need KVM`;
+  }
+}
+
+/** The kernel command line the boot tests use, plus extra parameters. */
+export function testCmdline(extra = ''): string {
+  return `console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd ${extra}`.trim();
+}
+
+/** A booted guest whose console the test reads and types into. */
+export class GuestSession {
+  output = '';
+  private waiters: Array<() => void> = [];
+  private seq = 0;
+  readonly outcome: Promise<VmOutcome>;
+
+  private constructor(readonly vm: VirtualMachine) {
+    vm.console.on('data', (chunk: Buffer) => {
+      this.output += chunk.toString('latin1');
+      for (const w of this.waiters.splice(0)) w();
+    });
+    this.outcome = vm.wait();
+    vm.start();
+  }
+
+  static async boot(config: VmConfig): Promise<GuestSession> {
+    const vm = await createVm({ memory: '128M', ...config });
+    return new GuestSession(vm);
+  }
+
+  /** Resolves with the first match of `pattern` in the console output from `from` on. */
+  async waitFor(pattern: RegExp, timeoutMs = BOOT_TIMEOUT_MS, from = 0): Promise<RegExpExecArray> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = pattern.exec(this.output.slice(from));
+      if (m) return m;
+      const left = deadline - Date.now();
+      if (left <= 0) {
+        throw new Error(`timed out waiting for ${pattern} on the guest console; last output:\n${this.output.slice(-2000)}`);
+      }
+      const ended = await Promise.race([
+        new Promise<boolean>((resolve) => {
+          const t = setTimeout(() => resolve(false), left);
+          this.waiters.push(() => {
+            clearTimeout(t);
+            resolve(false);
+          });
+        }),
+        this.outcome.then(() => true),
+      ]);
+      if (ended) {
+        const last = pattern.exec(this.output.slice(from));
+        if (last) return last;
+        throw new Error(`the VM ended while waiting for ${pattern}; last output:\n${this.output.slice(-2000)}`);
+      }
+    }
+  }
+
+  /**
+   * Types a shell command and returns what it printed and its exit status.
+   * The end marker is split in the typed line so the echo of the command
+   * never matches it.
+   */
+  async run(command: string, timeoutMs = 5 * 60 * 1000): Promise<{ out: string; status: number }> {
+    const n = ++this.seq;
+    const from = this.output.length;
+    this.vm.console.write(`${command}; echo "@@EN""D${n} $?"\n`);
+    const m = await this.waitFor(new RegExp(`@@END${n} (\\d+)`), timeoutMs, from);
+    const text = this.output.slice(from);
+    // Output starts after the echoed command line and ends at the marker.
+    const body = text.slice(0, m.index);
+    const firstNewline = body.indexOf('\n');
+    const out = (firstNewline >= 0 ? body.slice(firstNewline + 1) : '').replace(/\r/g, '');
+    return { out, status: Number(m[1]) };
+  }
+
+  /** Types a command that does not return (reboot -f) and waits for the VM to end. */
+  async finish(command: string): Promise<VmOutcome> {
+    this.vm.console.write(`${command}\n`);
+    return this.outcome;
+  }
+}
+
+export interface CliResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * Runs `tsvmm` with `args` (optionally wrapped, e.g. in `ip netns exec`),
+ * and lets `drive` talk to it while it runs.
+ */
+export function runCli(
+  args: string[],
+  opts: {
+    wrap?: string[];
+    timeoutMs?: number;
+    drive?: (child: import('node:child_process').ChildProcessWithoutNullStreams, out: () => string) => void;
+  } = {},
+): Promise<CliResult> {
+  const argv = [...(opts.wrap ?? []), process.execPath, CLI, ...args];
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: 'pipe' });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => {
+    stdout += d.toString('latin1');
+  });
+  child.stderr.on('data', (d: Buffer) => {
+    stderr += d.toString('latin1');
+  });
+  opts.drive?.(child, () => stdout);
+  const timeout = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? BOOT_TIMEOUT_MS);
+  return new Promise((resolve, reject) => {
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      clearTimeout(timeout);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}
+
+/** Resolves when `out()` matches `pattern` (polling; for CLI children). */
+export async function until(out: () => string, pattern: RegExp, timeoutMs = BOOT_TIMEOUT_MS): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!pattern.test(out())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${pattern}; output so far:\n${out().slice(-2000)}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
