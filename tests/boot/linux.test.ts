@@ -88,25 +88,4 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
     },
     BOOT_TIMEOUT_MS,
   );
-
-  it(
-    'boots a bzImage the classic way (the kernel decompresses itself) and reboots',
-    async () => {
-      const fx = fixtures();
-      const r = await runCli([
-        'run',
-        '--kernel', fx.bzImage,
-        '--initrd', fx.initramfs,
-        '--memory', '128M',
-        '--boot-mode', 'guest',
-        '--log-level', 'info',
-        '--cmdline', testCmdline('tsvmm.mode=reboot'),
-      ]);
-      expect(r.stderr).toContain('"kind":"bzimage-guest"');
-      expect(r.stdout).toContain('TSVMM-INIT-OK');
-      expect(r.stdout).toContain('reboot: Restarting system');
-      expect(r.code).toBe(0);
-    },
-    BOOT_TIMEOUT_MS,
-  );
 });

@@ -6,7 +6,7 @@
  * initramfs is inflated on the host when the result is a plain cpio
  * archive; anything else is passed through unchanged.
  */
-import { gunzipSync } from 'node:zlib';
+import { crc32, gunzipSync } from 'node:zlib';
 
 const GZIP_MAGIC = [0x1f, 0x8b];
 /** cpio "newc" and "crc" magics (Documentation/driver-api/early-userspace/buffer-format.rst). */
@@ -33,6 +33,13 @@ export function prepareInitrd(data: Uint8Array): PreparedInitrd {
   if (data[0] !== GZIP_MAGIC[0] || data[1] !== GZIP_MAGIC[1]) return { data, inflated: false };
   try {
     const out = gunzipSync(data);
+    // gunzipSync returns what it could for a truncated stream: trust the
+    // result only when the trailer (CRC32, then size mod 2^32) vouches for it.
+    if (data.length < 18) return { data, inflated: false };
+    const trailer = new DataView(data.buffer, data.byteOffset + data.length - 8, 8);
+    if (trailer.getUint32(4, true) !== out.length % 2 ** 32 || trailer.getUint32(0, true) !== crc32(out)) {
+      return { data, inflated: false };
+    }
     if (!isCpio(out)) return { data, inflated: false };
     return { data: out, inflated: true };
   } catch {
