@@ -3,32 +3,17 @@
  * host wrote, writes one the host reads back with debugfs, and cannot write
  * to a read-only disk.
  */
-import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
+import { debugfsCat, makeExt4 } from '../helpers/disk.js';
 import { BOOT_TIMEOUT_MS, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
 const md5 = (b: Uint8Array) => createHash('md5').update(b).digest('hex');
-
-/** An ext4 image holding `files`, made with the fixtures' mkfs wrapper. */
-export function makeExt4(dir: string, name: string, files: Record<string, Uint8Array>, sizeMiB = 32): string {
-  const src = join(dir, `${name}-src`);
-  mkdirSync(src, { recursive: true });
-  for (const [file, data] of Object.entries(files)) writeFileSync(join(src, file), data);
-  const image = join(dir, `${name}.img`);
-  execFileSync(fixtures().makeExt4, [src, image, String(sizeMiB)], { stdio: 'pipe' });
-  return image;
-}
-
-/** A file out of an ext4 image, read on the host with debugfs (no mount, no root). */
-export function debugfsCat(image: string, path: string): Buffer {
-  return execFileSync('debugfs', ['-R', `cat ${path}`, image], { stdio: ['ignore', 'pipe', 'ignore'], maxBuffer: 64 << 20 });
-}
 
 describe.skipIf(noKvm !== undefined)(`virtio-blk${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   const dir = mkdtempSync(join(tmpdir(), 'tsvmm-blk-'));

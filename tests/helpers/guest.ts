@@ -93,9 +93,13 @@ export class GuestSession {
     const m = await this.waitFor(new RegExp(`@@END${n} (\\d+)`), timeoutMs, from);
     const text = this.output.slice(from);
     // Output starts after the echoed command line and ends at the marker.
+    // A line typed before the prompt came back is echoed twice (by the tty,
+    // then by the shell's line editor): start after the last echo.
     const body = text.slice(0, m.index);
-    const firstNewline = body.indexOf('\n');
-    const out = (firstNewline >= 0 ? body.slice(firstNewline + 1) : '').replace(/\r/g, '');
+    const echoed = `"@@EN""D${n} $?"`;
+    const lastEcho = body.lastIndexOf(echoed);
+    const afterEcho = lastEcho >= 0 ? body.indexOf('\n', lastEcho) : -1;
+    const out = (afterEcho >= 0 ? body.slice(afterEcho + 1) : '').replace(/\r/g, '');
     return { out, status: Number(m[1]) };
   }
 

@@ -1,0 +1,132 @@
+/**
+ * virtio-net over a real TAP device in a network namespace the test makes
+ * and removes. The VMM runs inside the namespace; the host side of the TAP
+ * gets 10.0.2.1, the guest 10.0.2.15. The guest pings the host, sends 4 MiB
+ * over TCP (busybox nc) that the host checksums, and receives 4 MiB back.
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { fixtures } from '../helpers/fixtures.js';
+import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+
+const noKvm = kvmUnavailable();
+const isRoot = process.getuid?.() === 0;
+const skipReason = noKvm ?? (isRoot ? undefined : 'network namespaces and TAP devices need root');
+
+const NS = `tsvmm-net-${process.pid}`;
+const HOST_IP = '10.0.2.1';
+const GUEST_IP = '10.0.2.15';
+const UP_PORT = 5001;
+const DOWN_PORT = 5002;
+
+function ns(...cmd: string[]): string {
+  return execFileSync('ip', ['netns', 'exec', NS, ...cmd], { encoding: 'utf8' });
+}
+
+/** A TCP sink on the host side, inside the namespace: prints "<bytes> <md5>" when the peer closes. */
+function startSink(): Promise<{ result: Promise<string> }> {
+  const script = `
+    const net = require('net'), crypto = require('crypto');
+    const srv = net.createServer((s) => {
+      const h = crypto.createHash('md5'); let n = 0;
+      s.on('data', (d) => { h.update(d); n += d.length; });
+      s.on('end', () => { console.log(n + ' ' + h.digest('hex')); s.end(); srv.close(); });
+    });
+    srv.listen(${UP_PORT}, '${HOST_IP}', () => console.log('LISTENING'));
+    setTimeout(() => process.exit(2), 600000).unref();`;
+  const child = spawn('ip', ['netns', 'exec', NS, process.execPath, '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  return new Promise((resolve) => {
+    const t = setInterval(() => {
+      if (out.includes('LISTENING')) {
+        clearInterval(t);
+        resolve({
+          result: new Promise((done) => child.on('close', () => done(out.replace('LISTENING\n', '').trim()))),
+        });
+      }
+    }, 50);
+  });
+}
+
+/** Connects to the guest from the host side and sends `data`. */
+function sendToGuest(data: Buffer): Promise<void> {
+  const script = `
+    const net = require('net');
+    const chunks = [];
+    process.stdin.on('data', (d) => chunks.push(d));
+    process.stdin.on('end', () => {
+      const s = net.connect(${DOWN_PORT}, '${GUEST_IP}', () => s.end(Buffer.concat(chunks)));
+      s.on('close', () => process.exit(0));
+      s.on('error', (e) => { console.error(e.message); process.exit(1); });
+    });`;
+  const child = spawn('ip', ['netns', 'exec', NS, process.execPath, '-e', script], { stdio: ['pipe', 'inherit', 'inherit'] });
+  child.stdin.end(data);
+  return new Promise((resolve, reject) => child.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`sender exited ${code}`)))));
+}
+
+describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (skipped: ${skipReason})` : ''}`, () => {
+  beforeAll(() => {
+    execFileSync('ip', ['netns', 'add', NS]);
+    ns('ip', 'link', 'set', 'lo', 'up');
+    ns('ip', 'tuntap', 'add', 'dev', 'tap0', 'mode', 'tap');
+    ns('ip', 'addr', 'add', `${HOST_IP}/24`, 'dev', 'tap0');
+    ns('ip', 'link', 'set', 'tap0', 'up');
+  });
+  afterAll(() => {
+    execFileSync('ip', ['netns', 'del', NS]);
+  });
+
+  it(
+    'pings the host and moves 4 MiB each way over TCP',
+    async () => {
+      const fx = fixtures();
+      const down = randomBytes(4 << 20);
+      const downSum = createHash('md5').update(down).digest('hex');
+      const sink = await startSink();
+      let upResult = '';
+      let guestUpSum = '';
+      const r = await runCli(
+        ['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--net', 'tap=tap0', '--stats', '--cmdline', testCmdline()],
+        {
+          wrap: ['ip', 'netns', 'exec', NS],
+          drive: (child, out) => {
+            const type = (line: string) => child.stdin.write(`${line}\n`);
+            void (async () => {
+              await until(out, /TSVMM-INIT-OK/);
+              await until(out, /# $/m);
+              type(`ip addr add ${GUEST_IP}/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address && ping -c 3 ${HOST_IP}; echo "@@PI""NG $?"`);
+              await until(out, /@@PING \d/);
+              type(`dd if=/dev/urandom of=/tmp/up bs=64k count=64 2>/dev/null; md5sum /tmp/up; nc ${HOST_IP} ${UP_PORT} < /tmp/up; echo "@@U""P $?"`);
+              await until(out, /@@UP \d/);
+              guestUpSum = /([0-9a-f]{32})\s+\/tmp\/up/.exec(out())?.[1] ?? '';
+              upResult = await sink.result;
+              type(`nc -l -p ${DOWN_PORT} > /tmp/down & sleep 1; echo "@@LI""STEN"`);
+              await until(out, /@@LISTEN/);
+              await sendToGuest(down);
+              type(`wait; md5sum /tmp/down; echo "@@DO""WN $?"`);
+              await until(out, /@@DOWN \d/);
+              type('reboot -f');
+            })().catch((err: Error) => {
+              process.stderr.write(`net test driver: ${err.message}\n`);
+              child.kill('SIGTERM');
+            });
+          },
+        },
+      );
+      expect(r.stdout).toMatch(/@@PING 0/);
+      expect(r.stdout).toMatch(/3 packets transmitted, 3 packets received/);
+      // A stable, locally administered MAC derived from the VM and TAP names.
+      expect(r.stdout).toMatch(/^[0-9a-f]{2}:([0-9a-f]{2}:){4}[0-9a-f]{2}\s*$/m);
+      expect(guestUpSum).toMatch(/^[0-9a-f]{32}$/);
+      expect(upResult).toBe(`${4 << 20} ${guestUpSum}`);
+      expect(r.stdout).toContain(`${downSum}  /tmp/down`);
+      expect(r.code).toBe(0);
+      const stats = JSON.parse(r.stderr.slice(r.stderr.indexOf('{'))) as { devices: { net0: { txBytes: number; rxBytes: number } } };
+      expect(stats.devices.net0.txBytes).toBeGreaterThan(4 << 20);
+      expect(stats.devices.net0.rxBytes).toBeGreaterThan(4 << 20);
+    },
+    BOOT_TIMEOUT_MS,
+  );
+});

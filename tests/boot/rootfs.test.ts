@@ -1,0 +1,75 @@
+/**
+ * A root file system on virtio-blk, no initramfs: the guest runs /sbin/init
+ * from the disk. Then crash safety: the guest writes and syncs a file, the
+ * VMM is killed with SIGKILL, and the file is intact in the image.
+ */
+import { createHash } from 'node:crypto';
+import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { fixtures } from '../helpers/fixtures.js';
+import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { debugfsCat } from '../helpers/disk.js';
+
+const noKvm = kvmUnavailable();
+
+describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
+  const dir = mkdtempSync(join(tmpdir(), 'tsvmm-rootfs-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it(
+    'boots root=/dev/vda from an ext4 image, and a synced file survives SIGKILL of the VMM',
+    async () => {
+      const fx = fixtures();
+      const image = join(dir, 'rootfs.ext4');
+      copyFileSync(fx.rootfs, image);
+      let guestSum = '';
+      const r = await runCli(
+        ['run', '--kernel', fx.bzImage, '--memory', '128M', '--disk', image, '--cmdline', testCmdline('root=/dev/vda rw rootfstype=ext4')],
+        {
+          drive: (child, out) => {
+            void (async () => {
+              await until(out, /TSVMM-ROOTFS-OK/);
+              await until(out, /# $/m);
+              child.stdin.write(
+                'cat /proc/1/cmdline; echo; dd if=/dev/urandom of=/crash.bin bs=4096 count=64 2>/dev/null; md5sum /crash.bin; sync; echo "@@SY""NCED"\n',
+              );
+              await until(out, /@@SYNCED/);
+              guestSum = /([0-9a-f]{32})\s+\/crash\.bin/.exec(out())?.[1] ?? '';
+              child.kill('SIGKILL');
+            })().catch(() => child.kill('SIGKILL'));
+          },
+        },
+      );
+      expect(r.stdout).toContain('TSVMM-ROOTFS-OK');
+      // init came from the disk: there was no initramfs.
+      expect(r.stdout).toContain('/sbin/init');
+      expect(r.signal).toBe('SIGKILL');
+      expect(guestSum).toMatch(/^[0-9a-f]{32}$/);
+      const onDisk = createHash('md5').update(debugfsCat(image, '/crash.bin')).digest('hex');
+      expect(onDisk).toBe(guestSum);
+    },
+    BOOT_TIMEOUT_MS,
+  );
+
+  it('refuses an image another tsvmm is using', async () => {
+    const fx = fixtures();
+    const image = join(dir, 'locked.ext4');
+    copyFileSync(fx.rootfs, image);
+    // The first VMM holds the lock while it runs; the second must refuse at once.
+    let second: Awaited<ReturnType<typeof runCli>> | undefined;
+    const first = await runCli(['run', '--kernel', fx.bzImage, '--memory', '128M', '--disk', image, '--cmdline', testCmdline('root=/dev/vda')], {
+      drive: (child) => {
+        void (async () => {
+          await new Promise((r) => setTimeout(r, 2000));
+          second = await runCli(['run', '--kernel', fx.bzImage, '--disk', image]);
+          child.kill('SIGTERM');
+        })();
+      },
+    });
+    expect(first.code).toBe(143);
+    expect(second?.code).toBe(1);
+    expect(second?.stderr).toMatch(/in use by another process \(locked\)/);
+  }, BOOT_TIMEOUT_MS);
+});
