@@ -5,7 +5,7 @@ export default defineConfig({
     include: ['tests/**/*.test.ts'],
     // Boot tests run whole guests: on hosts whose KVM emulates guest kernel code
     // a boot takes minutes. Time limits here are hang guards, not speed checks.
-    testTimeout: 15 * 60 * 1000,
+    testTimeout: 20 * 60 * 1000,
     hookTimeout: 20 * 60 * 1000,
     // Two cores: one booted guest per core at most.
     maxWorkers: 2,

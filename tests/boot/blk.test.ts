@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { debugfsCat, makeExt4 } from '../helpers/disk.js';
-import { BOOT_TIMEOUT_MS, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
 const md5 = (b: Uint8Array) => createHash('md5').update(b).digest('hex');
@@ -35,7 +35,7 @@ describe.skipIf(noKvm !== undefined)(`virtio-blk${noKvm ? ` (skipped: ${noKvm})`
         disks: [{ path: data, serial: 'tsvmm-data' }, { path: ro, readonly: true }],
       });
       await guest.waitFor(/TSVMM-INIT-OK/);
-      await guest.waitFor(/# $/m);
+      await guest.waitFor(PROMPT);
 
       // The serial from --disk ...,serial= reaches the guest (GET_ID).
       expect((await guest.run('cat /sys/block/vda/serial')).out.trim()).toBe('tsvmm-data');

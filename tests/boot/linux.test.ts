@@ -4,7 +4,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
-import { BOOT_TIMEOUT_MS, GuestSession, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
 
@@ -21,7 +21,7 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
       });
       expect(guest.vm.boot.kind).toBe('bzimage-host');
       await guest.waitFor(/TSVMM-INIT-OK/);
-      await guest.waitFor(/# $/m);
+      await guest.waitFor(PROMPT);
 
       const hello = await guest.run('echo hello $((6*7))');
       expect(hello.out).toContain('hello 42');

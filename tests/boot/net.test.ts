@@ -8,7 +8,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
-import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
 const isRoot = process.getuid?.() === 0;
@@ -95,7 +95,7 @@ describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (
             const type = (line: string) => child.stdin.write(`${line}\n`);
             void (async () => {
               await until(out, /TSVMM-INIT-OK/);
-              await until(out, /# $/m);
+              await until(out, PROMPT);
               type(`ip addr add ${GUEST_IP}/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address && ping -c 3 ${HOST_IP}; echo "@@PI""NG $?"`);
               await until(out, /@@PING \d/);
               type(`dd if=/dev/urandom of=/tmp/up bs=64k count=64 2>/dev/null; md5sum /tmp/up; nc ${HOST_IP} ${UP_PORT} < /tmp/up; echo "@@U""P $?"`);

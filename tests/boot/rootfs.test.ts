@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
-import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 import { debugfsCat } from '../helpers/disk.js';
 
 const noKvm = kvmUnavailable();
@@ -31,7 +31,7 @@ describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` 
           drive: (child, out) => {
             void (async () => {
               await until(out, /TSVMM-ROOTFS-OK/);
-              await until(out, /# $/m);
+              await until(out, PROMPT);
               child.stdin.write(
                 'cat /proc/1/cmdline; echo; dd if=/dev/urandom of=/crash.bin bs=4096 count=64 2>/dev/null; md5sum /crash.bin; sync; echo "@@SY""NCED"\n',
               );

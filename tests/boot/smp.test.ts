@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
-import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
 /** A hang guard for shutdown, not a speed check: stopping must not hang. */
@@ -24,7 +24,7 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
             const type = (line: string) => child.stdin.write(`${line}\n`);
             void (async () => {
               await until(out, /TSVMM-INIT-OK/);
-              await until(out, /# $/m);
+              await until(out, PROMPT);
               type('echo "@@ON""LINE $(cat /sys/devices/system/cpu/online) $(nproc)"');
               await until(out, /@@ONLINE \S+ \d+/);
               // Each job pinned to one CPU reports the CPU it ran on (field 39 of /proc/self/stat).
@@ -62,7 +62,7 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
           drive: (child, out) => {
             void (async () => {
               await until(out, /TSVMM-INIT-OK/);
-              await until(out, /# $/m);
+              await until(out, PROMPT);
               child.stdin.write('echo "@@ON""LINE $(cat /sys/devices/system/cpu/online) $(nproc)"\n');
               await until(out, /@@ONLINE \S+ \d+/);
               // Let the guest go idle: every vCPU halts in the kernel, inside KVM_RUN.

@@ -1,0 +1,118 @@
+/**
+ * The guest profiler on a real boot: `tsvmm run --profile` samples the
+ * fixture kernel from start to `reboot -f` and writes a report naming
+ * kernel functions from its System.map, with the console timeline. Also
+ * the CLI's refusals, which need no KVM: they happen before the guest runs.
+ */
+import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { ProfileReport } from '../../src/vmm/profiler.js';
+import { fixtures } from '../helpers/fixtures.js';
+import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+
+let dir: string;
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'tsvmm-profile-'));
+});
+afterAll(() => {
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** Exactly one line on stderr, starting with "tsvmm: ". */
+function oneLine(stderr: string): string {
+  const lines = stderr.trim().split('\n');
+  expect(lines).toHaveLength(1);
+  expect(lines[0]).toMatch(/^tsvmm: /);
+  return lines[0]!;
+}
+
+describe('tsvmm run --profile: bad input', () => {
+  it('refuses an unreadable System.map before the guest runs', async () => {
+    const kernel = join(dir, 'vmlinux-dummy');
+    writeFileSync(kernel, 'not run');
+    const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir, 'p.txt'), '--system-map', join(dir, 'missing.map')], { timeoutMs: 60_000 });
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/cannot read System\.map .*missing\.map: no such file; pass the kernel's System\.map with --system-map <path>/);
+    expect(r.stdout).toBe('');
+    expect(existsSync(join(dir, 'p.txt'))).toBe(false);
+  });
+
+  it('refuses a kernel with no System.map next to it', async () => {
+    const kernel = join(dir, 'bzImage');
+    writeFileSync(kernel, 'not run');
+    const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir, 'p.txt')], { timeoutMs: 60_000 });
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/no System\.map next to the kernel .*bzImage .*: pass the kernel's System\.map with --system-map <path>/);
+  });
+
+  it('refuses a rate out of range, and profile options without --profile', async () => {
+    const kernel = join(dir, 'vmlinux-dummy');
+    writeFileSync(kernel, 'not run');
+    let r = await runCli(['run', '--kernel', kernel, '--profile', join(dir, 'p.txt'), '--profile-rate', '5000'], { timeoutMs: 60_000 });
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/--profile-rate must be 1 to 1000 Hz \(got 5000\)/);
+
+    r = await runCli(['run', '--kernel', kernel, '--system-map', join(dir, 'System.map')], { timeoutMs: 60_000 });
+    expect(r.code).toBe(2);
+    expect(oneLine(r.stderr)).toMatch(/only apply to a profile: add --profile <file>/);
+  });
+});
+
+const noKvm = kvmUnavailable();
+
+describe.skipIf(noKvm !== undefined)(`profiling a Linux boot${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
+  it(
+    'samples the boot and names kernel functions from System.map, with the console timeline',
+    async () => {
+      const fx = fixtures();
+      const out = join(dir, 'boot-profile.json');
+      // No --system-map: the fixture's System.map sits next to its vmlinux.
+      const r = await runCli([
+        'run',
+        '--kernel', fx.vmlinux,
+        '--initrd', fx.initramfs,
+        '--memory', '128M',
+        '--cmdline', testCmdline('tsvmm.mode=reboot'),
+        '--profile', out,
+      ]);
+      expect(r.stdout).toContain('TSVMM-INIT-OK');
+      expect(r.code).toBe(0);
+      expect(r.stderr).toBe('');
+
+      const report = JSON.parse(readFileSync(out, 'utf8')) as ProfileReport;
+      expect(report.kernel).toBe(fx.vmlinux);
+      expect(report.symbols.path).toBe(fx.systemMap);
+      expect(report.outcome).toMatch(/^reboot/);
+      expect(report.vcpus).toHaveLength(1);
+      // A boot here takes a minute; even a fast host gives some samples.
+      expect(report.samples).toBeGreaterThan(20);
+      expect(report.vcpus[0]!.samples).toBe(report.samples);
+      expect(report.vcpus[0]!.kicks).toBeGreaterThanOrEqual(report.samples);
+
+      // What the report names are kernel functions from System.map.
+      const textSymbols = new Set(
+        readFileSync(fx.systemMap, 'utf8')
+          .split('\n')
+          .filter((l) => / [tTwW] /.test(l))
+          .map((l) => l.split(' ')[2]),
+      );
+      const kernelFns = report.top.map((row) => row.name).filter((name) => name !== '[user]' && name !== '[unknown]');
+      for (const name of kernelFns) expect(textSymbols.has(name), name).toBe(true);
+      expect(kernelFns.length).toBeGreaterThanOrEqual(10);
+      expect(report.functions).toBeGreaterThanOrEqual(20);
+
+      // The timeline has the guest's console in order, with host times inside the run.
+      const lines = report.timeline.map((l) => l.line);
+      expect(lines.some((l) => l.includes('Linux version'))).toBe(true);
+      const initOk = report.timeline.find((l) => l.line.includes('TSVMM-INIT-OK'));
+      expect(initOk).toBeDefined();
+      expect(initOk!.ms).toBeGreaterThan(0);
+      expect(initOk!.ms).toBeLessThanOrEqual(report.durationMs);
+      for (let i = 1; i < report.timeline.length; i++) expect(report.timeline[i]!.ms).toBeGreaterThanOrEqual(report.timeline[i - 1]!.ms);
+      expect(report.gaps.length).toBeGreaterThan(0);
+    },
+    BOOT_TIMEOUT_MS,
+  );
+});
