@@ -32,24 +32,33 @@ export function encodeRegs(buf: Uint8Array, regs: Partial<Record<RegName, bigint
   });
 }
 
-/** A segment register as KVM describes it (struct kvm_segment). */
+/** A segment register as KVM describes it (struct kvm_segment; flags are 0 or 1). */
 export interface Segment {
   base: bigint | number;
+  /** Byte-granular limit: a G=1 descriptor's 20-bit limit scaled to 32 bits. */
   limit: number;
   selector: number;
+  /** Descriptor type (4 bits): 0xb code execute/read accessed, 0x3 data read/write accessed; with s=0, 0xb is a busy 64-bit TSS. */
   type: number;
   present: number;
   dpl: number;
+  /** D/B: default operand size 32 bits (0 for a 64-bit code segment). */
   db: number;
+  /** 1 for code/data, 0 for system descriptors (TSS, LDT). */
   s: number;
+  /** L: 64-bit code segment. */
   l: number;
+  /** G: the limit counts 4 KiB units. */
   g: number;
   avl: number;
+  /** KVM's "unusable" flag: set for a not-present descriptor. */
   unusable?: number;
 }
 
+/** A descriptor table register (GDTR/IDTR). */
 export interface DescriptorTable {
   base: bigint | number;
+  /** Size in bytes minus one. */
   limit: number;
 }
 

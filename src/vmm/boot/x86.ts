@@ -10,6 +10,7 @@
  * 3.4.5 (segment descriptors) and 7.2.3 (TSS descriptor in 64-bit mode).
  */
 
+import type { DescriptorTable as CpuDescriptorTable, Segment as CpuSegment } from '../cpu.js';
 import type { GuestMemory } from '../memory.js';
 import {
   BOOT_GDT_ENTRIES,
@@ -25,35 +26,14 @@ import {
   MMIO_GAP_START,
 } from '../layout.js';
 
-/** A segment register as KVM's struct kvm_segment holds it (flags are 0 or 1). */
-export interface Segment {
-  base: number;
-  /** Byte-granular limit: a G=1 descriptor's 20-bit limit scaled to 32 bits. */
-  limit: number;
-  selector: number;
-  /** Descriptor type (4 bits): 0xb = code execute/read accessed, 0x3 = data read/write accessed, 0xb with s=0 = busy 64-bit TSS. */
-  type: number;
-  present: number;
-  dpl: number;
-  /** D/B: default operand size 32 bits (must be 0 for a 64-bit code segment). */
-  db: number;
-  /** 1 for code/data, 0 for system descriptors (TSS, LDT). */
-  s: number;
-  /** L: 64-bit code segment. */
-  l: number;
-  /** G: limit counts 4 KiB units. */
-  g: number;
-  avl: number;
-  /** KVM's "unusable" flag: set for a not-present descriptor. */
-  unusable: number;
-}
+/**
+ * A segment register as the boot sets it: the struct kvm_segment fields of
+ * {@link CpuSegment}, with a plain-number base (boot addresses are below 4 GiB).
+ */
+export type Segment = CpuSegment & { base: number; unusable: number };
 
-/** A descriptor table register (GDTR/IDTR). */
-export interface DescriptorTable {
-  base: number;
-  /** Size in bytes minus one. */
-  limit: number;
-}
+/** A descriptor table register (GDTR/IDTR) as the boot sets it. */
+export type DescriptorTable = CpuDescriptorTable & { base: number };
 
 /** General-purpose register values at entry; registers not listed are 0. */
 export interface BootRegisters {
