@@ -9,6 +9,7 @@ import { VirtualMachine, DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize, type VmConf
 import { EXIT_CODES, EXIT_USAGE, type VmOutcome } from './vmm/outcome.js';
 import type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 import { parseDiskOption, parseNetOption } from './vmm/virtio-devices.js';
+import { DEFAULT_PROFILE_RATE_HZ, MAX_PROFILE_RATE_HZ } from './vmm/profiler.js';
 
 /** Ctrl-A, the console escape key (as in QEMU and screen). */
 const ESCAPE = 0x01;
@@ -28,6 +29,10 @@ interface RunOptions {
   stats: boolean;
   name: string;
   kvmDevice: string;
+  profile?: string;
+  systemMap?: string;
+  profileRate?: number;
+  profileFormat?: 'text' | 'json';
 }
 
 function intArg(value: string): number {
@@ -97,6 +102,10 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void): () => void {
 
 async function run(opts: RunOptions): Promise<number> {
   const log = createLogger(opts.logLevel);
+  if (opts.profile === undefined && (opts.systemMap !== undefined || opts.profileRate !== undefined || opts.profileFormat !== undefined)) {
+    process.stderr.write('tsvmm: --system-map, --profile-rate and --profile-format only apply to a profile: add --profile <file>\n');
+    return EXIT_USAGE;
+  }
   const config: VmConfig = {
     kernel: opts.kernel,
     cmdline: opts.cmdline,
@@ -110,6 +119,9 @@ async function run(opts: RunOptions): Promise<number> {
     name: opts.name,
     kvmDevice: opts.kvmDevice,
     logger: log,
+    ...(opts.profile !== undefined
+      ? { profile: { path: opts.profile, systemMap: opts.systemMap, rateHz: opts.profileRate, format: opts.profileFormat } }
+      : {}),
     ...(opts.initrd !== undefined ? { initrd: opts.initrd } : {}),
   };
   let vm: VirtualMachine;
@@ -166,6 +178,10 @@ export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Comman
     .option('--stats', 'print the VM counters as JSON on stderr when it ends', false)
     .option('--name <name>', 'VM name, for logs and stable MAC addresses', 'tsvmm')
     .option('--kvm-device <path>', 'the KVM device to open', '/dev/kvm')
+    .option('--profile <file>', 'sample the guest RIP; when the VM ends, write the hottest guest functions and a console timeline to <file>')
+    .option('--system-map <path>', "the kernel's System.map for --profile (default: a System.map next to the kernel)")
+    .option('--profile-rate <hz>', `samples per second per vCPU for --profile, 1 to ${MAX_PROFILE_RATE_HZ} (default ${DEFAULT_PROFILE_RATE_HZ})`, intArg)
+    .addOption(new Option('--profile-format <format>', 'profile format (default: json for a .json file, else text)').choices(['text', 'json']))
     .action(async (opts: RunOptions) => {
       await onRun(opts);
     });

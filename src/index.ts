@@ -33,3 +33,5 @@ export { EXIT_CODES, type VmOutcome, type OutcomeKind } from './vmm/outcome.js';
 export { KvmError } from './vmm/kvm.js';
 export { BootError } from './vmm/boot/errors.js';
 export { createLogger, type LogLevel } from './log.js';
+export { ProfileError, DEFAULT_PROFILE_RATE_HZ, type ProfileConfig, type ProfileFormat, type ProfileReport } from './vmm/profiler.js';
+export { SymbolTable, type SymbolHit } from './vmm/symbols.js';

@@ -34,6 +34,15 @@ const OPCODE_FWAIT = 0x9b;
 // Clearing xsave also clears everything that depends on it (avx*, xsaveopt...).
 export const EMULATED_HOST_CMDLINE = 'noxsave clearcpuid=popcnt,smap,smep,fsgsbase,rdpid,rdrand,rdseed,bmi1,bmi2,movbe';
 
+/**
+ * Added with more than one vCPU on such hosts. The guest sees the host's
+ * KVM paravirtual feature leaf (CPUID is not virtualised) and sends IPIs
+ * and spinlock kicks by hypercall, which these hosts never complete: the
+ * sending CPU spins in kvm_hypercall4() and the boot hangs while bringing
+ * up the second CPU. `nopv` makes the guest use the APIC instead.
+ */
+export const EMULATED_HOST_SMP_CMDLINE = 'nopv';
+
 export class EmulationFallback {
   /** How often each instruction was handled. */
   readonly counts = new Map<string, number>();

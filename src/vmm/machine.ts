@@ -17,13 +17,14 @@ import { Bus } from './bus.js';
 import { ConsoleStream, ConsoleWatcher } from './console.js';
 import { cpuidForVcpu, parseCpuid } from './cpuid.js';
 import { handleExit, type ExitContext, type GuestStop } from './exits.js';
-import { EMULATED_HOST_CMDLINE, EmulationFallback } from './fallback.js';
+import { EMULATED_HOST_CMDLINE, EMULATED_HOST_SMP_CMDLINE, EmulationFallback } from './fallback.js';
 import { Kvm, VmFd } from './kvm.js';
 import * as layout from './layout.js';
 import { GuestMemory } from './memory.js';
 import { outcome, type VmOutcome } from './outcome.js';
 import { probeHost, type HostProbe } from './probe.js';
 import { Vcpu } from './vcpu.js';
+import { Profiler, type ProfileConfig } from './profiler.js';
 import { loadLinux, type BootInfo } from './boot/loader.js';
 import { prepareInitrd } from './boot/initrd.js';
 import { writeMpTable } from './mptable.js';
@@ -70,6 +71,8 @@ export interface VmConfig {
   logger?: Logger;
   /** Device to open for KVM. Default /dev/kvm. */
   kvmDevice?: string;
+  /** Sample the guest's RIP while it runs and write a profile when it ends (see profiler.ts). */
+  profile?: ProfileConfig;
 }
 
 export type VmConfigErrorKind = 'kernel-unreadable' | 'initrd-unreadable' | 'bad-memory' | 'bad-cpus' | 'bad-option';
@@ -166,6 +169,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private resolveDone!: (o: VmOutcome) => void;
   private started = false;
   private panicSeen = false;
+  private profiler: Profiler | undefined;
 
   private constructor(
     readonly config: Readonly<VmConfig>,
@@ -210,6 +214,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
 
     // Inputs first: a bad path fails before KVM is touched.
     const kernel = await readInput('kernel', config.kernel);
+    const profiler = config.profile ? await Profiler.prepare(config.profile, config.kernel, log.child({ part: 'profiler' })) : undefined;
     let initrd = config.initrd !== undefined ? await readInput('initrd', config.initrd) : undefined;
     if (initrd && config.initrdInflate !== false) {
       const prepared = prepareInitrd(initrd);
@@ -244,7 +249,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       const mmioBus = new Bus('mmio');
       let vmRef: VirtualMachine | undefined;
       const consoleStream = new ConsoleStream((bytes) => serial.enqueueInput(bytes));
-      const watcher = new ConsoleWatcher((event, line) => vmRef?.onConsoleEvent(event, line));
+      const watcher = new ConsoleWatcher((event, line) => vmRef?.onConsoleEvent(event, line), (line) => vmRef?.profiler?.consoleLine(line));
       const serial = new Serial16550({
         irq: irq(layout.COM1_IRQ),
         output: (bytes) => {
@@ -283,6 +288,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       // --- command line and kernel ---
       const parts = [config.cmdline ?? DEFAULT_CMDLINE, ...virtio.cmdlineFragments];
       if (fallbackOn) parts.push(EMULATED_HOST_CMDLINE);
+      if (fallbackOn && cpus > 1) parts.push(EMULATED_HOST_SMP_CMDLINE);
       const cmdline = parts.filter((p) => p.length > 0).join(' ');
       const boot = await loadLinux(mem, { kernel, initrd, cmdline, mode: config.bootMode ?? 'auto' });
       // Also for one CPU: the MP table is how a kernel without ACPI finds the IOAPIC.
@@ -307,6 +313,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
 
       const machine = new VirtualMachine(config, kvm, vm, mem, vcpus, boot, host, cmdline, pio, mmioBus, serial, pit, virtio, irqCounter, consoleStream, log);
       vmRef = machine;
+      machine.profiler = profiler;
       return machine;
     } catch (err) {
       vm.close();
@@ -340,6 +347,11 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
         onError: (err) => this.finish(outcome('error', err.message, err)),
       });
     });
+    if (this.profiler) {
+      this.profiler.start(this.vcpus);
+      // 'exit' is emitted after every vCPU stopped and before wait() resolves.
+      this.once('exit', (result) => this.profiler?.finish(result));
+    }
   }
 
   /** Resolves with the outcome once the VM has ended and every vCPU thread has stopped. */

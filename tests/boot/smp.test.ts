@@ -29,7 +29,7 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
               await until(out, /@@ONLINE \S+ \d+/);
               // Each job pinned to one CPU reports the CPU it ran on (field 39 of /proc/self/stat).
               type(
-                `for c in 0 1; do taskset -c $c sh -c 'i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; echo "@@JOB $c ran-on $(cut -d" " -f39 /proc/self/stat)"' & done; wait`,
+                `for c in 0 1; do taskset -c $c sh -c 'i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; echo "@@JOB $0 ran-on $(cut -d" " -f39 /proc/self/stat)"' $c & done; wait`,
               );
               await until(out, /@@JOB 0 ran-on \d[\s\S]*@@JOB 1 ran-on \d|@@JOB 1 ran-on \d[\s\S]*@@JOB 0 ran-on \d/);
               type('for c in 0 1; do taskset -c $c sh -c "while :; do :; done" & done; echo "@@BU""SY"');

@@ -20,7 +20,7 @@ import {
   type ProfileReport,
   type SampledVcpu,
 } from '../../src/vmm/profiler.js';
-import { SymbolTable, UNKNOWN_SYMBOL, USER_SYMBOL } from '../../src/vmm/symbols.js';
+import { REAL_MODE_SYMBOL, SymbolTable, UNKNOWN_SYMBOL, USER_SYMBOL } from '../../src/vmm/symbols.js';
 import { fixtures } from '../helpers/fixtures.js';
 
 const MAP = `
@@ -78,7 +78,13 @@ describe('SymbolTable', () => {
   it('groups user-space RIPs as [user]', () => {
     expect(table.lookup(0x401000n)).toEqual({ name: USER_SYMBOL, offset: 0 });
     expect(table.lookup(0x7fff_ffff_ffffn).name).toBe(USER_SYMBOL);
-    expect(table.lookup(0n).name).toBe(USER_SYMBOL);
+    expect(table.lookup(0x10_0000n).name).toBe(USER_SYMBOL);
+  });
+
+  it('groups the first MiB as [real mode]: a parked vCPU is not user time', () => {
+    expect(table.lookup(0xfff0n)).toEqual({ name: REAL_MODE_SYMBOL, offset: 0 }); // the reset vector
+    expect(table.lookup(0x9a000n).name).toBe(REAL_MODE_SYMBOL); // a trampoline
+    expect(table.lookup(0n).name).toBe(REAL_MODE_SYMBOL);
   });
 
   it('does not stretch the last function over data, padding or the end of text', () => {
@@ -202,7 +208,7 @@ describe('report formats', () => {
 
   function sample(cpus: number[]): ProfileReport {
     const r = new ProfileRecorder(table, cpus);
-    for (const cpu of cpus) r.addSamples(cpu, [A(0x400), A(0x400), A(0x500), 0x1000n]);
+    for (const cpu of cpus) r.addSamples(cpu, [A(0x400), A(0x400), A(0x500), 0x401000n]);
     r.addLine(12_345, 'Run /init as init process');
     r.addLine(13_000, 'TSVMM-INIT-OK');
     return r.report({ kernel: '/k/vmlinux', symbolsPath: '/k/System.map', rateHz: 99, durationMs: 14_000, outcome: 'reboot: guest rebooted' });
