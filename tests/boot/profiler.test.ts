@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ProfileReport } from '../../src/vmm/profiler.js';
 import { fixtures } from '../helpers/fixtures.js';
-import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline, oneLine } from '../helpers/guest.js';
 
 let dir: string;
 beforeAll(() => {
@@ -19,14 +19,6 @@ beforeAll(() => {
 afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
 });
-
-/** Exactly one line on stderr, starting with "tsvmm: ". */
-function oneLine(stderr: string): string {
-  const lines = stderr.trim().split('\n');
-  expect(lines).toHaveLength(1);
-  expect(lines[0]).toMatch(/^tsvmm: /);
-  return lines[0]!;
-}
 
 describe('tsvmm run --profile: bad input', () => {
   it('refuses an unreadable System.map before the guest runs', async () => {

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
-import { runCli } from '../helpers/guest.js';
+import { runCli, oneLine } from '../helpers/guest.js';
 
 let dir: string;
 beforeAll(() => {
@@ -17,14 +17,6 @@ beforeAll(() => {
 afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
 });
-
-/** Exactly one line on stderr, starting with "tsvmm: ". */
-function oneLine(stderr: string): string {
-  const lines = stderr.trim().split('\n');
-  expect(lines).toHaveLength(1);
-  expect(lines[0]).toMatch(/^tsvmm: /);
-  return lines[0]!;
-}
 
 describe('tsvmm run: bad input', () => {
   it('refuses a missing kernel', async () => {
