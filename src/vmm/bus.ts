@@ -33,6 +33,8 @@ export class Bus {
   private ranges: BusRange[] = [];
   /** Accesses that hit no device, by address. */
   readonly unhandled = new Map<number, number>();
+  /** Accesses each device range served, by range name. */
+  readonly accesses = new Map<string, number>();
 
   constructor(readonly name: string) {}
 
@@ -74,6 +76,7 @@ export class Bus {
       this.countUnhandled(addr);
       return false;
     }
+    this.accesses.set(r.name, (this.accesses.get(r.name) ?? 0) + 1);
     r.device.read(addr - r.base, data);
     return true;
   }
@@ -85,6 +88,7 @@ export class Bus {
       this.countUnhandled(addr);
       return false;
     }
+    this.accesses.set(r.name, (this.accesses.get(r.name) ?? 0) + 1);
     r.device.write(addr - r.base, data);
     return true;
   }

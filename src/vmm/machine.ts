@@ -141,6 +141,9 @@ class KvmIrqLine implements IrqLine {
 /** Counters for a whole VM; the library exposes them through {@link VirtualMachine.stats}. */
 export interface VmStats {
   exits: Record<string, number>;
+  /** Port and MMIO accesses by device range (the exits each device cost). */
+  pio: Record<string, number>;
+  mmio: Record<string, number>;
   /** Port and MMIO accesses that hit no device, by address. */
   unhandledPio: Record<string, number>;
   unhandledMmio: Record<string, number>;
@@ -372,6 +375,8 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     const hexKeys = (m: Map<number, number>) => Object.fromEntries([...m].map(([k, v]) => [`0x${k.toString(16)}`, v]));
     return {
       exits: Object.fromEntries(this.exitCounts),
+      pio: Object.fromEntries(this.pio.accesses),
+      mmio: Object.fromEntries(this.mmio.accesses),
       unhandledPio: hexKeys(this.pio.unhandled),
       unhandledMmio: hexKeys(this.mmio.unhandled),
       irqsInjected: this.irqCounter.irqs,

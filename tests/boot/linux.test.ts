@@ -41,6 +41,8 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
       expect(serial.bytesIn).toBeGreaterThan(0);
       expect(stats.exits.io).toBeGreaterThan(0);
       expect(stats.irqsInjected).toBeGreaterThan(0);
+      // Each byte out is a THR write: at least as many COM1 accesses as bytes.
+      expect(stats.pio.com1).toBeGreaterThanOrEqual(serial.bytesOut);
 
       const outcome = await guest.finish('reboot -f');
       expect(outcome.kind).toBe('reboot');

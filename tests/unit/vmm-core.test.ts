@@ -70,6 +70,7 @@ describe('exit decoding', () => {
     expect(handleExit(exit, c).kind).toBe('continue');
     // String I/O: three one-byte writes, in order.
     expect(c.pioDev.writes).toEqual([[0, [0x61]], [0, [0x62]], [0, [0x63]]]);
+    expect(c.pio.accesses.get('com1')).toBe(3);
   });
 
   it('answers a port read from the device, in place in kvm_run', () => {
