@@ -10,7 +10,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ProfileReport } from '../../src/vmm/profiler.js';
 import { fixtures } from '../helpers/fixtures.js';
-import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline, oneLine } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { oneLine } from '../helpers/assert.js';
 
 let dir: string;
 beforeAll(() => {

@@ -8,7 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
-import { runCli, oneLine } from '../helpers/guest.js';
+import { runCli } from '../helpers/guest.js';
+import { oneLine } from '../helpers/assert.js';
 
 let dir: string;
 beforeAll(() => {

@@ -6,7 +6,6 @@
  */
 import { spawn } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
-import { expect } from 'vitest';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createVm, type VmConfig, type VmOutcome } from '../../src/index.js';
@@ -119,14 +118,6 @@ export class GuestSession {
     this.vm.console.write(`${command}\n`);
     return this.outcome;
   }
-}
-
-/** Asserts stderr is exactly one line starting with "tsvmm: ", and returns it. */
-export function oneLine(stderr: string): string {
-  const lines = stderr.trim().split('\n');
-  expect(lines).toHaveLength(1);
-  expect(lines[0]).toMatch(/^tsvmm: /);
-  return lines[0]!;
 }
 
 export interface CliResult {
