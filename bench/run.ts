@@ -10,15 +10,37 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { boot } from './boot.js';
-import { exitLoop } from './exit-loop.js';
 import type { Benchmark, BenchContext, BenchResult, OptionSpec } from './lib/benchmark.js';
 import { hostFacts } from './lib/host.js';
 import { round, secondsSince } from './lib/stats.js';
 import { renderTable } from './lib/table.js';
 
-/** Every benchmark, in the order they run. Add new modules here. */
-const BENCHMARKS: readonly Benchmark[] = [exitLoop, boot];
+/** Every benchmark module, in the order they run. Add new modules here. */
+const MODULES: ReadonlyArray<{ name: string; file: string; load: () => Promise<Benchmark> }> = [
+  { name: 'exit-loop', file: 'bench/exit-loop.ts', load: async () => (await import('./exit-loop.js')).exitLoop },
+  { name: 'boot', file: 'bench/boot.ts', load: async () => (await import('./boot.js')).boot },
+  { name: 'disk', file: 'bench/disk.ts', load: async () => (await import('./disk.js')).disk },
+  { name: 'net', file: 'bench/net.ts', load: async () => (await import('./net.js')).netThroughput },
+  { name: 'smp', file: 'bench/smp.ts', load: async () => (await import('./smp.js')).smp },
+  { name: 'profiler', file: 'bench/profiler.ts', load: async () => (await import('./profiler.js')).profilerOverhead },
+];
+
+/** Modules that failed to load: each takes only itself down (and is reported), not the whole runner. */
+const BROKEN: Array<{ name: string; file: string; error: string }> = [];
+
+async function loadBenchmarks(): Promise<Benchmark[]> {
+  const loaded: Benchmark[] = [];
+  for (const m of MODULES) {
+    try {
+      loaded.push(await m.load());
+    } catch (err) {
+      BROKEN.push({ name: m.name, file: m.file, error: err instanceof Error ? (err.message.split('\n')[0] ?? err.message) : String(err) });
+    }
+  }
+  return loaded;
+}
+
+const BENCHMARKS: readonly Benchmark[] = await loadBenchmarks();
 
 const REPO = join(dirname(fileURLToPath(import.meta.url)), '..');
 const OUT_DIR = join(REPO, 'bench', 'out');
@@ -66,6 +88,7 @@ function parseArgs(argv: readonly string[]): Args {
 }
 
 function usage(): string {
+  const optionWidth = Math.max(22, ...allOptions().map((o) => o.name.length + 8));
   const lines = [
     'usage: npm run bench -- [--quick] [--list] [NAME...] [--only NAME,...] [OPTIONS]',
     '',
@@ -77,13 +100,15 @@ function usage(): string {
     ...BENCHMARKS.map((b) => `  ${b.name.padEnd(10)} ${b.slow ? '(slow) ' : ''}${b.description}`),
     '',
     'options (command line, else environment variable, else default):',
-    ...allOptions().map((o) => `  --${o.name} V`.padEnd(22) + `${o.description} [${o.env ? `$${o.env}, ` : ''}default ${o.default}]`),
+    ...allOptions().map((o) => `  --${o.name} V`.padEnd(optionWidth) + `${o.description} [${o.env ? `$${o.env}, ` : ''}default ${o.default}]`),
   ];
   return lines.join('\n');
 }
 
 function select(args: Args): Benchmark[] {
   for (const n of args.names) {
+    const broken = BROKEN.find((b) => b.name === n);
+    if (broken) throw new UsageError(`benchmark "${n}" cannot be loaded (${broken.file}): ${broken.error}`);
     if (!BENCHMARKS.some((b) => b.name === n)) throw new UsageError(`unknown benchmark "${n}" (known: ${BENCHMARKS.map((b) => b.name).join(', ')})`);
   }
   let chosen = args.names.length > 0 ? BENCHMARKS.filter((b) => args.names.includes(b.name)) : [...BENCHMARKS];
@@ -160,8 +185,12 @@ async function main(): Promise<number> {
   }
   if (args.list) {
     for (const b of BENCHMARKS) process.stdout.write(`${b.name}\t${b.slow ? 'slow' : 'quick'}\t${b.description}\n`);
-    return 0;
+    for (const b of BROKEN) process.stdout.write(`${b.name}\tbroken\tcannot be loaded (${b.file}): ${b.error}\n`);
+    return BROKEN.length > 0 ? 1 : 0;
   }
+  // Running everything: a module that cannot be loaded is a failure of this run, reported, not skipped silently.
+  const unloadable = args.names.length === 0 ? BROKEN : [];
+  for (const b of unloadable) process.stderr.write(`bench: ${b.name} cannot be loaded (${b.file}): ${b.error}\n`);
   if (chosen.length === 0) {
     process.stderr.write('bench: nothing selected\n');
     return 2;
@@ -180,6 +209,11 @@ async function main(): Promise<number> {
 
   const records: BenchRecord[] = [];
   let failed = false;
+  for (const b of unloadable) {
+    failed = true;
+    records.push({ name: b.name, description: `cannot be loaded (${b.file})`, options: {}, startedAt: startedAt.toISOString(), durationS: 0, error: b.error });
+    process.stdout.write(`\n${b.name}: FAILED to load ${b.file}: ${b.error}\n`);
+  }
   for (const bench of chosen) {
     const values = resolveOptions(bench, args);
     const t0 = process.hrtime.bigint();

@@ -96,7 +96,7 @@ export class GuestSession {
    * The end marker is split in the typed line so the echo of the command
    * never matches it.
    */
-  async run(command: string, timeoutMs = 5 * 60 * 1000): Promise<{ out: string; status: number }> {
+  async run(command: string, timeoutMs = BOOT_TIMEOUT_MS): Promise<{ out: string; status: number }> {
     const n = ++this.seq;
     const from = this.output.length;
     this.vm.console.write(`${command}; echo "@@EN""D${n} $?"\n`);
