@@ -6,8 +6,7 @@
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
-import { Kvm } from '../../src/vmm/kvm.js';
-import { probeHost } from '../../src/vmm/probe.js';
+import { probeHostOnce } from '../../src/vmm/probe.js';
 
 export interface HostFacts {
   kernelRelease: string;
@@ -48,12 +47,7 @@ function gitState(cwd: string): HostFacts['git'] {
 export function hostFacts(repo: string): HostFacts {
   let emulationGaps: HostFacts['emulationGaps'];
   try {
-    const kvm = Kvm.open();
-    try {
-      emulationGaps = probeHost(kvm).emulationGaps;
-    } finally {
-      kvm.close();
-    }
+    emulationGaps = probeHostOnce().emulationGaps;
   } catch (err) {
     emulationGaps = { error: (err as Error).message };
   }

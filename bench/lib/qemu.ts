@@ -12,8 +12,7 @@
  * not written yet: the row says so rather than pretending.
  */
 import { execFileSync } from 'node:child_process';
-import { Kvm } from '../../src/vmm/kvm.js';
-import { probeHost } from '../../src/vmm/probe.js';
+import { probeHostOnce } from '../../src/vmm/probe.js';
 import type { Row } from './benchmark.js';
 
 export interface QemuCheck {
@@ -37,12 +36,7 @@ export function checkQemu(): QemuCheck {
   }
   let emulationGaps: QemuCheck['emulationGaps'];
   try {
-    const kvm = Kvm.open();
-    try {
-      emulationGaps = probeHost(kvm).emulationGaps;
-    } finally {
-      kvm.close();
-    }
+    emulationGaps = probeHostOnce().emulationGaps;
   } catch (err) {
     emulationGaps = { error: (err as Error).message };
   }

@@ -6,7 +6,7 @@
 import type { Logger } from '../log.js';
 import { ExitReason, KVM_INTERNAL_ERROR_EMULATION, decodeExit } from './exits.js';
 import type { Kvm, VmFd } from './kvm.js';
-import { VmFd as VmFdClass } from './kvm.js';
+import { Kvm as KvmClass, VmFd as VmFdClass } from './kvm.js';
 import { GuestMemory } from './memory.js';
 import { Vcpu, type CpuidEntry } from './vcpu.js';
 
@@ -87,6 +87,16 @@ export function probeHost(kvm: Kvm, log?: Logger): HostProbe {
     }
   }
   return { emulationGaps };
+}
+
+/** Opens KVM, probes the host as {@link probeHost} does, and closes KVM again. */
+export function probeHostOnce(device?: string, log?: Logger): HostProbe {
+  const kvm = KvmClass.open(device);
+  try {
+    return probeHost(kvm, log);
+  } finally {
+    kvm.close();
+  }
 }
 
 /** Real-mode code that does `out 0x511, al` `n` times (n < 2^32) and then `hlt`. */

@@ -11,8 +11,7 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Kvm } from '../../src/vmm/kvm.js';
-import { probeHost } from '../../src/vmm/probe.js';
+import { probeHostOnce } from '../../src/vmm/probe.js';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 
@@ -25,12 +24,7 @@ const NS = `tsvmm-net-${process.pid}`;
 /** Bytes each way: smaller where guest kernel code is emulated (see above). */
 function transferSize(): number {
   if (noKvm !== undefined) return 0;
-  const kvm = Kvm.open();
-  try {
-    return probeHost(kvm).emulationGaps.length > 0 ? 1 << 20 : 4 << 20;
-  } finally {
-    kvm.close();
-  }
+  return probeHostOnce().emulationGaps.length > 0 ? 1 << 20 : 4 << 20;
 }
 const HOST_IP = '10.0.2.1';
 const GUEST_IP = '10.0.2.15';
