@@ -20,9 +20,9 @@ import { createVm, type BootMode } from '../src/index.js';
 import { fixtures } from '../tests/helpers/fixtures.js';
 import { testCmdline } from '../tests/helpers/guest.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
+import { timeBoot } from './lib/boot-timer.js';
 import { median, round, secondsSince } from './lib/stats.js';
 
-const INIT_MARKER = 'TSVMM-INIT-OK';
 const MEMORY = '128M';
 
 type BootCase = 'host' | 'classic' | 'elf';
@@ -77,24 +77,7 @@ async function bootOnce(c: BootCase, run: number, cmdline: string, timeoutS: num
   const vm = await createVm({ kernel, initrd: fixtures().initramfs, cmdline, memory: MEMORY, bootMode, name: `bench-${c}` });
   const createS = secondsSince(t0);
 
-  let output = '';
-  let firstOutput: bigint | undefined;
-  let initAt: bigint | undefined;
-  vm.console.on('data', (chunk: Buffer) => {
-    const now = process.hrtime.bigint();
-    firstOutput ??= now;
-    // Search only the new text plus enough of the old to catch a marker split across chunks.
-    const from = Math.max(0, output.length - INIT_MARKER.length);
-    output += chunk.toString('latin1');
-    if (initAt === undefined && output.indexOf(INIT_MARKER, from) >= 0) initAt = now;
-  });
-  const start = process.hrtime.bigint();
-  vm.start();
-  // A hang guard, not a speed check: a stuck guest must not stall the whole run.
-  const guard = setTimeout(() => void vm.stop(`bench: no end after ${timeoutS} s`), timeoutS * 1000);
-  const outcome = await vm.wait();
-  const end = process.hrtime.bigint();
-  clearTimeout(guard);
+  const timed = await timeBoot(vm, timeoutS);
   const stats = vm.stats();
   return {
     case: c,
@@ -103,16 +86,16 @@ async function bootOnce(c: BootCase, run: number, cmdline: string, timeoutS: num
     kernel,
     cmdline: vm.cmdline,
     createS: round(createS, 3),
-    firstOutputS: firstOutput === undefined ? null : round(secondsSince(start, firstOutput), 3),
-    initS: initAt === undefined ? null : round(secondsSince(start, initAt), 3),
-    endS: round(secondsSince(start, end), 3),
-    outcome: outcome.kind,
-    outcomeMessage: outcome.message,
+    firstOutputS: timed.firstOutputS,
+    initS: timed.initS,
+    endS: timed.endS,
+    outcome: timed.outcome.kind,
+    outcomeMessage: timed.outcome.message,
     exits: stats.exits,
     emulationFallback: stats.emulationFallback,
     loadAverageBefore,
     loadAverageAfter: os.loadavg().map((x) => round(x, 2)),
-    consoleTail: output.slice(-1500),
+    consoleTail: timed.output.slice(-1500),
   };
 }
 

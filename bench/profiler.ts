@@ -20,9 +20,9 @@ import type { ProfileReport } from '../src/vmm/profiler.js';
 import { fixtures } from '../tests/helpers/fixtures.js';
 import { testCmdline } from './lib/guest.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
+import { timeBoot } from './lib/boot-timer.js';
 import { median, round, secondsSince } from './lib/stats.js';
 
-const INIT_MARKER = 'TSVMM-INIT-OK';
 const MEMORY = '128M';
 
 /** 0 = profiler off. */
@@ -56,20 +56,7 @@ async function bootOnce(rateHz: Rate, run: number, dir: string, cmdline: string,
     ...(rateHz > 0 ? { profile: { path, rateHz, systemMap: fx.systemMap, format: 'json' as const } } : {}),
   });
   const createS = secondsSince(t0);
-  let output = '';
-  let initAt: bigint | undefined;
-  vm.console.on('data', (chunk: Buffer) => {
-    const now = process.hrtime.bigint();
-    const from = Math.max(0, output.length - INIT_MARKER.length);
-    output += chunk.toString('latin1');
-    if (initAt === undefined && output.indexOf(INIT_MARKER, from) >= 0) initAt = now;
-  });
-  const start = process.hrtime.bigint();
-  vm.start();
-  const guard = setTimeout(() => void vm.stop(`bench: no end after ${timeoutS} s`), timeoutS * 1000);
-  const outcome = await vm.wait();
-  const end = process.hrtime.bigint();
-  clearTimeout(guard);
+  const timed = await timeBoot(vm, timeoutS);
 
   let profile: BootRun['profile'];
   if (rateHz > 0) {
@@ -92,10 +79,10 @@ async function bootOnce(rateHz: Rate, run: number, dir: string, cmdline: string,
     rateHz,
     run,
     createS: round(createS, 3),
-    initS: initAt === undefined ? null : round(secondsSince(start, initAt), 3),
-    endS: round(secondsSince(start, end), 3),
-    outcome: outcome.kind,
-    outcomeMessage: outcome.message,
+    initS: timed.initS,
+    endS: timed.endS,
+    outcome: timed.outcome.kind,
+    outcomeMessage: timed.outcome.message,
     exits: vm.stats().exits,
     ...(profile ? { profile } : {}),
     loadAverageBefore,
