@@ -315,6 +315,50 @@ Napi::Value IrqFd(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// struct kvm_irq_routing ends in a zero-length array: define the ioctl from
+// the C layout (an 8-byte header), as for kvm_cpuid2.
+struct IrqRoutingHeader {
+  uint32_t nr;
+  uint32_t flags;
+};
+static_assert(sizeof(IrqRoutingHeader) == 8 && sizeof(kvm_irq_routing_entry) == 48, "routing sizes");
+constexpr unsigned long kSetGsiRouting = _IOW(KVMIO, 0x6a, IrqRoutingHeader);
+
+// KVM_SET_GSI_ROUTING: `buf` is a struct kvm_irq_routing laid out by
+// TypeScript; its length must match the entry count in its header.
+Napi::Value SetGsiRouting(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Bytes b = ArgBytes(info, 1);
+  if (b.length < sizeof(IrqRoutingHeader)) ThrowType(env, "routing buffer too small");
+  IrqRoutingHeader h;
+  memcpy(&h, b.data, sizeof h);
+  if (b.length != sizeof(IrqRoutingHeader) + static_cast<size_t>(h.nr) * sizeof(kvm_irq_routing_entry))
+    ThrowType(env, "routing buffer length does not match its entry count");
+  // Safe: the buffer holds exactly the header plus nr entries (checked above).
+  Ioctl(env, ArgInt(info, 0), kSetGsiRouting, b.data, "KVM_SET_GSI_ROUTING");
+  return env.Undefined();
+}
+
+// KVM_SIGNAL_MSI: one message (address, data) injected now.
+Napi::Value SignalMsi(const Napi::CallbackInfo& info) {
+  kvm_msi msi = {};
+  uint64_t address = ArgU64(info, 1);
+  msi.address_lo = static_cast<uint32_t>(address);
+  msi.address_hi = static_cast<uint32_t>(address >> 32);
+  msi.data = static_cast<uint32_t>(ArgU64(info, 2));
+  // KVM_SIGNAL_MSI returns >0 when delivered, 0 when the guest blocked it.
+  return Napi::Number::New(info.Env(), Ioctl(info.Env(), ArgInt(info, 0), KVM_SIGNAL_MSI, &msi, "KVM_SIGNAL_MSI"));
+}
+
+// KVM_ENABLE_CAP on a VM or vCPU fd, with args[0].
+Napi::Value EnableCap(const Napi::CallbackInfo& info) {
+  kvm_enable_cap cap = {};
+  cap.cap = ArgInt(info, 1);
+  cap.args[0] = ArgU64(info, 2);
+  Ioctl(info.Env(), ArgInt(info, 0), KVM_ENABLE_CAP, &cap, "KVM_ENABLE_CAP");
+  return info.Env().Undefined();
+}
+
 Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VCPU, ArgInt(info, 1), "KVM_CREATE_VCPU"));
 }
@@ -322,17 +366,55 @@ Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
 // ---------------------------------------------------------------------------
 // Mappings exposed as ArrayBuffers
 
+// A mapping is released either by unmap() or by the garbage collector,
+// whichever comes first. The finalizer only unmaps what unmap() has not.
 struct Mapping {
   void* addr;
   size_t size;
 };
 
+std::mutex mappingsMutex;
+std::map<void*, Mapping*> mappings;
+
 Napi::Value ExternalMapping(Napi::Env env, void* addr, size_t size) {
   auto* m = new Mapping{addr, size};
+  {
+    std::lock_guard<std::mutex> lock(mappingsMutex);
+    mappings[addr] = m;
+  }
   return Napi::ArrayBuffer::New(env, addr, size, [](Napi::Env, void*, Mapping* hint) {
-    munmap(hint->addr, hint->size);
+    {
+      std::lock_guard<std::mutex> lock(mappingsMutex);
+      auto it = mappings.find(hint->addr);
+      if (it != mappings.end() && it->second == hint) mappings.erase(it);
+    }
+    if (hint->addr != nullptr) munmap(hint->addr, hint->size);
     delete hint;
   }, m);
+}
+
+// Unmaps an ArrayBuffer made by ExternalMapping now and detaches it, so
+// every view of it reads as empty instead of touching freed memory. A
+// kvm_run mapping holds a reference on its vCPU (and so its VM): closing
+// the fds alone leaves the VM alive until the collector runs.
+Napi::Value Unmap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArrayBuffer()) ThrowType(env, "argument 0 must be an ArrayBuffer from a tsvmm mapping");
+  Napi::ArrayBuffer ab = info[0].As<Napi::ArrayBuffer>();
+  void* addr = ab.Data();
+  Mapping* m = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mappingsMutex);
+    auto it = mappings.find(addr);
+    if (it == mappings.end()) return env.Undefined();  // already unmapped, or not ours
+    m = it->second;
+    mappings.erase(it);
+  }
+  ab.Detach();
+  munmap(m->addr, m->size);
+  // The finalizer still runs later and frees m; it must not unmap again.
+  m->addr = nullptr;
+  return env.Undefined();
 }
 
 Napi::Value AllocGuestMemory(const Napi::CallbackInfo& info) {
@@ -914,6 +996,18 @@ Napi::Object Layout(Napi::Env env) {
   l.Set("msrsHeaderSize", Napi::Number::New(env, sizeof(MsrsHeader)));
   l.Set("msrEntrySize", Napi::Number::New(env, sizeof(kvm_msr_entry)));
   l.Set("mpStateSize", Napi::Number::New(env, sizeof(kvm_mp_state)));
+  Napi::Object rt = Napi::Object::New(env);
+  rt.Set("headerSize", Napi::Number::New(env, sizeof(IrqRoutingHeader)));
+  rt.Set("entrySize", Napi::Number::New(env, sizeof(kvm_irq_routing_entry)));
+  rt.Set("gsi", Napi::Number::New(env, offsetof(kvm_irq_routing_entry, gsi)));
+  rt.Set("type", Napi::Number::New(env, offsetof(kvm_irq_routing_entry, type)));
+  rt.Set("flags", Napi::Number::New(env, offsetof(kvm_irq_routing_entry, flags)));
+  rt.Set("irqchip", Napi::Number::New(env, offsetof(kvm_irq_routing_entry, u.irqchip.irqchip)));
+  rt.Set("pin", Napi::Number::New(env, offsetof(kvm_irq_routing_entry, u.irqchip.pin)));
+  rt.Set("msiAddressLo", Napi::Number::New(env, offsetof(kvm_irq_routing_entry, u.msi.address_lo)));
+  rt.Set("msiAddressHi", Napi::Number::New(env, offsetof(kvm_irq_routing_entry, u.msi.address_hi)));
+  rt.Set("msiData", Napi::Number::New(env, offsetof(kvm_irq_routing_entry, u.msi.data)));
+  l.Set("irqRouting", rt);
   return l;
 }
 
@@ -934,7 +1028,10 @@ Napi::Object Constants(Napi::Env env) {
   C(KVM_CAP_NR_VCPUS) C(KVM_CAP_MAX_VCPUS) C(KVM_CAP_NR_MEMSLOTS) C(KVM_CAP_PIT2) C(KVM_CAP_IOEVENTFD)
   C(KVM_CAP_IRQFD) C(KVM_CAP_SET_IDENTITY_MAP_ADDR) C(KVM_CAP_IMMEDIATE_EXIT) C(KVM_CAP_VCPU_EVENTS)
   C(KVM_CAP_SYNC_REGS) C(KVM_CAP_IRQ_ROUTING) C(KVM_CAP_ADJUST_CLOCK) C(KVM_CAP_TSC_CONTROL)
-  C(KVM_CAP_X86_ROBUST_SINGLESTEP)
+  C(KVM_CAP_X86_ROBUST_SINGLESTEP) C(KVM_CAP_SIGNAL_MSI) C(KVM_CAP_PMU_CAPABILITY)
+  C(KVM_PMU_CAP_DISABLE)
+  C(KVM_IRQ_ROUTING_IRQCHIP) C(KVM_IRQ_ROUTING_MSI)
+  C(KVM_IRQCHIP_PIC_MASTER) C(KVM_IRQCHIP_PIC_SLAVE) C(KVM_IRQCHIP_IOAPIC)
   C(KVM_MEM_LOG_DIRTY_PAGES) C(KVM_MEM_READONLY)
   C(KVM_IOEVENTFD_FLAG_DATAMATCH) C(KVM_IOEVENTFD_FLAG_PIO) C(KVM_IOEVENTFD_FLAG_DEASSIGN)
   C(KVM_IRQFD_FLAG_DEASSIGN)
@@ -969,6 +1066,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   F("ioeventfd", IoEventFd)
   F("irqfd", IrqFd)
   F("createVcpu", CreateVcpu)
+  F("setGsiRouting", SetGsiRouting)
+  F("signalMsi", SignalMsi)
+  F("enableCap", EnableCap)
+  F("unmap", Unmap)
   F("allocGuestMemory", AllocGuestMemory)
   F("mapVcpuRun", MapVcpuRun)
   F("getRegs", GetRegs)

@@ -130,6 +130,19 @@ export interface NativeLayout {
   msrEntrySize: number;
   /** struct kvm_mp_state */
   mpStateSize: number;
+  /** struct kvm_irq_routing (header nr u32, flags u32) and struct kvm_irq_routing_entry */
+  irqRouting: {
+    headerSize: number;
+    entrySize: number;
+    gsi: number;
+    type: number;
+    flags: number;
+    irqchip: number;
+    pin: number;
+    msiAddressLo: number;
+    msiAddressHi: number;
+    msiData: number;
+  };
 }
 
 /** What a vCPU thread reports to its exit callback. */
@@ -200,6 +213,19 @@ export interface NativeAddon {
   allocGuestMemory(size: number): ArrayBuffer;
   /** mmap of the vCPU's kvm_run area; unmapped when collected. */
   mapVcpuRun(vcpuFd: number, size: number): ArrayBuffer;
+  /**
+   * Unmaps a buffer from allocGuestMemory or mapVcpuRun now and detaches it
+   * (its views become empty). A second call, or a buffer not from the
+   * addon, does nothing.
+   */
+  unmap(buffer: ArrayBuffer): void;
+
+  /** KVM_SET_GSI_ROUTING with a struct kvm_irq_routing laid out as {@link NativeLayout.irqRouting} says. */
+  setGsiRouting(vmFd: number, routing: Uint8Array): void;
+  /** KVM_SIGNAL_MSI: injects one message; returns >0 if delivered, 0 if the guest blocked it. */
+  signalMsi(vmFd: number, address: bigint | number, data: number): number;
+  /** KVM_ENABLE_CAP with args[0] = `arg0`, on a VM or vCPU fd. */
+  enableCap(fd: number, cap: number, arg0: number): void;
 
   /**
    * vCPU struct ioctls. Each takes a buffer of exactly the struct's size

@@ -260,7 +260,14 @@ export class Vcpu {
     return this.stopped;
   }
 
+  /**
+   * Closes the vCPU and unmaps its kvm_run at once: the mapping holds a
+   * reference on the VM, which would otherwise live on (with its debugfs
+   * directory) until the garbage collector freed the buffer. Call only when
+   * the vCPU thread has stopped (or never started).
+   */
   close(): void {
     this.addon.close(this.fd);
+    this.addon.unmap(this.run);
   }
 }
