@@ -15,19 +15,9 @@ import type { BusDevice } from '../vmm/bus.js';
 import type { GuestMemory } from '../vmm/memory.js';
 import type { IrqLine } from '../devices/irq.js';
 import { silentLogger, type Logger } from '../log.js';
-import type { VirtioDevice, VirtioInterrupt } from './device.js';
-import {
-  STATUS_ACKNOWLEDGE,
-  STATUS_DEVICE_NEEDS_RESET,
-  STATUS_DRIVER,
-  STATUS_DRIVER_OK,
-  STATUS_FAILED,
-  STATUS_FEATURES_OK,
-  VIRTIO_F_VERSION_1,
-  featureBit,
-  hasFeature,
-} from './features.js';
-import { Queue } from './queue.js';
+import type { VirtioDevice } from './device.js';
+import { VIRTIO_F_VERSION_1, featureBit } from './features.js';
+import { VirtioTransport, queueAddressAt, type QueueArea, type TransportStats } from './transport.js';
 
 /** Register offsets (virtio 1.2 section 4.2.2, table 4.1). */
 export const MMIO_MAGIC_VALUE = 0x000;
@@ -74,11 +64,12 @@ export const MMIO_VENDOR_TSVM = 0x4d565354;
 export const INTERRUPT_USED_BUFFER = 0x1;
 export const INTERRUPT_CONFIG_CHANGE = 0x2;
 
-/** Status bits the driver may set; DEVICE_NEEDS_RESET belongs to the device. */
-const DRIVER_STATUS_BITS =
-  STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED;
-
-const U32 = 0x1_0000_0000;
+/** The low register of each queue address; the high one is 4 bytes above. */
+const MMIO_QUEUE_AREAS: Readonly<Record<QueueArea, number>> = {
+  descriptor: MMIO_QUEUE_DESC_LOW,
+  driver: MMIO_QUEUE_DRIVER_LOW,
+  device: MMIO_QUEUE_DEVICE_LOW,
+};
 
 export interface MmioTransportOptions {
   readonly memory: GuestMemory;
@@ -87,78 +78,29 @@ export interface MmioTransportOptions {
 }
 
 /** Counters of what the transport saw; for metrics and tests. */
-export interface MmioStats {
-  notifications: number;
-  /** Notifications dropped: device not live, or a bad queue index. */
-  ignoredNotifications: number;
-  usedBufferInterrupts: number;
-  configInterrupts: number;
-  needsReset: number;
-  /** Register accesses that were not 32-bit aligned, writes to read-only registers, refused transitions. */
-  badAccesses: number;
-  resets: number;
-  activations: number;
-}
+export type MmioStats = TransportStats;
 
 /**
  * One virtio device behind a virtio-mmio register window. Insert it into
- * the MMIO bus at `base` with length {@link MMIO_SIZE}.
+ * the MMIO bus at `base` with length {@link MMIO_SIZE}. The register
+ * decoding is here; the state machine is the shared {@link VirtioTransport} core.
  */
-export class MmioTransport implements BusDevice, VirtioInterrupt {
-  readonly queues: readonly Queue[];
-  readonly stats: MmioStats = {
-    notifications: 0,
-    ignoredNotifications: 0,
-    usedBufferInterrupts: 0,
-    configInterrupts: 0,
-    needsReset: 0,
-    badAccesses: 0,
-    resets: 0,
-    activations: 0,
-  };
-  /** The last reason given to needsReset(), for diagnostics. */
-  lastResetReason: string | undefined;
-
-  private readonly memory: GuestMemory;
+export class MmioTransport extends VirtioTransport implements BusDevice {
   private readonly irq: IrqLine;
-  private readonly log: Logger;
-  private deviceStatus = 0;
   private interruptStatusBits = 0;
-  private configGeneration = 0;
-  private deviceFeaturesSel = 0;
-  private driverFeaturesSel = 0;
-  private driverFeatures = 0n;
-  private queueSel = 0;
-  private active = false;
 
-  constructor(
-    readonly device: VirtioDevice,
-    options: MmioTransportOptions,
-  ) {
-    this.memory = options.memory;
+  constructor(device: VirtioDevice, options: MmioTransportOptions) {
+    super(device, {
+      memory: options.memory,
+      logger: (options.logger ?? silentLogger).child({ device: device.name, transport: 'mmio' }),
+      transportName: 'virtio-mmio version 2',
+    });
     this.irq = options.irq;
-    this.log = (options.logger ?? silentLogger).child({ device: device.name, transport: 'mmio' });
-    this.queues = device.queueMaxSizes.map((max) => new Queue(max));
-  }
-
-  /** The Status register. */
-  get status(): number {
-    return this.deviceStatus;
   }
 
   /** The InterruptStatus register. */
   get interruptStatus(): number {
     return this.interruptStatusBits;
-  }
-
-  /** The features the driver wrote (meaningful once FEATURES_OK is set). */
-  get negotiatedFeatures(): bigint {
-    return this.driverFeatures;
-  }
-
-  /** True between a successful DRIVER_OK and the next reset. */
-  get isActive(): boolean {
-    return this.active;
   }
 
   read(offset: number, data: Uint8Array): void {
@@ -168,7 +110,7 @@ export class MmioTransport implements BusDevice, VirtioInterrupt {
     }
     data.fill(0);
     if (data.length !== 4 || offset % 4 !== 0) {
-      this.badAccess(`${data.length}-byte read at register 0x${offset.toString(16)}`);
+      this.core.badAccess(`${data.length}-byte read at register 0x${offset.toString(16)}`);
       return;
     }
     new DataView(data.buffer, data.byteOffset, 4).setUint32(0, this.readRegister(offset) >>> 0, true);
@@ -180,60 +122,22 @@ export class MmioTransport implements BusDevice, VirtioInterrupt {
       return;
     }
     if (data.length !== 4 || offset % 4 !== 0) {
-      this.badAccess(`${data.length}-byte write at register 0x${offset.toString(16)}`);
+      this.core.badAccess(`${data.length}-byte write at register 0x${offset.toString(16)}`);
       return;
     }
     this.writeRegister(offset, new DataView(data.buffer, data.byteOffset, 4).getUint32(0, true));
   }
 
-  /**
-   * The driver notified queue `index`: from a QueueNotify write, or from
-   * the VMM when the ioeventfd on QueueNotify fires.
-   */
-  notifyQueue(index: number): void {
-    if (!this.active || this.deviceStatus & STATUS_DEVICE_NEEDS_RESET || !(index >= 0 && index < this.queues.length)) {
-      this.stats.ignoredNotifications++;
-      this.log.debug({ queue: index, status: this.deviceStatus }, 'notification ignored');
-      return;
-    }
-    this.stats.notifications++;
-    this.device.queueNotify(index);
-  }
-
-  // VirtioInterrupt, handed to the device at activation.
-
-  signalUsedBuffer(queueIndex: number): void {
-    if (!this.active) return;
-    this.stats.usedBufferInterrupts++;
-    this.log.trace({ queue: queueIndex }, 'used buffer interrupt');
+  protected deliverUsedBuffer(): void {
     this.raise(INTERRUPT_USED_BUFFER);
   }
 
-  signalConfigChange(): void {
-    this.configGeneration = (this.configGeneration + 1) >>> 0;
-    if (!(this.deviceStatus & STATUS_DRIVER_OK)) return;
-    this.stats.configInterrupts++;
+  protected deliverConfigChange(): void {
     this.raise(INTERRUPT_CONFIG_CHANGE);
   }
 
-  /**
-   * Sets DEVICE_NEEDS_RESET and, if the driver is running the device,
-   * sends a configuration change interrupt (2.1.2). Logged and counted;
-   * notifications are ignored until the driver resets the device.
-   */
-  needsReset(reason: string): void {
-    this.stats.needsReset++;
-    this.lastResetReason = reason;
-    if (this.deviceStatus & STATUS_DEVICE_NEEDS_RESET) {
-      this.log.debug({ reason }, 'device already needs reset');
-      return;
-    }
-    this.log.warn({ reason }, 'device needs reset');
-    this.deviceStatus |= STATUS_DEVICE_NEEDS_RESET;
-    if (this.deviceStatus & STATUS_DRIVER_OK) {
-      this.stats.configInterrupts++;
-      this.raise(INTERRUPT_CONFIG_CHANGE);
-    }
+  protected resetInterrupts(): void {
+    this.interruptStatusBits = 0;
   }
 
   private raise(bit: number): void {
@@ -244,6 +148,7 @@ export class MmioTransport implements BusDevice, VirtioInterrupt {
   }
 
   private readRegister(offset: number): number {
+    const core = this.core;
     switch (offset) {
       case MMIO_MAGIC_VALUE:
         return MMIO_MAGIC;
@@ -254,250 +159,72 @@ export class MmioTransport implements BusDevice, VirtioInterrupt {
       case MMIO_VENDOR_ID:
         return MMIO_VENDOR_TSVM;
       case MMIO_DEVICE_FEATURES:
-        return this.deviceFeaturesSel > 1
-          ? 0
-          : Number((this.device.offeredFeatures >> BigInt(32 * this.deviceFeaturesSel)) & 0xffff_ffffn);
+        return core.deviceFeaturesWord();
       case MMIO_QUEUE_NUM_MAX:
-        return this.selectedQueue()?.maxSize ?? 0;
+        return core.selectedQueue?.maxSize ?? 0;
       case MMIO_QUEUE_READY:
-        return this.selectedQueue()?.ready ? 1 : 0;
+        return core.selectedQueue?.ready ? 1 : 0;
       case MMIO_INTERRUPT_STATUS:
         return this.interruptStatusBits;
       case MMIO_STATUS:
-        return this.deviceStatus;
+        return core.status;
       case MMIO_SHM_LEN_LOW:
       case MMIO_SHM_LEN_HIGH:
       case MMIO_SHM_BASE_LOW:
       case MMIO_SHM_BASE_HIGH:
         // No shared memory regions: length and base read as -1 (4.2.2).
         return 0xffff_ffff;
-      case MMIO_QUEUE_RESET:
-        return 0;
       case MMIO_CONFIG_GENERATION:
-        return this.configGeneration;
+        return core.configGeneration;
       default:
-        // Write-only and reserved registers read as zero.
+        // Write-only and reserved registers (QueueReset too) read as zero.
         return 0;
     }
   }
 
   private writeRegister(offset: number, value: number): void {
+    const core = this.core;
     switch (offset) {
       case MMIO_DEVICE_FEATURES_SEL:
-        this.deviceFeaturesSel = value;
+        core.deviceFeaturesSel = value;
         return;
       case MMIO_DRIVER_FEATURES_SEL:
-        this.driverFeaturesSel = value;
+        core.driverFeaturesSel = value;
         return;
       case MMIO_DRIVER_FEATURES:
-        this.writeDriverFeatures(value);
+        core.writeDriverFeatures(value);
         return;
       case MMIO_QUEUE_SEL:
-        this.queueSel = value;
+        core.queueSel = value;
         return;
       case MMIO_QUEUE_NUM:
-        this.writeQueueConfig((q) => (q.size = value));
-        return;
-      case MMIO_QUEUE_DESC_LOW:
-        this.writeQueueConfig((q) => (q.descTable = setLow(q.descTable, value)));
-        return;
-      case MMIO_QUEUE_DESC_HIGH:
-        this.writeQueueConfig((q) => (q.descTable = setHigh(q.descTable, value)));
-        return;
-      case MMIO_QUEUE_DRIVER_LOW:
-        this.writeQueueConfig((q) => (q.availRing = setLow(q.availRing, value)));
-        return;
-      case MMIO_QUEUE_DRIVER_HIGH:
-        this.writeQueueConfig((q) => (q.availRing = setHigh(q.availRing, value)));
-        return;
-      case MMIO_QUEUE_DEVICE_LOW:
-        this.writeQueueConfig((q) => (q.usedRing = setLow(q.usedRing, value)));
-        return;
-      case MMIO_QUEUE_DEVICE_HIGH:
-        this.writeQueueConfig((q) => (q.usedRing = setHigh(q.usedRing, value)));
+        core.writeQueueSize(value);
         return;
       case MMIO_QUEUE_READY:
-        this.writeQueueReady(value);
+        core.writeQueueReady(value);
         return;
       case MMIO_QUEUE_NOTIFY:
         // Without VIRTIO_F_NOTIFICATION_DATA the value is the queue index.
-        this.notifyQueue(value);
+        core.notifyQueue(value);
         return;
       case MMIO_INTERRUPT_ACK:
         this.interruptStatusBits &= ~value;
         return;
       case MMIO_STATUS:
-        this.writeStatus(value);
+        core.writeStatus(value);
         return;
       case MMIO_SHM_SEL:
       case MMIO_QUEUE_RESET:
         // No shared memory regions; VIRTIO_F_RING_RESET is not offered.
         return;
-      default:
-        this.badAccess(`write of 0x${value.toString(16)} to read-only or reserved register 0x${offset.toString(16)}`);
     }
-  }
-
-  private selectedQueue(): Queue | undefined {
-    return this.queues[this.queueSel];
-  }
-
-  private writeDriverFeatures(value: number): void {
-    if (!(this.deviceStatus & STATUS_DRIVER) || this.deviceStatus & STATUS_FEATURES_OK) {
-      this.badAccess('DriverFeatures written outside feature negotiation');
+    const address = queueAddressAt(offset, MMIO_QUEUE_AREAS);
+    if (address) {
+      core.writeQueueAddress(address.area, address.half, value);
       return;
     }
-    if (this.driverFeaturesSel > 1) {
-      // Bits 64 and up are never offered; asking for one fails FEATURES_OK.
-      if (value !== 0) this.driverFeatures |= 1n << 64n;
-      return;
-    }
-    const shift = BigInt(32 * this.driverFeaturesSel);
-    this.driverFeatures = (this.driverFeatures & ~(0xffff_ffffn << shift)) | (BigInt(value >>> 0) << shift);
+    core.badAccess(`write of 0x${value.toString(16)} to read-only or reserved register 0x${offset.toString(16)}`);
   }
-
-  private writeQueueConfig(apply: (q: Queue) => void): void {
-    const q = this.selectedQueue();
-    // 4.2.2: the driver must not touch a queue's configuration while it is ready.
-    if (!q || q.ready || this.deviceStatus & STATUS_DRIVER_OK) {
-      this.badAccess(`queue ${this.queueSel} configuration written while ready, live or nonexistent`);
-      return;
-    }
-    apply(q);
-  }
-
-  private writeQueueReady(value: number): void {
-    const q = this.selectedQueue();
-    if (!q) {
-      this.badAccess(`QueueReady written for nonexistent queue ${this.queueSel}`);
-      return;
-    }
-    if (value === 0) {
-      // The driver stops using the queue: the device must not touch it any more.
-      q.ready = false;
-      return;
-    }
-    if (this.deviceStatus & STATUS_DRIVER_OK) {
-      this.badAccess(`queue ${this.queueSel} enabled after DRIVER_OK (queue reset is not offered)`);
-      return;
-    }
-    q.ready = true;
-  }
-
-  private writeStatus(value: number): void {
-    if (value === 0) {
-      this.reset();
-      return;
-    }
-    const current = this.deviceStatus & DRIVER_STATUS_BITS;
-    const requested = value & DRIVER_STATUS_BITS;
-    if (current & ~requested) {
-      this.badAccess(`status 0x${value.toString(16)} clears bits of 0x${this.deviceStatus.toString(16)}; only a write of 0 resets`);
-      return;
-    }
-    let next = this.deviceStatus;
-    const newBits = requested & ~current;
-    // In the order of the initialization sequence (3.1.1).
-    for (const bit of [STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEATURES_OK, STATUS_DRIVER_OK, STATUS_FAILED]) {
-      if (!(newBits & bit)) continue;
-      const refusal = this.checkTransition(bit, next);
-      if (refusal) {
-        this.stats.badAccesses++;
-        this.log.warn({ status: value }, refusal);
-        continue;
-      }
-      next |= bit;
-    }
-    const activating = (next & STATUS_DRIVER_OK) !== 0 && (this.deviceStatus & STATUS_DRIVER_OK) === 0;
-    this.deviceStatus = next;
-    if (next & STATUS_FAILED) this.log.warn('driver set FAILED');
-    if (activating) this.activate();
-  }
-
-  /** Why `bit` may not be set on top of `status`, or undefined when it may. */
-  private checkTransition(bit: number, status: number): string | undefined {
-    switch (bit) {
-      case STATUS_DRIVER:
-        return status & STATUS_ACKNOWLEDGE ? undefined : 'DRIVER set before ACKNOWLEDGE';
-      case STATUS_FEATURES_OK:
-        if (!(status & STATUS_DRIVER)) return 'FEATURES_OK set before DRIVER';
-        return this.checkFeatures();
-      case STATUS_DRIVER_OK:
-        return status & STATUS_FEATURES_OK ? undefined : 'DRIVER_OK set before FEATURES_OK';
-      default:
-        return undefined;
-    }
-  }
-
-  private checkFeatures(): string | undefined {
-    const offered = this.device.offeredFeatures;
-    const unoffered = this.driverFeatures & ~offered;
-    if (unoffered !== 0n) {
-      return `FEATURES_OK refused: driver accepted features 0x${unoffered.toString(16)} that were not offered`;
-    }
-    if (!hasFeature(this.driverFeatures, VIRTIO_F_VERSION_1)) {
-      return 'FEATURES_OK refused: VIRTIO_F_VERSION_1 is required by virtio-mmio version 2';
-    }
-    const deviceRefusal = this.device.validateFeatures?.(this.driverFeatures);
-    return deviceRefusal ? `FEATURES_OK refused: ${deviceRefusal}` : undefined;
-  }
-
-  private activate(): void {
-    for (const [i, q] of this.queues.entries()) {
-      if (!q.ready) continue;
-      const problem = q.validate(this.memory);
-      if (problem) {
-        this.needsReset(`queue ${i}: ${problem}`);
-        return;
-      }
-      q.setNegotiatedFeatures(this.driverFeatures);
-    }
-    try {
-      this.device.activate({
-        memory: this.memory,
-        queues: this.queues,
-        interrupt: this,
-        features: this.driverFeatures,
-      });
-    } catch (err) {
-      const message = err instanceof Error ? err.message : String(err);
-      this.log.error({ err }, 'device activation failed');
-      this.needsReset(`activation failed: ${message}`);
-      return;
-    }
-    this.active = true;
-    this.stats.activations++;
-    this.log.info({ features: `0x${this.driverFeatures.toString(16)}` }, 'device activated');
-  }
-
-  private reset(): void {
-    this.device.reset();
-    for (const q of this.queues) q.reset();
-    this.active = false;
-    this.deviceStatus = 0;
-    this.interruptStatusBits = 0;
-    this.deviceFeaturesSel = 0;
-    this.driverFeaturesSel = 0;
-    this.driverFeatures = 0n;
-    this.queueSel = 0;
-    this.stats.resets++;
-    this.log.debug('device reset');
-  }
-
-  private badAccess(what: string): void {
-    this.stats.badAccesses++;
-    this.log.debug(what);
-  }
-}
-
-function setLow(addr: number, low: number): number {
-  return Math.floor(addr / U32) * U32 + (low >>> 0);
-}
-
-function setHigh(addr: number, high: number): number {
-  // Above 2^53 the sum is inexact, but also far outside any guest memory,
-  // so Queue.validate() refuses it either way.
-  return (high >>> 0) * U32 + (addr % U32);
 }
 
 /**
