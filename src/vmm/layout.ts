@@ -16,6 +16,7 @@
  * | 0x20000 - 0x20fff     | kernel command line                           |
  * | 0x9fc00 - 0x9ffff     | EBDA: MP table for SMP                        |
  * | 0xa0000 - 0xfffff     | legacy VGA/BIOS hole, reserved in the e820 map|
+ * | 0xe0000 - 0xfffff     | ACPI tables, RSDP first (inside the hole)     |
  * | 0x100000 -            | kernel (HIMEM_START), then initrd at the top  |
  *
  * Above the RAM: 3 GiB to 4 GiB is the MMIO gap (virtio-mmio, IOAPIC, LAPIC,
@@ -105,6 +106,16 @@ export const EBDA_SIZE = 1 * KiB;
 export const MPTABLE_START = EBDA_START;
 
 /**
+ * ACPI tables (src/vmm/acpi), RSDP first. Linux looks for the RSDP on
+ * 16-byte boundaries in 0xE0000-0xFFFFF when the boot protocol does not
+ * hand it over (ACPI 6.x, 5.2.5.1), and this range is inside the legacy
+ * hole that the e820 map already reserves.
+ */
+export const ACPI_TABLES_START = 0xe0000;
+/** Bytes for the ACPI tables: up to 1 MiB (HIMEM_START). */
+export const ACPI_TABLES_SIZE = 0x20000;
+
+/**
  * Start of "high" memory: the protected-mode kernel of a bzImage is loaded
  * here (boot.rst: the traditional 0x100000), and nothing the VMM places may
  * be at or above it except the kernel and initrd.
@@ -143,6 +154,44 @@ export const VIRTIO_MMIO_START = 0xd000_0000;
 /** Each virtio-mmio device gets one page of registers (virtio 1.x, 4.2.2). */
 export const VIRTIO_MMIO_SIZE = 0x1000;
 
+/**
+ * PCI configuration mechanism #1: CONFIG_ADDRESS at 0xCF8, CONFIG_DATA at
+ * 0xCFC-0xCFF (PCI Local Bus 3.0, 3.2.2.3.2).
+ */
+export const PCI_CONFIG_PORT = 0xcf8;
+/** The eight ports of configuration mechanism #1. */
+export const PCI_CONFIG_PORT_SIZE = 8;
+/**
+ * The window that PCI memory BARs are assigned from, as firmware would:
+ * 256 MiB at the start of the MMIO gap, below the virtio-mmio devices.
+ */
+export const PCI_MMIO_START = MMIO_GAP_START;
+/** Size of the PCI memory window. */
+export const PCI_MMIO_SIZE = 256 * MiB;
+/** PCI devices on bus 0 (slot 0 is the host bridge). */
+export const PCI_MAX_SLOTS = 32;
+
+/**
+ * ACPI PM1a event block (ACPI 6.x, 4.8.3.1): PM1 status (2 bytes) then PM1
+ * enable (2 bytes), the FADT's PM1a_EVT_BLK. 0x600 is where QEMU's PIIX4
+ * puts its PM base, so traces read alike; the block is below 0x1000, where
+ * Linux never places PCI I/O BARs (PCIBIOS_MIN_IO).
+ */
+export const ACPI_PM1A_EVT_PORT = 0x600;
+/** ACPI PM1a control block (ACPI 6.x, 4.8.3.2), 2 bytes, right after the event block. */
+export const ACPI_PM1A_CNT_PORT = 0x604;
+/** Ports one device (src/devices/acpi-pm.ts) covers from ACPI_PM1A_EVT_PORT: both blocks. */
+export const ACPI_PM_PORT_SIZE = 6;
+/**
+ * The SCI's ISA IRQ, the FADT's SCI_INT: 9, as on a PIIX4 PC. Without an
+ * interrupt source override Linux sets it up level-triggered, active low
+ * (acpi_sci_ioapic_setup), so no edge-triggered virtio-mmio device may
+ * share it: virtioMmioSlot() skips it.
+ */
+export const ACPI_SCI_IRQ = 9;
+/** pvpanic (QEMU docs/specs/pvpanic.rst): QEMU's ISA port, so guests find it where they expect. */
+export const PVPANIC_PORT = 0x505;
+
 /** COM1: the legacy port base and ISA IRQ every PC OS expects. */
 export const COM1_PORT = 0x3f8;
 /** COM1's ISA IRQ. */
@@ -151,13 +200,29 @@ export const COM1_IRQ = 4;
 export const I8042_IRQ = 1;
 /**
  * Virtio devices take IRQs from 5 up: 0-4 belong to the PIT, keyboard,
- * cascade, COM2 and COM1. The last is the IOAPIC's last pin (24 pins).
+ * cascade, COM2 and COM1, and 9 (ACPI_SCI_IRQ) is skipped. The last is the
+ * IOAPIC's last pin (24 pins).
  */
 export const VIRTIO_IRQ_BASE = 5;
-/** Last IRQ a virtio device may use: IOAPIC pin 23. */
+/** The IOAPIC's last pin (24 pins): the last GSI wired to a pin. */
 export const IRQ_MAX = 23;
-/** How many virtio-mmio devices the IRQ range allows. */
-export const VIRTIO_MMIO_MAX_DEVICES = IRQ_MAX - VIRTIO_IRQ_BASE + 1;
+/**
+ * PCI INTA#-INTD#, level-triggered, for devices that do not use MSI-X:
+ * the IOAPIC's last four pins, swizzled by slot (ACPI _PRT).
+ */
+export const PCI_INTX_GSIS: readonly number[] = [20, 21, 22, 23];
+/** Last IRQ a virtio-mmio device may use: the pin below the PCI INTx lines. */
+export const VIRTIO_MMIO_IRQ_MAX = 19;
+/** How many virtio-mmio devices the IRQ range allows: all but the SCI's IRQ. */
+export const VIRTIO_MMIO_MAX_DEVICES = VIRTIO_MMIO_IRQ_MAX - VIRTIO_IRQ_BASE;
+
+/** Interrupt pin INTA# as an index (0 = INTA# ... 3 = INTD#). */
+export const PCI_INTERRUPT_PIN_INTA_INDEX = 0;
+
+/** The GSI of PCI slot `slot`'s interrupt pin `pin` (0 = INTA#): the usual swizzle. */
+export function pciIntxGsi(slot: number, pin: number): number {
+  return PCI_INTX_GSIS[(slot + pin) % PCI_INTX_GSIS.length]!;
+}
 
 export class LayoutError extends Error {
   constructor(
@@ -169,18 +234,19 @@ export class LayoutError extends Error {
   }
 }
 
-/** Where the `index`-th virtio-mmio device lives and which IRQ it raises. */
+/** Where the `index`-th virtio-mmio device lives and which IRQ it raises (never ACPI_SCI_IRQ). */
 export function virtioMmioSlot(index: number): { base: number; size: number; irq: number } {
   if (!Number.isInteger(index) || index < 0 || index >= VIRTIO_MMIO_MAX_DEVICES) {
     throw new LayoutError(
       'NO_VIRTIO_SLOT',
-      `virtio-mmio device ${index} does not fit: at most ${VIRTIO_MMIO_MAX_DEVICES} devices (IRQs ${VIRTIO_IRQ_BASE}-${IRQ_MAX})`,
+      `virtio-mmio device ${index} does not fit: at most ${VIRTIO_MMIO_MAX_DEVICES} devices (IRQs ${VIRTIO_IRQ_BASE}-${VIRTIO_MMIO_IRQ_MAX} but the SCI's ${ACPI_SCI_IRQ})`,
     );
   }
+  const irq = VIRTIO_IRQ_BASE + index;
   return {
     base: VIRTIO_MMIO_START + index * VIRTIO_MMIO_SIZE,
     size: VIRTIO_MMIO_SIZE,
-    irq: VIRTIO_IRQ_BASE + index,
+    irq: irq >= ACPI_SCI_IRQ ? irq + 1 : irq,
   };
 }
 

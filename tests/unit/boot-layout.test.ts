@@ -30,11 +30,19 @@ describe('virtioMmioSlot', () => {
     expect(virtioMmioSlot(0)).toEqual({ base: 0xd000_0000, size: 0x1000, irq: 5 });
     expect(virtioMmioSlot(2)).toEqual({ base: 0xd000_2000, size: 0x1000, irq: 7 });
     const last = virtioMmioSlot(layout.VIRTIO_MMIO_MAX_DEVICES - 1);
-    expect(last.irq).toBe(layout.IRQ_MAX);
+    expect(last.irq).toBe(layout.VIRTIO_MMIO_IRQ_MAX);
+    expect(layout.PCI_INTX_GSIS).not.toContain(last.irq);
+  });
+
+  it('skips the ACPI SCI (IRQ 9), which Linux makes level-triggered, active low', () => {
+    const irqs = Array.from({ length: layout.VIRTIO_MMIO_MAX_DEVICES }, (_, i) => virtioMmioSlot(i).irq);
+    expect(irqs).toEqual([5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]);
+    expect(irqs).not.toContain(layout.ACPI_SCI_IRQ);
+    expect(new Set(irqs).size).toBe(irqs.length);
   });
 
   it('refuses a device beyond the IRQ range', () => {
-    expect(() => virtioMmioSlot(layout.VIRTIO_MMIO_MAX_DEVICES)).toThrow(/at most 19 devices/);
+    expect(() => virtioMmioSlot(layout.VIRTIO_MMIO_MAX_DEVICES)).toThrow(/at most 14 devices/);
     expect(() => virtioMmioSlot(-1)).toThrow(LayoutError);
   });
 });
