@@ -24,6 +24,8 @@ interface RunOptions {
   net: NetConfig[];
   bootMode: 'auto' | 'host' | 'guest';
   pit: 'emulated' | 'kernel';
+  transport: 'pci' | 'mmio';
+  acpi: boolean;
   emulationFallback: 'auto' | 'on' | 'off';
   logLevel: LogLevel;
   stats: boolean;
@@ -115,6 +117,8 @@ async function run(opts: RunOptions): Promise<number> {
     nets: opts.net,
     bootMode: opts.bootMode,
     pit: opts.pit,
+    transport: opts.transport,
+    acpi: opts.acpi,
     emulationFallback: opts.emulationFallback,
     name: opts.name,
     kvmDevice: opts.kvmDevice,
@@ -169,8 +173,10 @@ export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Comman
     .option('-c, --cmdline <text>', 'kernel command line', DEFAULT_CMDLINE)
     .option('-m, --memory <size>', 'guest RAM, e.g. 256M or 1G', memoryArg, '256M')
     .option('--cpus <n>', `vCPUs, 1 to ${MAX_CPUS}`, intArg, 1)
-    .option('--disk <spec>', 'virtio-blk disk: <path>[,readonly][,serial=<id>] (repeatable)', collect(parseDiskOption), [])
-    .option('--net <spec>', 'virtio-net over a TAP device: tap=<name>[,mac=<mac>] (repeatable)', collect(parseNetOption), [])
+    .option('--disk <spec>', 'virtio-blk disk: <path>[,readonly][,serial=<id>][,transport=pci|mmio] (repeatable)', collect(parseDiskOption), [])
+    .option('--net <spec>', 'virtio-net over a TAP device: tap=<name>[,mac=<mac>][,transport=pci|mmio] (repeatable)', collect(parseNetOption), [])
+    .addOption(new Option('--transport <kind>', 'virtio transport for devices that do not choose one').choices(['pci', 'mmio']).default('pci'))
+    .option('--no-acpi', 'no ACPI tables: MP table only, virtio-mmio on the command line, the guest\'s end read from its console')
     .addOption(new Option('--boot-mode <mode>', 'bzImage boot: host-decompressed, or the kernel\'s own decompressor').choices(['auto', 'host', 'guest']).default('auto'))
     .addOption(new Option('--pit <impl>', 'i8254 PIT implementation').choices(['emulated', 'kernel']).default('emulated'))
     .addOption(new Option('--emulation-fallback <when>', 'handle instructions the host KVM cannot emulate').choices(['auto', 'on', 'off']).default('auto'))

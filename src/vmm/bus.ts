@@ -52,6 +52,17 @@ export class Bus {
     this.ranges.sort((a, b) => a.base - b.base);
   }
 
+  /**
+   * Unmaps the range named `name` (a PCI BAR the guest moves or stops
+   * decoding). Returns false when no range has that name.
+   */
+  remove(name: string): boolean {
+    const i = this.ranges.findIndex((r) => r.name === name);
+    if (i < 0) return false;
+    this.ranges.splice(i, 1);
+    return true;
+  }
+
   /** The range holding `addr`, if any. */
   find(addr: number): BusRange | undefined {
     // Few ranges (tens): a linear scan beats anything cleverer here.

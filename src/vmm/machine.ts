@@ -28,10 +28,16 @@ import { Profiler, type ProfileConfig } from './profiler.js';
 import { loadLinux, type BootInfo } from './boot/loader.js';
 import { prepareInitrd } from './boot/initrd.js';
 import { writeMpTable } from './mptable.js';
-import { VirtioDevices, type DiskConfig, type NetConfig } from './virtio-devices.js';
+import { VirtioDevices, type DiskConfig, type NetConfig, type VirtioTransportKind } from './virtio-devices.js';
+import { AcpiPm } from '../devices/acpi-pm.js';
+import { PvPanic } from '../devices/pvpanic.js';
+import { PciAllocator } from '../devices/pci/device.js';
+import { PciBarRouter, PciBus, PciConfigIo } from '../devices/pci/pci-bus.js';
+import { layoutAcpiConfig, writeAcpiTables } from './acpi/index.js';
+import { GsiRouting } from './irq-routing.js';
 
 /** The default kernel command line: a microVM with its console on COM1. */
-export const DEFAULT_CMDLINE = 'console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd';
+export const DEFAULT_CMDLINE = 'console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd';
 
 export const DEFAULT_MEMORY = 256 * 1024 * 1024;
 export const MAX_CPUS = 8;
@@ -61,6 +67,19 @@ export interface VmConfig {
   emulationFallback?: 'auto' | 'on' | 'off';
   disks?: DiskConfig[];
   nets?: NetConfig[];
+  /**
+   * The transport of virtio devices that do not choose their own: 'pci'
+   * (default; what distribution kernels find) or 'mmio' (described in
+   * ACPI, or on the command line when ACPI is off).
+   */
+  transport?: VirtioTransportKind;
+  /**
+   * ACPI tables (default true): CPUs and IOAPIC (MADT), the devices
+   * (DSDT), power-off through the PM1 control register, and pvpanic. Off:
+   * the MP table alone, virtio-mmio announced on the command line, and the
+   * guest's end read from its console.
+   */
+  acpi?: boolean;
   /**
    * Inflate a gzip initramfs on the host (default true): the guest kernel
    * then only copies a cpio archive instead of running inflate.
@@ -120,6 +139,23 @@ async function readInput(what: 'kernel' | 'initrd', input: string | Uint8Array):
   }
 }
 
+/**
+ * Hides the PMU from the guest where KVM lets the VMM do so (before any
+ * vCPU exists). Zeroing CPUID leaf 0xA is not enough: an AMD guest probes
+ * its counters through MSRs without asking CPUID, and KVM logs each
+ * unhandled WRMSR.
+ */
+function disableGuestPmu(kvm: Kvm, vm: VmFd, log: Logger): void {
+  const c = kvm.addon.constants;
+  const supported = kvm.hasCap('KVM_CAP_PMU_CAPABILITY') ? kvm.addon.checkExtension(kvm.fd, c.KVM_CAP_PMU_CAPABILITY!) : 0;
+  if (!(supported & c.KVM_PMU_CAP_DISABLE!)) return;
+  try {
+    kvm.addon.enableCap(vm.fd, c.KVM_CAP_PMU_CAPABILITY!, c.KVM_PMU_CAP_DISABLE!);
+  } catch (err) {
+    log.debug({ err }, 'KVM_CAP_PMU_CAPABILITY refused; the guest keeps its PMU');
+  }
+}
+
 /** An IRQ line driven through KVM_IRQ_LINE on the in-kernel irqchip. */
 class KvmIrqLine implements IrqLine {
   constructor(
@@ -173,6 +209,8 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private started = false;
   private panicSeen = false;
   private profiler: Profiler | undefined;
+  /** Which device paths the guest has shown it uses: then its console text ends nothing. */
+  private signals = { acpi: false, pvpanic: false };
 
   private constructor(
     readonly config: Readonly<VmConfig>,
@@ -242,6 +280,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       addon.setIdentityMapAddr(vm.fd, layout.KVM_IDENTITY_MAP_ADDR);
       addon.createIrqchip(vm.fd);
       if (config.pit === 'kernel') addon.createPit2(vm.fd, addon.constants.KVM_PIT_SPEAKER_DUMMY!);
+      disableGuestPmu(kvm, vm, log);
 
       const mem = new GuestMemory(VmFd.allocateRam(vm, layout.ramRegions(memory)));
       const irqCounter = { irqs: 0 };
@@ -251,6 +290,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       const pio = new Bus('pio');
       const mmioBus = new Bus('mmio');
       let vmRef: VirtualMachine | undefined;
+      const signals = { acpi: false, pvpanic: false };
       const consoleStream = new ConsoleStream((bytes) => serial.enqueueInput(bytes));
       const watcher = new ConsoleWatcher((event, line) => vmRef?.onConsoleEvent(event, line), (line) => vmRef?.profiler?.consoleLine(line));
       const serial = new Serial16550({
@@ -276,24 +316,77 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       // COM2-COM4: Linux probes them; an absent UART reads as all-ones.
       for (const base of [0x2f8, 0x3e8, 0x2e8]) pio.insert(new IgnoredPorts({ readValue: 0xff }), base, 8, `com-absent-${base.toString(16)}`);
 
+      // How the guest tells the VMM it ends: ACPI soft-off and pvpanic, both
+      // described in the ACPI tables. Until the guest shows it uses them,
+      // its console lines are the fallback (see onConsoleEvent).
+      const acpiOn = config.acpi !== false;
+      if (acpiOn) {
+        const pm = new AcpiPm({
+          onPowerOff: () => vmRef?.onGuestStop({ kind: 'poweroff' }, 'through ACPI'),
+          onAcpiEnabled: () => {
+            signals.acpi = true;
+          },
+          logger: log.child({ dev: 'acpi-pm' }),
+        });
+        pio.insert(pm, layout.ACPI_PM1A_EVT_PORT, layout.ACPI_PM_PORT_SIZE, 'acpi-pm');
+        const pvpanic = new PvPanic({
+          onPanic: () => vmRef?.finish(outcome('panic', 'guest kernel panic (reported through pvpanic)')),
+          onProbe: () => {
+            signals.pvpanic = true;
+          },
+          logger: log.child({ dev: 'pvpanic' }),
+        });
+        pio.insert(pvpanic, layout.PVPANIC_PORT, 1, 'pvpanic');
+      }
+
+      // PCI: configuration mechanism #1, and one window that routes each
+      // access to the BAR decoding there.
+      const pci = new PciBus({ logger: log.child({ dev: 'pci' }) });
+      pio.insert(new PciConfigIo(pci), layout.PCI_CONFIG_PORT, layout.PCI_CONFIG_PORT_SIZE, 'pci-config');
+      mmioBus.insert(new PciBarRouter(pci, 'memory', layout.PCI_MMIO_START, layout.PCI_MMIO_SIZE), layout.PCI_MMIO_START, layout.PCI_MMIO_SIZE, 'pci-mmio');
+      const routing = new GsiRouting(addon, vm.fd);
+
       const virtio = await VirtioDevices.create({
         vm,
         mem,
         mmio: mmioBus,
+        pci: { bus: pci, allocator: new PciAllocator({ mmio32: { base: layout.PCI_MMIO_START, size: layout.PCI_MMIO_SIZE } }), routing },
         irq,
         disks: config.disks ?? [],
         nets: config.nets ?? [],
+        transport: config.transport ?? 'pci',
+        acpi: acpiOn,
         seed: config.name ?? 'tsvmm',
         log,
         counter: irqCounter,
       });
+
+      let acpiRsdpAddr: number | undefined;
+      if (acpiOn) {
+        const slotGsis = Array.from({ length: layout.PCI_MAX_SLOTS }, (_, slot) => [0, 1, 2, 3].map((pin) => layout.pciIntxGsi(slot, pin)));
+        acpiRsdpAddr = writeAcpiTables(
+          mem,
+          layoutAcpiConfig({
+            cpus,
+            virtioMmio: virtio.mmioSlots,
+            pci: { mmio32: { base: layout.PCI_MMIO_START, size: layout.PCI_MMIO_SIZE }, slotGsis },
+            pvpanic: true,
+          }),
+        ).rsdpAddress;
+      }
 
       // --- command line and kernel ---
       const parts = [config.cmdline ?? DEFAULT_CMDLINE, ...virtio.cmdlineFragments];
       if (fallbackOn) parts.push(EMULATED_HOST_CMDLINE);
       if (fallbackOn && cpus > 1) parts.push(EMULATED_HOST_SMP_CMDLINE);
       const cmdline = parts.filter((p) => p.length > 0).join(' ');
-      const boot = await loadLinux(mem, { kernel, initrd, cmdline, mode: config.bootMode ?? 'auto' });
+      const boot = await loadLinux(mem, {
+        kernel,
+        initrd,
+        cmdline,
+        mode: config.bootMode ?? 'auto',
+        ...(acpiRsdpAddr !== undefined ? { acpiRsdpAddr } : {}),
+      });
       // Also for one CPU: the MP table is how a kernel without ACPI finds the IOAPIC.
       writeMpTable(mem, cpus);
 
@@ -317,6 +410,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       const machine = new VirtualMachine(config, kvm, vm, mem, vcpus, boot, host, cmdline, pio, mmioBus, serial, pit, virtio, irqCounter, consoleStream, log);
       vmRef = machine;
       machine.profiler = profiler;
+      machine.signals = signals;
       return machine;
     } catch (err) {
       vm.close();
@@ -389,7 +483,17 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     };
   }
 
+  /**
+   * The console fallback, for kernels without ACPI or pvpanic: once the
+   * guest has shown it drives a device path (it bound pvpanic, or its ACPI
+   * subsystem wrote the PM1 registers), the same words from any guest
+   * process are only text.
+   */
   private onConsoleEvent(event: 'panic' | 'power-down' | 'halted', line: string): void {
+    if (event === 'panic' ? this.signals.pvpanic : this.signals.acpi) {
+      this.log.debug({ event, line }, 'console line ignored: the guest reports this through a device');
+      return;
+    }
     if (event === 'panic') {
       this.panicSeen = true;
       this.log.warn({ line }, 'guest kernel panic');
@@ -400,7 +504,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     }
   }
 
-  private onGuestStop(stop: GuestStop): void {
+  private onGuestStop(stop: GuestStop, how?: string): void {
     // A panic with panic=-1 ends in a reboot: report the panic.
     if (this.panicSeen && (stop.kind === 'reboot' || stop.kind === 'halt' || stop.kind === 'triple-fault')) {
       this.finish(outcome('panic', `guest kernel panic: ${this.consolePanicLine()}`));
@@ -411,7 +515,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
         this.finish(outcome('reboot', 'guest rebooted'));
         break;
       case 'poweroff':
-        this.finish(outcome('poweroff', 'guest powered off'));
+        this.finish(outcome('poweroff', how ? `guest powered off ${how}` : 'guest powered off'));
         break;
       case 'halt':
         this.finish(outcome('poweroff', 'guest halted'));

@@ -1,46 +1,68 @@
 /**
  * The device manager for virtio: builds each configured disk and network
- * device, puts its transport on the MMIO bus in its layout slot, wires its
- * interrupt (irqfd) and queue notifications (ioeventfd), and says what the
- * kernel command line must announce.
+ * device, puts it behind its transport (virtio-pci on the PCI bus, or
+ * virtio-mmio on the MMIO bus in its layout slot), wires its interrupts and
+ * queue notifications, and says what the firmware must describe (ACPI
+ * tables, or the kernel command line for virtio-mmio without ACPI).
  *
- * With an ioeventfd on QueueNotify a guest's notification does not stop
- * the vCPU: KVM signals an eventfd, which the main event loop watches. With
- * an irqfd, raising the interrupt is one eventfd write. Both fall back to
- * the plain paths (an MMIO exit, KVM_IRQ_LINE) where KVM lacks them.
+ * Notifications go through ioeventfds: a guest's doorbell write does not
+ * stop the vCPU; KVM signals an eventfd, which the main event loop watches.
+ * Interrupts go through irqfds: virtio-mmio raises its GSI, virtio-pci each
+ * MSI-X vector's own GSI, routed by KVM (GSI routing) to the message the
+ * guest programmed. Each falls back to the plain path (an exit,
+ * KVM_IRQ_LINE, KVM_SIGNAL_MSI) where KVM lacks it.
  */
 import type { Logger } from '../log.js';
 import type { IrqLine } from '../devices/irq.js';
+import type { MsiMessage, MsiSink } from '../devices/pci/msix.js';
+import type { PciBus } from '../devices/pci/pci-bus.js';
+import type { PciAllocator } from '../devices/pci/device.js';
 import type { NativeAddon } from '../native.js';
 import { createBlkDevice, parseDiskOption, type BlkDevice } from '../virtio/blk/index.js';
 import { createNetDevice, parseNetOption, type NetDevice } from '../virtio/net/index.js';
 import { MMIO_QUEUE_NOTIFY, MMIO_SIZE, MmioTransport, mmioCmdlineFragment } from '../virtio/mmio.js';
+import { VirtioPciTransport } from '../virtio/pci.js';
+import type { VirtioTransport } from '../virtio/transport.js';
 import type { Bus } from './bus.js';
+import type { GsiRouting } from './irq-routing.js';
 import type { VmFd } from './kvm.js';
-import { virtioMmioSlot } from './layout.js';
+import { PCI_INTERRUPT_PIN_INTA_INDEX, pciIntxGsi, virtioMmioSlot } from './layout.js';
 import type { GuestMemory } from './memory.js';
 
 export { parseDiskOption, parseNetOption };
+
+/** How a virtio device reaches the guest. */
+export type VirtioTransportKind = 'pci' | 'mmio';
 
 export interface DiskConfig {
   path: string;
   readonly?: boolean;
   serial?: string;
+  /** Default: the VM's transport. */
+  transport?: VirtioTransportKind;
 }
 
 export interface NetConfig {
   tap: string;
   mac?: string;
+  /** Default: the VM's transport. */
+  transport?: VirtioTransportKind;
 }
 
 export interface VirtioDevicesOptions {
   vm: VmFd;
   mem: GuestMemory;
   mmio: Bus;
+  /** The PCI bus and the allocator that gives BARs their addresses. */
+  pci: { bus: PciBus; allocator: PciAllocator; routing: GsiRouting };
   /** The plain interrupt line for a GSI (KVM_IRQ_LINE), used where irqfd is missing. */
   irq: (gsi: number) => IrqLine;
   disks: DiskConfig[];
   nets: NetConfig[];
+  /** The transport of devices that do not choose one. */
+  transport: VirtioTransportKind;
+  /** True when ACPI describes the virtio-mmio devices (no command-line entries then). */
+  acpi: boolean;
   /** Seed for default MAC addresses: the VM name. */
   seed: string;
   log: Logger;
@@ -64,31 +86,91 @@ class IrqfdLine implements IrqLine {
   }
 }
 
+/**
+ * A virtio-pci device's MSI-X vectors as KVM sees them: each vector that
+ * the guest unmasked gets a GSI whose route is its message, and an irqfd on
+ * that GSI, so firing it is one eventfd write.
+ */
+class KvmMsiSink implements MsiSink {
+  private readonly vectors = new Map<number, { gsi: number; fd: number }>();
+
+  constructor(
+    private readonly mgr: VirtioDevices,
+    private readonly vm: VmFd,
+    private readonly routing: GsiRouting | undefined,
+    private readonly counter: { irqs: number },
+  ) {}
+
+  update(vector: number, message: MsiMessage | undefined): void {
+    if (!this.routing) return;
+    let v = this.vectors.get(vector);
+    if (message === undefined) {
+      if (v) this.routing.setMsi(v.gsi, undefined);
+      return;
+    }
+    if (!v) {
+      v = { gsi: this.routing.allocate(), fd: this.mgr.eventfd() };
+      this.vectors.set(vector, v);
+      this.routing.setMsi(v.gsi, message);
+      this.vm.addon.irqfd(this.vm.fd, v.fd, v.gsi, 0);
+      return;
+    }
+    this.routing.setMsi(v.gsi, message);
+  }
+
+  fire(vector: number, message: MsiMessage): void {
+    this.counter.irqs++;
+    const v = this.vectors.get(vector);
+    if (v) this.vm.addon.eventfdWrite(v.fd, 1);
+    else this.vm.addon.signalMsi(this.vm.fd, message.address, message.data);
+  }
+}
+
 interface Attached {
   name: string;
-  transport: MmioTransport;
-  device: BlkDevice | NetDevice;
+  transport: VirtioTransport;
   kind: 'blk' | 'net';
+  device: BlkDevice | NetDevice;
+}
+
+/** A virtio-mmio device as the firmware must describe it. */
+export interface MmioSlot {
+  base: number;
+  size: number;
+  gsi: number;
 }
 
 export class VirtioDevices {
   readonly cmdlineFragments: string[] = [];
+  /** The virtio-mmio devices, for the ACPI DSDT. */
+  readonly mmioSlots: MmioSlot[] = [];
   private readonly attached: Attached[] = [];
+  private readonly devicesToClose: Array<BlkDevice | NetDevice> = [];
   private readonly fds: number[] = [];
   private readonly polls: number[] = [];
   private closed = false;
 
   private constructor(private readonly addon: NativeAddon) {}
 
+  /** A new eventfd that close() releases. */
+  eventfd(): number {
+    const fd = this.addon.eventfd(0);
+    this.fds.push(fd);
+    return fd;
+  }
+
   static async create(opts: VirtioDevicesOptions): Promise<VirtioDevices> {
     const addon = opts.vm.addon;
     const mgr = new VirtioDevices(addon);
-    const useIrqfd = opts.vm.kvm.hasCap('KVM_CAP_IRQFD');
-    const useIoeventfd = opts.vm.kvm.hasCap('KVM_CAP_IOEVENTFD');
+    const kvm = opts.vm.kvm;
+    const useIrqfd = kvm.hasCap('KVM_CAP_IRQFD');
+    const useIoeventfd = kvm.hasCap('KVM_CAP_IOEVENTFD');
+    const msiRouting = useIrqfd && kvm.hasCap('KVM_CAP_IRQ_ROUTING') ? opts.pci.routing : undefined;
     try {
-      const devices: Array<{ kind: 'blk' | 'net'; make: () => BlkDevice | NetDevice }> = [
+      const devices: Array<{ kind: 'blk' | 'net'; transport: VirtioTransportKind; make: () => BlkDevice | NetDevice }> = [
         ...opts.disks.map((d, i) => ({
           kind: 'blk' as const,
+          transport: d.transport ?? opts.transport,
           make: () =>
             createBlkDevice(
               { path: d.path, readonly: d.readonly ?? false, ...(d.serial !== undefined ? { serial: d.serial } : {}) },
@@ -97,6 +179,7 @@ export class VirtioDevices {
         })),
         ...opts.nets.map((n, i) => ({
           kind: 'net' as const,
+          transport: n.transport ?? opts.transport,
           make: () =>
             createNetDevice(
               { tap: n.tap, ...(n.mac !== undefined ? { mac: n.mac } : {}) },
@@ -104,39 +187,19 @@ export class VirtioDevices {
             ),
         })),
       ];
-      let blkIndex = 0;
-      let netIndex = 0;
-      devices.forEach((spec, slotIndex) => {
-        const slot = virtioMmioSlot(slotIndex);
-        const name = spec.kind === 'blk' ? `blk${blkIndex++}` : `net${netIndex++}`;
+      const counts = { blk: 0, net: 0 };
+      for (const spec of devices) {
+        const name = `${spec.kind}${counts[spec.kind]++}`;
         const device = spec.make();
         // Registered before anything else can fail, so close() releases it.
-        mgr.attached.push({ name, device, kind: spec.kind, transport: undefined as unknown as MmioTransport });
-        const plain = opts.irq(slot.irq);
-        let irq: IrqLine = plain;
-        if (useIrqfd) {
-          const efd = addon.eventfd(0);
-          mgr.fds.push(efd);
-          addon.irqfd(opts.vm.fd, efd, slot.irq, 0);
-          irq = new IrqfdLine(addon, efd, plain, opts.counter);
-        }
-        const transport = new MmioTransport(device, { memory: opts.mem, irq, logger: opts.log.child({ dev: name }) });
-        mgr.attached[mgr.attached.length - 1]!.transport = transport;
-        opts.mmio.insert(transport, slot.base, MMIO_SIZE, `virtio-${name}`);
-        if (useIoeventfd) {
-          device.queueMaxSizes.forEach((_size, queue) => {
-            const efd = addon.eventfd(0);
-            mgr.fds.push(efd);
-            addon.ioeventfd(opts.vm.fd, slot.base + MMIO_QUEUE_NOTIFY, 4, efd, addon.constants.KVM_IOEVENTFD_FLAG_DATAMATCH!, queue);
-            mgr.polls.push(
-              addon.pollStart(efd, () => {
-                if (addon.eventfdRead(efd) > 0) transport.notifyQueue(queue);
-              }),
-            );
-          });
-        }
-        mgr.cmdlineFragments.push(mmioCmdlineFragment(slot.base, slot.irq));
-      });
+        mgr.devicesToClose.push(device);
+        const logger = opts.log.child({ dev: name });
+        const transport =
+          spec.transport === 'mmio'
+            ? mgr.attachMmio(opts, device, name, logger, useIrqfd, useIoeventfd)
+            : mgr.attachPci(opts, device, name, logger, msiRouting, useIoeventfd);
+        mgr.attached.push({ name, transport, kind: spec.kind, device });
+      }
     } catch (err) {
       mgr.close();
       throw err;
@@ -144,11 +207,95 @@ export class VirtioDevices {
     return mgr;
   }
 
+  private attachMmio(
+    opts: VirtioDevicesOptions,
+    device: BlkDevice | NetDevice,
+    name: string,
+    logger: Logger,
+    useIrqfd: boolean,
+    useIoeventfd: boolean,
+  ): MmioTransport {
+    const slot = virtioMmioSlot(this.mmioSlots.length);
+    const plain = opts.irq(slot.irq);
+    let irq: IrqLine = plain;
+    if (useIrqfd) {
+      const efd = this.eventfd();
+      this.addon.irqfd(opts.vm.fd, efd, slot.irq, 0);
+      irq = new IrqfdLine(this.addon, efd, plain, opts.counter);
+    }
+    const transport = new MmioTransport(device, { memory: opts.mem, irq, logger });
+    opts.mmio.insert(transport, slot.base, MMIO_SIZE, `virtio-${name}`);
+    if (useIoeventfd) {
+      device.queueMaxSizes.forEach((_size, queue) => {
+        this.watchNotify(opts.vm, slot.base + MMIO_QUEUE_NOTIFY, 4, queue, transport);
+      });
+    }
+    this.mmioSlots.push({ base: slot.base, size: MMIO_SIZE, gsi: slot.irq });
+    if (!opts.acpi) this.cmdlineFragments.push(mmioCmdlineFragment(slot.base, slot.irq));
+    return transport;
+  }
+
+  private attachPci(
+    opts: VirtioDevicesOptions,
+    device: BlkDevice | NetDevice,
+    name: string,
+    logger: Logger,
+    routing: GsiRouting | undefined,
+    useIoeventfd: boolean,
+  ): VirtioPciTransport {
+    // The slot decides the INTx line; a device takes the next free slot.
+    const slot = opts.pci.bus.devices.length;
+    const gsi = pciIntxGsi(slot, PCI_INTERRUPT_PIN_INTA_INDEX);
+    const transport = new VirtioPciTransport(device, {
+      memory: opts.mem,
+      intx: opts.irq(gsi),
+      msi: new KvmMsiSink(this, opts.vm, routing, opts.counter),
+      interruptLine: gsi,
+      logger,
+    });
+    opts.pci.bus.add(transport, slot);
+    if (useIoeventfd) {
+      // Doorbells follow BAR 0 wherever the guest puts it.
+      let registered: Array<{ addr: number; queue: number; fd: number }> = [];
+      opts.pci.bus.onBarRemap((remap) => {
+        if (remap.device !== transport || remap.bar.index !== 0) return;
+        for (const r of registered) this.unwatchNotify(opts.vm, r.addr, r.fd, r.queue);
+        registered = [];
+        if (remap.address === undefined) return;
+        const base = remap.address;
+        device.queueMaxSizes.forEach((_size, queue) => {
+          const addr = base + transport.notifyOffset(queue);
+          registered.push({ addr, queue, fd: this.watchNotify(opts.vm, addr, 2, queue, transport) });
+        });
+      });
+    }
+    opts.pci.allocator.assign(transport);
+    return transport;
+  }
+
+  /** An ioeventfd on a doorbell (datamatch = queue) and a watch that notifies the queue. Returns the eventfd. */
+  private watchNotify(vm: VmFd, addr: number, len: number, queue: number, transport: VirtioTransport): number {
+    const efd = this.eventfd();
+    this.addon.ioeventfd(vm.fd, addr, len, efd, this.addon.constants.KVM_IOEVENTFD_FLAG_DATAMATCH!, queue);
+    this.polls.push(
+      this.addon.pollStart(efd, () => {
+        if (this.addon.eventfdRead(efd) > 0) transport.notifyQueue(queue);
+      }),
+    );
+    return efd;
+  }
+
+  /** Removes a doorbell's ioeventfd (the BAR moved); its eventfd and watch stay until close(). */
+  private unwatchNotify(vm: VmFd, addr: number, fd: number, queue: number): void {
+    const c = this.addon.constants;
+    this.addon.ioeventfd(vm.fd, addr, 2, fd, c.KVM_IOEVENTFD_FLAG_DATAMATCH! | c.KVM_IOEVENTFD_FLAG_DEASSIGN!, queue);
+  }
+
   /** Per-device and per-transport counters. */
   stats(): Record<string, unknown> {
     const out: Record<string, unknown> = {};
     for (const a of this.attached) {
-      out[a.name] = { ...a.device.stats, transport: a.transport ? { ...a.transport.stats } : undefined };
+      out[a.name] = { ...a.device.stats, transport: { kind: a.transport instanceof MmioTransport ? 'mmio' : 'pci', ...a.transport.stats } };
     }
     return out;
   }
@@ -163,7 +310,7 @@ export class VirtioDevices {
     if (this.closed) return;
     this.closed = true;
     for (const p of this.polls.splice(0)) this.addon.pollClose(p);
-    for (const a of this.attached) a.device.close();
+    for (const d of this.devicesToClose) d.close();
     for (const fd of this.fds.splice(0)) this.addon.close(fd);
   }
 }

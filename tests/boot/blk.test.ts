@@ -40,6 +40,9 @@ describe.skipIf(noKvm !== undefined)(`virtio-blk${noKvm ? ` (skipped: ${noKvm})`
       // The serial from --disk ...,serial= reaches the guest (GET_ID).
       expect((await guest.run('cat /sys/block/vda/serial')).out.trim()).toBe('tsvmm-data');
       expect((await guest.run('cat /sys/block/vdb/ro')).out.trim()).toBe('1');
+      // The default transport: virtio-pci functions, interrupting by MSI-X.
+      expect((await guest.run('readlink -f /sys/block/vda/device')).out).toMatch(/pci0000:00/);
+      expect((await guest.run('grep -c PCI-MSI /proc/interrupts')).out.trim()).not.toBe('0');
 
       expect((await guest.run('mkdir -p /mnt/a /mnt/b && mount -t ext4 /dev/vda /mnt/a')).status).toBe(0);
       const sum = await guest.run('md5sum /mnt/a/random.bin');

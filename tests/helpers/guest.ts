@@ -39,7 +39,7 @@ export const PROMPT = /# (?:\x1b\[6n)?$/;
 
 /** The kernel command line the boot tests use, plus extra parameters. */
 export function testCmdline(extra = ''): string {
-  return `console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd ${extra}`.trim();
+  return `console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd ${extra}`.trim();
 }
 
 /** A booted guest whose console the test reads and types into. */

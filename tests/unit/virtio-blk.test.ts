@@ -514,6 +514,8 @@ describe('virtio-blk: --disk option', () => {
   it('parses a path with readonly and serial', () => {
     expect(parseDiskOption('/images/root.img')).toEqual({ path: '/images/root.img', readonly: false });
     expect(parseDiskOption('a.img,readonly,serial=vol-1')).toEqual({ path: 'a.img', readonly: true, serial: 'vol-1' });
+    expect(parseDiskOption('b.img,transport=mmio')).toEqual({ path: 'b.img', readonly: false, transport: 'mmio' });
+    expect(() => parseDiskOption('b.img,transport=usb')).toThrow(/transport must be pci or mmio/);
   });
 
   it.each([

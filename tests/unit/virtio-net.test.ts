@@ -367,6 +367,8 @@ describe('virtio-net: options and MAC addresses', () => {
   it('parses tap and mac', () => {
     expect(parseNetOption('tap=tap0')).toEqual({ tap: 'tap0' });
     expect(parseNetOption('tap=vm-net1,mac=52:54:00:AB:cd:01')).toEqual({ tap: 'vm-net1', mac: '52:54:00:ab:cd:01' });
+    expect(parseNetOption('tap=tap1,transport=mmio')).toEqual({ tap: 'tap1', transport: 'mmio' });
+    expect(() => parseNetOption('tap=tap1,transport=isa')).toThrow(/transport must be pci or mmio/);
   });
 
   it.each([

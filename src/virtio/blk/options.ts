@@ -1,4 +1,4 @@
-/** The `--disk <path>[,readonly][,serial=<id>]` option. */
+/** The `--disk <path>[,readonly][,serial=<id>][,transport=pci|mmio]` option. */
 import { BlkError } from './errors.js';
 
 /** Length of the GET_ID answer: the serial is at most this many bytes. */
@@ -11,6 +11,8 @@ export interface DiskOptions {
   readonly readonly: boolean;
   /** Answer to GET_ID (printable ASCII, at most 20 bytes); none means an empty ID. */
   readonly serial?: string;
+  /** The virtio transport for this disk; absent means the VM's default. */
+  readonly transport?: 'pci' | 'mmio';
 }
 
 /**
@@ -28,6 +30,7 @@ export function parseDiskOption(spec: string): DiskOptions {
   }
   let readonly = false;
   let serial: string | undefined;
+  let transport: 'pci' | 'mmio' | undefined;
   for (const item of rest) {
     const eq = item.indexOf('=');
     const key = eq < 0 ? item : item.slice(0, eq);
@@ -55,12 +58,18 @@ export function parseDiskOption(spec: string): DiskOptions {
         }
         serial = value;
         break;
+      case 'transport':
+        if (value !== 'pci' && value !== 'mmio') {
+          throw new BlkError('BAD_OPTION', `--disk ${spec}: transport must be pci or mmio`);
+        }
+        transport = value;
+        break;
       default:
         throw new BlkError(
           'BAD_OPTION',
-          `--disk ${spec}: unknown option ${JSON.stringify(item)} (expected readonly or serial=<id>; paths with commas are not supported)`,
+          `--disk ${spec}: unknown option ${JSON.stringify(item)} (expected readonly, serial=<id> or transport=pci|mmio; paths with commas are not supported)`,
         );
     }
   }
-  return serial === undefined ? { path, readonly } : { path, readonly, serial };
+  return { path, readonly, ...(serial !== undefined ? { serial } : {}), ...(transport !== undefined ? { transport } : {}) };
 }

@@ -1,4 +1,4 @@
-/** The `--net tap=<name>[,mac=<aa:bb:cc:dd:ee:ff>]` option and MAC address helpers. */
+/** The `--net tap=<name>[,mac=<aa:bb:cc:dd:ee:ff>][,transport=pci|mmio]` option and MAC address helpers. */
 import { createHash } from 'node:crypto';
 import { NetError } from './errors.js';
 
@@ -11,6 +11,8 @@ export interface NetOptions {
   readonly tap: string;
   /** MAC address as lower-case `aa:bb:cc:dd:ee:ff`; absent means "derive one". */
   readonly mac?: string;
+  /** The virtio transport for this card; absent means the VM's default. */
+  readonly transport?: 'pci' | 'mmio';
 }
 
 /**
@@ -20,6 +22,7 @@ export interface NetOptions {
 export function parseNetOption(spec: string): NetOptions {
   let tap: string | undefined;
   let mac: string | undefined;
+  let transport: 'pci' | 'mmio' | undefined;
   for (const item of spec.split(',')) {
     const eq = item.indexOf('=');
     const key = eq < 0 ? item : item.slice(0, eq);
@@ -34,17 +37,21 @@ export function parseNetOption(spec: string): NetOptions {
         if (!value) throw new NetError('BAD_OPTION', `--net ${spec}: 'mac' needs a value (mac=aa:bb:cc:dd:ee:ff)`);
         mac = formatMac(parseMac(value, `--net ${spec}: `));
         break;
+      case 'transport':
+        if (value !== 'pci' && value !== 'mmio') throw new NetError('BAD_OPTION', `--net ${spec}: transport must be pci or mmio`);
+        transport = value;
+        break;
       default:
         throw new NetError(
           'BAD_OPTION',
-          `--net ${spec}: unknown option ${JSON.stringify(item)} (expected tap=<name>[,mac=<aa:bb:cc:dd:ee:ff>])`,
+          `--net ${spec}: unknown option ${JSON.stringify(item)} (expected tap=<name>[,mac=<aa:bb:cc:dd:ee:ff>][,transport=pci|mmio])`,
         );
     }
   }
   if (tap === undefined) {
     throw new NetError('BAD_OPTION', `--net ${spec}: 'tap=<name>' is required (a TAP interface, e.g. tap=tap0)`);
   }
-  return mac === undefined ? { tap } : { tap, mac };
+  return { tap, ...(mac !== undefined ? { mac } : {}), ...(transport !== undefined ? { transport } : {}) };
 }
 
 function checkIfName(spec: string, value: string | undefined): string {

@@ -64,6 +64,8 @@ export interface LoadLinuxOptions {
   initrd?: Uint8Array;
   cmdline: string;
   mode?: BootMode;
+  /** The ACPI RSDP's address, passed in the zero page (boot protocol 2.14). */
+  acpiRsdpAddr?: number;
 }
 
 /** What the vCPU code needs to start the kernel, and where things went. */
@@ -164,6 +166,7 @@ export async function loadLinux(mem: GuestMemory, opts: LoadLinuxOptions): Promi
     ...(plan.code32Start !== undefined ? { code32Start: plan.code32Start } : {}),
     ...(initrdRange ? { initrd: { addr: initrdRange.start, size: initrdRange.end - initrdRange.start } } : {}),
     e820,
+    ...(opts.acpiRsdpAddr !== undefined ? { acpiRsdpAddr: opts.acpiRsdpAddr } : {}),
   });
   mem.write(ZERO_PAGE_START, zeroPage);
   const cpu = setupLongMode(mem, plan.entry, ZERO_PAGE_START);

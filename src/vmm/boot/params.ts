@@ -29,6 +29,8 @@ import { BootError } from './errors.js';
 
 /** boot_params fields outside the setup header (bootparam.h). */
 export const BP = {
+  /** Physical address of the ACPI RSDP (boot protocol 2.14). */
+  ACPI_RSDP_ADDR: 0x070,
   EXT_RAMDISK_IMAGE: 0x0c0,
   EXT_RAMDISK_SIZE: 0x0c4,
   EXT_CMD_LINE_PTR: 0x0c8,
@@ -160,6 +162,8 @@ export interface BootParamsOptions {
   code32Start?: number;
   initrd?: { addr: number; size: number };
   e820: readonly E820Entry[];
+  /** Where the ACPI RSDP is, so the kernel need not scan for it. */
+  acpiRsdpAddr?: number;
 }
 
 /**
@@ -184,6 +188,8 @@ export function buildBootParams(opts: BootParamsOptions): Uint8Array {
     setSplit(dv, HDR.RAMDISK_IMAGE, BP.EXT_RAMDISK_IMAGE, opts.initrd.addr);
     setSplit(dv, HDR.RAMDISK_SIZE, BP.EXT_RAMDISK_SIZE, opts.initrd.size);
   }
+
+  if (opts.acpiRsdpAddr !== undefined) dv.setBigUint64(BP.ACPI_RSDP_ADDR, BigInt(opts.acpiRsdpAddr), true);
 
   if (opts.e820.length > E820_MAX_ENTRIES) {
     throw new BootError('corrupt', `e820 map has ${opts.e820.length} entries; the zero page holds ${E820_MAX_ENTRIES}`);
