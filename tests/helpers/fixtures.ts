@@ -19,6 +19,13 @@ export interface Fixtures {
   readonly bzImageZstd: string;
   /** The same kernel as an uncompressed ELF with symbols and a PVH entry note. */
   readonly vmlinux: string;
+  /**
+   * The same configuration built from unpatched Linux (no stranded-SYSCALL
+   * patch), gzip bzImage: boots only on hardware-virtualised KVM.
+   */
+  readonly stockBzImage: string;
+  /** System.map of the stock kernel. */
+  readonly stockSystemMap: string;
   /** System.map of that kernel (symbol addresses, for RIP sampling). */
   readonly systemMap: string;
   /** The kernel's full .config. */
@@ -33,6 +40,22 @@ export interface Fixtures {
   readonly busybox: string;
   /** fixtures/make-ext4.sh: `make-ext4.sh SRC_DIR IMAGE SIZE_MIB` makes a disk at test time. */
   readonly makeExt4: string;
+  /**
+   * Debian's own distribution kernel (linux-image-6.1.0-*-amd64), the
+   * unmodified bzImage (xz payload, virtio drivers as modules). Boots only on
+   * hardware-virtualised KVM (tests/hosts/amdv/run.sh gives one).
+   */
+  readonly distroKernel: string;
+  /**
+   * initramfs.cpio.gz for `distroKernel`: busybox, the package's virtio and
+   * pvpanic modules, and an /init that insmods them (printing
+   * `insmod FAIL <name>` per failure and
+   * `TSVMM-DISTRO-MODULES loaded=<n> failed=<n>`), prints
+   * TSVMM-DISTRO-INIT-OK and starts the shell as `initramfs` does.
+   */
+  readonly distroInitramfs: string;
+  /** `uname -r` of `distroKernel`, for example "6.1.0-57-amd64". */
+  readonly distroRelease: string;
 }
 
 const REQUIRED_PATHS = [
@@ -40,12 +63,16 @@ const REQUIRED_PATHS = [
   'bzImageXz',
   'bzImageZstd',
   'vmlinux',
+  'stockBzImage',
+  'stockSystemMap',
   'systemMap',
   'kernelConfig',
   'initramfs',
   'rootfs',
   'busybox',
   'makeExt4',
+  'distroKernel',
+  'distroInitramfs',
 ] as const satisfies readonly (keyof Fixtures)[];
 
 /** The tsvmm cache directory: `$TSVMM_CACHE`, or `~/.cache/tsvmm`. */
@@ -74,7 +101,7 @@ export function fixtures(): Fixtures {
     throw new Error(`test fixtures not built: ${path} is missing; run \`npm run fixtures\``);
   }
   const raw = JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
-  for (const key of [...REQUIRED_PATHS, 'kernelRelease'] as const) {
+  for (const key of [...REQUIRED_PATHS, 'kernelRelease', 'distroRelease'] as const) {
     if (typeof raw[key] !== 'string') {
       throw new Error(`${path}: "${key}" is missing or not a string; run \`npm run fixtures\``);
     }
