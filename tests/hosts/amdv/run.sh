@@ -86,6 +86,9 @@ console=$job/console.log qemu_log=$job/qemu.log
   for e in "${envs[@]}"; do printf 'export %q\n' "$e"; done
   printf 'cd -- %q || { echo "[amdv] cannot cd to %q in L1" >&2; exit 126; }\n' "$cwd" "$cwd"
   printf 'command -v %q >/dev/null || { echo "[amdv] %q: command not found in L1" >&2; exit 127; }\n' "$1" "$1"
+  # Works around a QEMU TCG artifact (see kvm-pin.py): pin L1 KVM's static keys first.
+  printf 'exec {pin}< <(exec python3 %q)\n' "$here/kvm-pin.py"
+  printf 'read -r -u "$pin" ready && [[ $ready == ready ]] || { echo "[amdv] kvm-pin.py did not start" >&2; exit 125; }\n'
   printf 'exec'
   printf ' %q' "$@"
   printf '\n'
