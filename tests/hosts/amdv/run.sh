@@ -56,8 +56,12 @@ vlog "L1 ready in $(since "$t0") s: $l1"
 
 cwd=$(pwd -P)
 case $cwd/ in
-  /tmp/* | /proc/* | /sys/* | /dev/* | /run/*)
-    fatal "the current directory $cwd is hidden in L1 (fresh /tmp, /proc, /sys, /dev, /run there): run from elsewhere" ;;
+  /proc/* | /sys/* | /dev/*)
+    fatal "the current directory $cwd is hidden in L1 (fresh /proc, /sys, /dev there): run from elsewhere" ;;
+  /tmp/* | /run/*)
+    # L1 mounts a fresh /tmp and /run: share this directory on its own (a
+    # clean clone in a temporary directory, as CI may make).
+    cwd_share=$cwd ;;
 esac
 if [[ -n $results ]]; then
   mkdir -p -- "$results" || fatal "cannot create --results $results"
@@ -71,6 +75,7 @@ console=$job/console.log qemu_log=$job/qemu.log
 : >"$job/stdout"
 : >"$job/stderr"
 [[ -n $results ]] && printf '%s\n' "$results" >"$job/results_path"
+[[ -n ${cwd_share:-} ]] && printf '%s\n' "$cwd_share" >"$job/cwd_path"
 
 # The command, as a bash script run in the chroot: exports, cd, exec.
 {
@@ -103,6 +108,7 @@ mapfile -t shares < <(
   share hostroot / readonly
   share job "$job"
   [[ -z $results ]] || share results "$results"
+  [[ -z ${cwd_share:-} ]] || share cwd "$cwd_share" readonly
 )
 qemu=(qemu-system-x86_64
   -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm,+npt,-xsave
