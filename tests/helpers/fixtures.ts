@@ -7,7 +7,8 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 /** Absolute paths (and a few facts) from `fixtures/manifest.json`. */
 export interface Fixtures {
@@ -106,7 +107,9 @@ export function fixtures(): Fixtures {
       throw new Error(`${path}: "${key}" is missing or not a string; run \`npm run fixtures\``);
     }
   }
-  const result = raw as unknown as Fixtures;
+  // The mkfs wrapper is this checkout's own script, not the one of whichever
+  // checkout last wrote the shared manifest.
+  const result = { ...(raw as unknown as Fixtures), makeExt4: join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'fixtures', 'make-ext4.sh') };
   // A cleaned cache with a stale manifest would otherwise fail far from here.
   for (const key of REQUIRED_PATHS) {
     if (!existsSync(result[key])) {
