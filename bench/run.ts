@@ -19,6 +19,7 @@ import { renderTable } from './lib/table.js';
 const MODULES: ReadonlyArray<{ name: string; file: string; load: () => Promise<Benchmark> }> = [
   { name: 'exit-loop', file: 'bench/exit-loop.ts', load: async () => (await import('./exit-loop.js')).exitLoop },
   { name: 'boot', file: 'bench/boot.ts', load: async () => (await import('./boot.js')).boot },
+  { name: 'boot-vs-qemu', file: 'bench/boot-vs-qemu.ts', load: async () => (await import('./boot-vs-qemu.js')).bootVsQemu },
   { name: 'disk', file: 'bench/disk.ts', load: async () => (await import('./disk.js')).disk },
   { name: 'net', file: 'bench/net.ts', load: async () => (await import('./net.js')).netThroughput },
   { name: 'smp', file: 'bench/smp.ts', load: async () => (await import('./smp.js')).smp },
