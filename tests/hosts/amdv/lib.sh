@@ -17,16 +17,10 @@ declare -A amdv_module_params=([kvm_amd]='npt=1 nested=0')
 
 # amdv_key PKG VER: the cache key, a hash of the scripts that make L1 and
 # of the package versions that go into it (as fixtures/build-all.sh does).
+# shellcheck source=../../../fixtures/lib/key.sh
+source "$amdv_repo/fixtures/lib/key.sh"
 amdv_key() {
-  local item
-  for item in "$amdv_dir/build.sh" "$amdv_dir/lib.sh" "$amdv_dir/init" \
+  content_key "$amdv_repo" "$amdv_dir/build.sh" "$amdv_dir/lib.sh" "$amdv_dir/init" \
     "$amdv_repo/fixtures/lib/debian-kernel.sh" \
-    "kernel $1 $2" "busybox $(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null)"; do
-    if [[ -f $item ]]; then
-      printf 'file %s\n' "${item#"$amdv_repo"/}"
-      sha256sum <"$item"
-    else
-      printf 'str %s\n' "$item"
-    fi
-  done | sha256sum | cut -c1-16
+    "kernel $1 $2" "busybox $(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null)"
 }
