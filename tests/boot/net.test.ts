@@ -10,7 +10,7 @@
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { probeHostOnce } from '../../src/vmm/probe.js';
 import { fixtures, type Fixtures } from '../helpers/fixtures.js';
 import { hardwareVirtUnavailable } from '../helpers/host.js';
@@ -36,6 +36,9 @@ function ns(...cmd: string[]): string {
   return execFileSync('ip', ['netns', 'exec', NS, ...cmd], { encoding: 'utf8' });
 }
 
+/** Sinks still running; each test's are stopped when it ends, so a failed one cannot hold the port. */
+const sinks: import('node:child_process').ChildProcess[] = [];
+
 /** A TCP sink on the host side, inside the namespace: prints "<bytes> <md5>" when the peer closes. */
 function startSink(): Promise<{ result: Promise<string> }> {
   const script = `
@@ -48,17 +51,22 @@ function startSink(): Promise<{ result: Promise<string> }> {
     srv.listen(${UP_PORT}, '${HOST_IP}', () => console.log('LISTENING'));
     setTimeout(() => process.exit(2), 600000).unref();`;
   const child = spawn('ip', ['netns', 'exec', NS, process.execPath, '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  sinks.push(child);
   let out = '';
   child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-  return new Promise((resolve) => {
+  const closed = new Promise<string>((done) => child.on('close', () => done(out.replace('LISTENING\n', '').trim())));
+  return new Promise((resolve, reject) => {
     const t = setInterval(() => {
       if (out.includes('LISTENING')) {
         clearInterval(t);
-        resolve({
-          result: new Promise((done) => child.on('close', () => done(out.replace('LISTENING\n', '').trim()))),
-        });
+        resolve({ result: closed });
       }
     }, 50);
+    // A sink that dies before it listens (port taken) fails the test at once.
+    void closed.then(() => {
+      clearInterval(t);
+      reject(new Error(`the TCP sink on ${HOST_IP}:${UP_PORT} exited before listening`));
+    });
   });
 }
 
@@ -85,6 +93,9 @@ describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (
     ns('ip', 'tuntap', 'add', 'dev', 'tap0', 'mode', 'tap');
     ns('ip', 'addr', 'add', `${HOST_IP}/24`, 'dev', 'tap0');
     ns('ip', 'link', 'set', 'tap0', 'up');
+  });
+  afterEach(() => {
+    for (const child of sinks.splice(0)) child.kill('SIGKILL');
   });
   afterAll(() => {
     execFileSync('ip', ['netns', 'del', NS]);

@@ -65,11 +65,11 @@ export class GuestSession {
 
   /** Resolves with the first match of `pattern` in the console output from `from` on. */
   async waitFor(pattern: RegExp, timeoutMs = BOOT_TIMEOUT_MS, from = 0): Promise<RegExpExecArray> {
-    const deadline = Date.now() + timeoutMs;
+    const deadline = performance.now() + timeoutMs;
     for (;;) {
       const m = pattern.exec(this.output.slice(from));
       if (m) return m;
-      const left = deadline - Date.now();
+      const left = deadline - performance.now();
       if (left <= 0) {
         throw new Error(`timed out waiting for ${pattern} on the guest console; last output:\n${this.output.slice(-2000)}`);
       }
@@ -162,9 +162,9 @@ export function runCli(
 
 /** Resolves when `out()` matches `pattern` (polling; for CLI children). */
 export async function until(out: () => string, pattern: RegExp, timeoutMs = BOOT_TIMEOUT_MS): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
+  const deadline = performance.now() + timeoutMs;
   while (!pattern.test(out())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${pattern}; output so far:\n${out().slice(-2000)}`);
+    if (performance.now() > deadline) throw new Error(`timed out waiting for ${pattern}; output so far:\n${out().slice(-2000)}`);
     await new Promise((r) => setTimeout(r, 200));
   }
 }
