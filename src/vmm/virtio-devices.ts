@@ -31,6 +31,9 @@ import type { GuestMemory } from './memory.js';
 
 export { parseDiskOption, parseNetOption };
 
+/** A virtio-pci doorbell write: the 16-bit queue index (virtio 1.2, 4.1.5.2). */
+const PCI_DOORBELL_LEN = 2;
+
 /** How a virtio device reaches the guest. */
 export type VirtioTransportKind = 'pci' | 'mmio';
 
@@ -227,7 +230,8 @@ export class VirtioDevices {
     opts.mmio.insert(transport, slot.base, MMIO_SIZE, `virtio-${name}`);
     if (useIoeventfd) {
       device.queueMaxSizes.forEach((_size, queue) => {
-        this.watchNotify(opts.vm, slot.base + MMIO_QUEUE_NOTIFY, 4, queue, transport);
+        const fd = this.doorbell(queue, transport);
+        this.addon.ioeventfd(opts.vm.fd, slot.base + MMIO_QUEUE_NOTIFY, 4, fd, this.addon.constants.KVM_IOEVENTFD_FLAG_DATAMATCH!, queue);
       });
     }
     this.mmioSlots.push({ base: slot.base, size: MMIO_SIZE, gsi: slot.irq });
@@ -255,28 +259,25 @@ export class VirtioDevices {
     });
     opts.pci.bus.add(transport, slot);
     if (useIoeventfd) {
-      // Doorbells follow BAR 0 wherever the guest puts it.
-      let registered: Array<{ addr: number; queue: number; fd: number }> = [];
+      // Doorbells follow BAR 0 wherever the guest puts it. The eventfds and
+      // their watches are made once; a remap only moves the ioeventfds.
+      const doorbells = device.queueMaxSizes.map((_size, queue) => ({ queue, fd: this.doorbell(queue, transport), addr: undefined as number | undefined }));
       opts.pci.bus.onBarRemap((remap) => {
         if (remap.device !== transport || remap.bar.index !== 0) return;
-        for (const r of registered) this.unwatchNotify(opts.vm, r.addr, r.fd, r.queue);
-        registered = [];
-        if (remap.address === undefined) return;
-        const base = remap.address;
-        device.queueMaxSizes.forEach((_size, queue) => {
-          const addr = base + transport.notifyOffset(queue);
-          registered.push({ addr, queue, fd: this.watchNotify(opts.vm, addr, 2, queue, transport) });
-        });
+        for (const d of doorbells) {
+          if (d.addr !== undefined) this.assignDoorbell(opts.vm, d.addr, PCI_DOORBELL_LEN, d.fd, d.queue, false, logger);
+          d.addr = remap.address === undefined ? undefined : remap.address + transport.notifyOffset(d.queue);
+          if (d.addr !== undefined && !this.assignDoorbell(opts.vm, d.addr, PCI_DOORBELL_LEN, d.fd, d.queue, true, logger)) d.addr = undefined;
+        }
       });
     }
     opts.pci.allocator.assign(transport);
     return transport;
   }
 
-  /** An ioeventfd on a doorbell (datamatch = queue) and a watch that notifies the queue. Returns the eventfd. */
-  private watchNotify(vm: VmFd, addr: number, len: number, queue: number, transport: VirtioTransport): number {
+  /** An eventfd for queue `queue`'s doorbell, watched on the event loop: each signal notifies the queue. */
+  private doorbell(queue: number, transport: VirtioTransport): number {
     const efd = this.eventfd();
-    this.addon.ioeventfd(vm.fd, addr, len, efd, this.addon.constants.KVM_IOEVENTFD_FLAG_DATAMATCH!, queue);
     this.polls.push(
       this.addon.pollStart(efd, () => {
         if (this.addon.eventfdRead(efd) > 0) transport.notifyQueue(queue);
@@ -285,10 +286,22 @@ export class VirtioDevices {
     return efd;
   }
 
-  /** Removes a doorbell's ioeventfd (the BAR moved); its eventfd and watch stay until close(). */
-  private unwatchNotify(vm: VmFd, addr: number, fd: number, queue: number): void {
+  /**
+   * Binds (or unbinds) a doorbell's eventfd to a guest address with
+   * datamatch = queue. Where KVM refuses (the guest put two BARs on one
+   * address), the write still reaches the transport as an MMIO exit:
+   * logged, and false returned.
+   */
+  private assignDoorbell(vm: VmFd, addr: number, len: number, fd: number, queue: number, assign: boolean, log: Logger): boolean {
     const c = this.addon.constants;
-    this.addon.ioeventfd(vm.fd, addr, 2, fd, c.KVM_IOEVENTFD_FLAG_DATAMATCH! | c.KVM_IOEVENTFD_FLAG_DEASSIGN!, queue);
+    const flags = c.KVM_IOEVENTFD_FLAG_DATAMATCH! | (assign ? 0 : c.KVM_IOEVENTFD_FLAG_DEASSIGN!);
+    try {
+      this.addon.ioeventfd(vm.fd, addr, len, fd, flags, queue);
+      return true;
+    } catch (err) {
+      log.debug({ err, addr: `0x${addr.toString(16)}`, queue, assign }, 'ioeventfd not changed; the doorbell exits instead');
+      return false;
+    }
   }
 
   /** Per-device and per-transport counters. */
