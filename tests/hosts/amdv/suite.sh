@@ -3,25 +3,73 @@
 # code (PVM), runs the boot and CLI tests again inside the emulated AMD-V
 # host (run.sh), where /dev/kvm is hardware-virtualised and stock kernels
 # boot. On a hardware-virtualised host the first half already ran them there.
+#
+# L1 is QEMU's TCG emulating a whole machine, and now and then its kernel
+# dies under the emulator (a lockup or a "stack guard page was hit" in its
+# own exception entry, with no L2 code on the stack). When that happens
+# (run.sh exits 125), the test files that had not ended run again in a
+# fresh L1, up to TSVMM_AMDV_ATTEMPTS times in all (default 3). A test that
+# fails is never run again: only files L1 did not let finish are.
+#
+# suite.sh [VITEST ARGS...]: with arguments, they go to vitest as they are
+# and the run is not retried.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 
 kind=$("$here/detect.sh")
 case $kind in
   hardware)
     echo "[amdv] /dev/kvm here is hardware-virtualised: the boot tests above ran on it; nothing more to run"
-    ;;
+    exit 0 ;;
   none)
     echo "[amdv] no /dev/kvm here: the boot tests were skipped, and an emulated AMD-V host needs a KVM host to be worth its time; nothing more to run"
-    ;;
-  pvm)
-    echo "[amdv] /dev/kvm here emulates guest kernel code: running the boot and CLI tests again inside the emulated AMD-V host"
-    cd "$repo"
-    exec "$here/run.sh" -- npx vitest run tests/boot tests/cli "$@"
-    ;;
-  *)
-    echo "[amdv] detect.sh said '$kind'" >&2
-    exit 1
-    ;;
+    exit 0 ;;
+  pvm) ;;
+  *) echo "[amdv] detect.sh said '$kind'" >&2; exit 1 ;;
 esac
+
+echo "[amdv] /dev/kvm here emulates guest kernel code: running the boot and CLI tests again inside the emulated AMD-V host"
+cd "$repo"
+vitest=(npx vitest run --reporter=default --reporter=./tests/hosts/amdv/recorder.ts)
+(($#)) && exec "$here/run.sh" -- "${vitest[@]}" "$@"
+
+attempts=${TSVMM_AMDV_ATTEMPTS:-3}
+[[ $attempts =~ ^[1-9][0-9]*$ ]] || die "TSVMM_AMDV_ATTEMPTS must be a positive number, not '$attempts'"
+files=(tests/boot/*.test.ts tests/cli/*.test.ts)
+record=$(mktemp -d "${TMPDIR:-/tmp}/tsvmm-amdv-record.XXXXXX")
+trap 'rm -rf "$record"' EXIT
+
+state_of() { local r="$record/${1//\//__}.state"; [[ -s $r ]] && read -r s _ <"$r" && echo "$s"; return 0; }
+
+rc=0 boots=0
+for ((attempt = 1; attempt <= attempts; attempt++)); do
+  remaining=()
+  for f in "${files[@]}"; do [[ -n $(state_of "$f") ]] || remaining+=("$f"); done
+  ((${#remaining[@]})) || break
+  if ((attempt > 1)); then
+    log "L1 died under the emulator (attempt $((attempt - 1)) of $attempts; its log is named above): running the ${#remaining[@]} test files that had not ended in a fresh L1"
+  fi
+  boots=$((boots + 1))
+  set +e
+  "$here/run.sh" --results "$record" --env TSVMM_AMDV_RECORD="$record" -- "${vitest[@]}" "${remaining[@]}"
+  rc=$?
+  set -e
+  ((rc == 125)) || break
+done
+
+failed=() unfinished=()
+for f in "${files[@]}"; do
+  case $(state_of "$f") in
+    failed) failed+=("$f") ;;
+    passed | skipped) ;;
+    *) unfinished+=("$f") ;;
+  esac
+done
+((${#failed[@]})) && log "failed in L1: ${failed[*]}"
+((${#unfinished[@]})) && log "did not end in L1: ${unfinished[*]}"
+if ((rc == 0)) && ((${#failed[@]} + ${#unfinished[@]})); then rc=1; fi
+((rc == 0)) && log "all ${#files[@]} boot and CLI test files ended well in L1 (L1 booted $boots time(s))"
+exit "$rc"
