@@ -21,9 +21,7 @@ export const PCI_DEVICE_ID_REDHAT_HOST_BRIDGE = 0x0008;
 /** Bridge device, host bridge (the class Linux's pci_sanity_check looks for). */
 export const PCI_CLASS_BRIDGE_HOST = 0x060000;
 
-/** Configuration mechanism #1: CONFIG_ADDRESS at 0xCF8, CONFIG_DATA at 0xCFC. */
-export const PCI_CONFIG_ADDRESS_PORT = 0xcf8;
-export const PCI_CONFIG_IO_SIZE = 8;
+/** Configuration mechanism #1: CONFIG_DATA 4 ports above CONFIG_ADDRESS (their ports: layout.ts). */
 const CONFIG_DATA_OFFSET = 4;
 /** CONFIG_ADDRESS: enable, bus 23:16, device 15:11, function 10:8, register 7:2; 30:24 and 1:0 read as 0. */
 export const PCI_CONFIG_ADDRESS_ENABLE = 0x8000_0000;
@@ -149,7 +147,7 @@ abstract class PciConfigAccess implements BusDevice {
 
 /**
  * Configuration mechanism #1 as a port-I/O device: insert it at 0xCF8
- * with length {@link PCI_CONFIG_IO_SIZE}. CONFIG_ADDRESS takes only DWORD
+ * with length `PCI_CONFIG_PORT_SIZE` (layout.ts). CONFIG_ADDRESS takes only DWORD
  * accesses (a byte write to 0xCFB, as Linux's pci_check_type1 does, is
  * not one and leaves it alone); CONFIG_DATA takes bytes, words and dwords
  * at any of its four byte offsets.
