@@ -6,15 +6,21 @@
  * serve the same exits, interleaved round by round (the order rotates each
  * round) so that load from other work on the host hits all three alike:
  *
- * - tsvmm: Vcpu.start, the path a real VM uses. A native thread loops on
- *   KVM_RUN and hands each exit to the main thread, where decodeExit and
- *   handleExit dispatch it to a device on a Bus.
+ * - tsvmm: Vcpu.start, the path a real VM's vCPU 0 uses: KVM_RUN runs on
+ *   the main thread in bursts between event-loop turns (a libuv idle
+ *   handle, a watcher thread kicking it out when the loop has work), and
+ *   each exit goes to decodeExit and handleExit, which dispatch it to a
+ *   device on a Bus.
+ * - thread: Vcpu.start({ on: 'thread' }), the path of an SMP guest's other
+ *   vCPUs: a native thread loops on KVM_RUN and hands each exit to the main
+ *   thread through a thread-safe function and a condition variable.
  * - sync: the same decode and dispatch, but KVM_RUN is called synchronously
  *   on the main thread through addon.runOnce: no thread handoff.
  * - C: bench/c/exit-loop.c, the same VM built with raw ioctls and a bare
  *   KVM_RUN loop: the floor on this host.
  *
- * So tsvmm - sync is the cost of the thread handoff, and sync - C the cost
+ * So thread - sync is the cost of the thread handoff, tsvmm - sync that of
+ * the event-loop integration (MakeCallback, the watcher), and sync - C the cost
  * of the N-API call plus the TypeScript decode and dispatch. Each sample
  * times the KVM_RUN loop only (first entry to hlt), not VM creation.
  *
@@ -42,12 +48,13 @@ const C_SOURCE = fileURLToPath(new URL('./c/exit-loop.c', import.meta.url));
 const OUT_DX_AL = 0xee;
 const NOP = 0x90;
 
-type Variant = 'tsvmm' | 'sync' | 'c' | 'guest';
-const VARIANTS: readonly Variant[] = ['tsvmm', 'sync', 'c', 'guest'];
+type Variant = 'tsvmm' | 'thread' | 'sync' | 'c' | 'guest';
+const VARIANTS: readonly Variant[] = ['tsvmm', 'thread', 'sync', 'c', 'guest'];
 const NEEDS_C: ReadonlySet<Variant> = new Set(['c', 'guest']);
 
 const LABELS: Record<Variant, string> = {
-  tsvmm: 'tsvmm: vCPU thread -> main thread (Vcpu.start)',
+  tsvmm: 'tsvmm: KVM_RUN on the event loop (Vcpu.start)',
+  thread: "thread: vCPU thread -> main thread (Vcpu.start({ on: 'thread' }))",
   sync: 'sync: addon.runOnce loop on the main thread',
   c: 'C: bench/c/exit-loop.c, raw ioctls',
   guest: 'guest alone: the loop with nop for out, in C (no exits)',
@@ -85,7 +92,7 @@ function checkCount(variant: Variant, got: number, want: number): void {
   if (got !== want) throw new Error(`exit-loop ${variant}: the guest made ${got} port writes, expected ${want}`);
 }
 
-async function runThreaded(kvm: Kvm, n: number): Promise<number> {
+async function runVcpu(kvm: Kvm, n: number, on: 'loop' | 'thread'): Promise<number> {
   const guest = TinyGuest.create(kvm, portWriteLoopCode(n));
   const { ctx, port } = benchExitContext();
   let end: bigint | undefined;
@@ -102,11 +109,13 @@ async function runThreaded(kvm: Kvm, n: number): Promise<number> {
     onError: (err) => {
       failure = err.message;
     },
+    on,
   });
   await guest.vcpu.stopped;
   guest.close();
-  if (failure !== undefined || end === undefined) throw new Error(`exit-loop tsvmm: ${failure ?? 'the vCPU stopped before hlt'}`);
-  checkCount('tsvmm', port.writes, n);
+  const variant = on === 'loop' ? 'tsvmm' : 'thread';
+  if (failure !== undefined || end === undefined) throw new Error(`exit-loop ${variant}: ${failure ?? 'the vCPU stopped before hlt'}`);
+  checkCount(variant, port.writes, n);
   return secondsSince(start, end) * 1e6;
 }
 
@@ -199,7 +208,9 @@ export const exitLoop: Benchmark = {
       const once = async (v: Variant): Promise<number> => {
         switch (v) {
           case 'tsvmm':
-            return runThreaded(kvm, n);
+            return runVcpu(kvm, n, 'loop');
+          case 'thread':
+            return runVcpu(kvm, n, 'thread');
           case 'sync':
             return runSync(kvm, n);
           case 'c':
@@ -249,7 +260,13 @@ export const exitLoop: Benchmark = {
         note: `ratio of medians; within-round ratios ${min(perRound).toFixed(2)} .. ${max(perRound).toFixed(2)}`,
       };
     };
-    for (const r of [ratio('tsvmm', 'c', 'tsvmm / C'), ratio('sync', 'c', 'sync / C'), ratio('tsvmm', 'sync', 'tsvmm / sync (cost of the thread handoff)')]) {
+    for (const r of [
+      ratio('tsvmm', 'c', 'tsvmm / C'),
+      ratio('tsvmm', 'sync', 'tsvmm / sync (cost of the event-loop integration)'),
+      ratio('thread', 'c', 'thread / C'),
+      ratio('thread', 'sync', 'thread / sync (cost of the thread handoff)'),
+      ratio('sync', 'c', 'sync / C'),
+    ]) {
       if (r) rows.push(r);
     }
     if (variants.includes('guest')) {
@@ -260,7 +277,7 @@ export const exitLoop: Benchmark = {
         label: 'tsvmm / C, guest time subtracted',
         value: round(exitOnly('tsvmm') / exitOnly('c'), 3),
         unit: 'x',
-        note: `exit alone: tsvmm ${exitOnly('tsvmm').toFixed(2)}, sync ${exitOnly('sync').toFixed(2)}, C ${exitOnly('c').toFixed(2)} us`,
+        note: `exit alone: tsvmm ${exitOnly('tsvmm').toFixed(2)}, thread ${exitOnly('thread').toFixed(2)}, sync ${exitOnly('sync').toFixed(2)}, C ${exitOnly('c').toFixed(2)} us`,
       });
       rows.push({ label: 'sync / C, guest time subtracted', value: round(exitOnly('sync') / exitOnly('c'), 3), unit: 'x' });
     }

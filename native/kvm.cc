@@ -17,6 +17,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -24,6 +25,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -479,6 +481,18 @@ struct VcpuThread {
   uint64_t* samples = nullptr;
   size_t sampleCap = 0;
   Napi::Reference<Napi::Value> samplesRef;
+
+  // On the event loop's own thread instead (StartVcpuOnLoop): no thread,
+  // an idle handle that runs KVM_RUN bursts, and the callback called there.
+  bool onLoop = false;
+  bool inBurst = false;
+  bool finished = false;
+  napi_env env = nullptr;
+  uv_idle_t idle{};
+  uv_prepare_t keepalive{};  // holds the loop open while the idle handle is stopped (during a burst)
+  Napi::FunctionReference cb;
+  napi_async_context asyncContext = nullptr;
+  struct LoopWatcher* watcher = nullptr;
 };
 
 std::map<int, VcpuThread*> g_vcpus;
@@ -631,9 +645,360 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, v->id);
 }
 
+// ---------------------------------------------------------------------------
+// vCPUs on the event loop's thread
+//
+// A vCPU started with StartVcpuOnLoop runs KVM_RUN on the JavaScript thread
+// itself, from a libuv idle handle: each turn of the event loop runs one
+// burst of KVM_RUN calls, and every exit is handed to the callback with
+// MakeCallback (so promise jobs and nextTicks run after each exit, as they
+// would after any I/O callback). No thread hand-off, no wake-up per exit:
+// the cost of an exit is KVM_RUN plus one call into JavaScript.
+//
+// A burst ends when the event loop has work. A watcher thread (one per
+// loop, Electron's model for embedding a second loop) polls libuv's backend
+// epoll fd with the loop's own timeout, computed just before the burst: when
+// an fd is ready or a timer is due it sets immediate_exit and signals the JS
+// thread, which leaves KVM_RUN with EINTR and returns to libuv. The kick
+// signal is blocked on the JS thread except inside KVM_RUN
+// (KVM_SET_SIGNAL_MASK), so it never interrupts the loop's own system
+// calls; a pending one is consumed with sigtimedwait, as QEMU does. A guest
+// idling in HLT sleeps in KVM_RUN: it costs the host nothing, and I/O wakes
+// it through the watcher.
+
+// A burst lasts at least this long before the watcher ends it, so that an
+// fd that stays ready (or a loop that always has work) cannot starve the
+// guest: every burst gets a slice of guest time.
+constexpr auto kMinSlice = std::chrono::microseconds(50);
+
+struct LoopWatcher {
+  uv_loop_t* loop = nullptr;
+  int epfd = -1;
+  int wakefd = -1;
+  std::thread thread;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool armed = false;
+  bool kicked = false;
+  bool quit = false;
+  uint64_t gen = 0;
+  int64_t dueMs = -1;  // when the loop's next timer is due, in uv_now() time; -1: none
+  pthread_t target{};
+  kvm_run* run = nullptr;
+  std::chrono::steady_clock::time_point armedAt;
+};
+
+std::map<uv_loop_t*, LoopWatcher*> g_watchers;
+
+void WatcherLoop(LoopWatcher* w) {
+  // The watcher must never take the kick signal itself.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, KickSignal());
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  for (;;) {
+    std::unique_lock<std::mutex> lock(w->mu);
+    w->cv.wait(lock, [w] { return w->armed || w->quit; });
+    if (w->quit) return;
+    uint64_t gen = w->gen;
+    int64_t due = w->dueMs;
+    auto armedAt = w->armedAt;
+    lock.unlock();
+    int timeout = -1;
+    if (due >= 0) {
+      int64_t left = due - static_cast<int64_t>(uv_hrtime() / 1000000);
+      timeout = left <= 0 ? 0 : static_cast<int>(left > INT32_MAX ? INT32_MAX : left);
+    }
+
+    epoll_event ev[4];
+    int n = epoll_wait(w->epfd, ev, 4, timeout);
+    if (n < 0 && errno == EINTR) continue;
+    bool ready = n == 0;  // timed out: a timer is due
+    for (int i = 0; i < n; i++) {
+      if (ev[i].data.fd == w->wakefd) {
+        uint64_t drain;
+        while (read(w->wakefd, &drain, sizeof drain) > 0) {
+        }
+      } else {
+        ready = true;
+      }
+    }
+    if (!ready) continue;  // woken because the burst ended or its deadline moved
+    auto elapsed = std::chrono::steady_clock::now() - armedAt;
+    if (elapsed < kMinSlice) std::this_thread::sleep_for(kMinSlice - elapsed);
+    lock.lock();
+    if (w->armed && w->gen == gen) {
+      w->armed = false;
+      w->kicked = true;
+      __atomic_store_n(&w->run->immediate_exit, 1, __ATOMIC_RELEASE);
+      pthread_kill(w->target, KickSignal());
+    }
+  }
+}
+
+LoopWatcher* WatcherFor(Napi::Env env, uv_loop_t* loop) {
+  auto it = g_watchers.find(loop);
+  if (it != g_watchers.end()) return it->second;
+  auto* w = new LoopWatcher();
+  w->loop = loop;
+  w->epfd = epoll_create1(EPOLL_CLOEXEC);
+  if (w->epfd < 0) {
+    int err = errno;
+    delete w;
+    ThrowErrno(env, "epoll_create1", err);
+  }
+  w->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  epoll_event ev = {};
+  ev.events = EPOLLIN;
+  ev.data.fd = w->wakefd;
+  int r1 = w->wakefd < 0 ? -1 : epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wakefd, &ev);
+  ev.data.fd = uv_backend_fd(loop);
+  int r2 = r1 < 0 ? -1 : epoll_ctl(w->epfd, EPOLL_CTL_ADD, ev.data.fd, &ev);
+  if (r2 < 0) {
+    int err = errno;
+    if (w->wakefd >= 0) close(w->wakefd);
+    close(w->epfd);
+    delete w;
+    ThrowErrno(env, "epoll_ctl (event loop watcher)", err);
+  }
+  w->thread = std::thread(WatcherLoop, w);
+  w->thread.detach();  // lives as long as the loop; ends with the process
+  g_watchers[loop] = w;
+  return w;
+}
+
+int64_t DueMs(uv_loop_t* loop, int timeoutMs) {
+  return timeoutMs < 0 ? -1 : static_cast<int64_t>(uv_now(loop)) + timeoutMs;
+}
+
+void Wake(LoopWatcher* w) {
+  uint64_t one = 1;
+  ssize_t r = write(w->wakefd, &one, sizeof one);
+  (void)r;  // a full counter already wakes it
+}
+
+void Arm(LoopWatcher* w, kvm_run* run, int64_t dueMs) {
+  {
+    std::lock_guard<std::mutex> lock(w->mu);
+    w->gen++;
+    w->armed = true;
+    w->kicked = false;
+    w->dueMs = dueMs;
+    w->target = pthread_self();
+    w->run = run;
+    w->armedAt = std::chrono::steady_clock::now();
+  }
+  w->cv.notify_one();
+}
+
+// Returns whether the watcher ended the burst.
+bool Disarm(LoopWatcher* w) {
+  bool wasArmed, kicked;
+  {
+    std::lock_guard<std::mutex> lock(w->mu);
+    wasArmed = w->armed;
+    kicked = w->kicked;
+    w->armed = false;
+    w->gen++;
+  }
+  if (wasArmed) Wake(w);
+  return kicked;
+}
+
+// An exit callback set a timer due sooner than the burst's deadline.
+void MoveDeadline(LoopWatcher* w, int64_t dueMs) {
+  {
+    std::lock_guard<std::mutex> lock(w->mu);
+    if (!w->armed) return;
+    w->dueMs = dueMs;
+  }
+  Wake(w);
+}
+
+// Whether handles started during the burst wait for the loop to add their
+// fds to its epoll set (libuv does that only when it polls): until then the
+// watcher cannot see them become ready, so the burst must end.
+bool LoopHasNewWatchers(uv_loop_t* loop) {
+  void* next;
+  memcpy(&next, &loop->watcher_queue, sizeof next);
+  return next != static_cast<void*>(&loop->watcher_queue);
+}
+
+// Consumes kick signals pending on this thread (blocked outside KVM_RUN, so
+// a kick that lands between two KVM_RUNs stays pending until taken here).
+void EatKickSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, KickSignal());
+  timespec zero = {0, 0};
+  while (sigtimedwait(&set, nullptr, &zero) > 0) {
+  }
+}
+
+// Calls the report callback on the loop thread; returns its VcpuAction.
+int LoopReport(VcpuThread* v, int report, int err) {
+  Napi::Env env(v->env);
+  Napi::HandleScope scope(env);
+  try {
+    Napi::Value ret = v->cb.Value().MakeCallback(env.Global(), {Napi::Number::New(env, report), Napi::Number::New(env, err)}, v->asyncContext);
+    return ret.IsNumber() ? ret.As<Napi::Number>().Int32Value() : kContinue;
+  } catch (const Napi::Error& e) {
+    // The TypeScript handler catches its own errors: reaching here is a bug.
+    // Stop this vCPU and raise it as an uncaught exception.
+    napi_fatal_exception(v->env, e.Value());
+    return kStop;
+  }
+}
+
+void FinishLoopVcpu(VcpuThread* v) {
+  v->finished = true;
+  uv_idle_stop(&v->idle);
+  LoopReport(v, kStopped, 0);
+  uv_close(reinterpret_cast<uv_handle_t*>(&v->keepalive), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&v->idle), [](uv_handle_t* h) {
+    // Closed after keepalive (close callbacks run in order).
+    auto* vt = static_cast<VcpuThread*>(h->data);
+    g_vcpus.erase(vt->id);
+    vt->cb.Reset();
+    vt->runRef.Reset();
+    vt->samplesRef.Reset();
+    napi_async_destroy(vt->env, vt->asyncContext);
+    delete vt;
+  });
+}
+
+void LoopBurst(uv_idle_t* handle) {
+  auto* v = static_cast<VcpuThread*>(handle->data);
+  if (v->finished) return;
+  Napi::HandleScope scope(Napi::Env(v->env));
+  if (v->stopRequested.load()) return FinishLoopVcpu(v);
+  if (v->kickRequested.exchange(false) && LoopReport(v, kKicked, 0) == kStop) return FinishLoopVcpu(v);
+  if (v->stopRequested.load()) return FinishLoopVcpu(v);
+
+  // The loop's own timeout, without this idle handle (which would make it
+  // 0): stopped for the burst, restarted after it; keepalive holds the loop.
+  uv_loop_t* loop = handle->loop;
+  uv_idle_stop(handle);
+  int timeout = uv_backend_timeout(loop);
+  int64_t due = DueMs(loop, timeout);
+
+  v->inBurst = true;
+  __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_RELAXED);
+  Arm(v->watcher, v->run, due);
+  bool stop = false;
+  for (;;) {
+    int r = ioctl(v->fd, KVM_RUN, 0);
+    int err = r < 0 ? errno : 0;
+    if (r < 0 && (err == EINTR || err == EAGAIN)) {
+      EatKickSignals();
+      __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_RELAXED);
+      if (v->stopRequested.load()) break;
+      if (v->sampleRequested.exchange(false)) RecordSample(v);
+      if (v->kickRequested.exchange(false) && LoopReport(v, kKicked, 0) == kStop) {
+        stop = true;
+        break;
+      }
+      bool kicked;
+      {
+        std::lock_guard<std::mutex> lock(v->watcher->mu);
+        kicked = v->watcher->kicked;
+      }
+      if (kicked) break;  // the loop has work: back to libuv
+      continue;           // some other signal: go on
+    }
+    if (LoopReport(v, r < 0 ? kError : kExit, err) == kStop) {
+      stop = true;
+      break;
+    }
+    if (v->stopRequested.load()) break;
+    if (v->sampleRequested.exchange(false)) RecordSample(v);
+    // What the callback asked of the loop: new fds to watch, work it must
+    // do now (an immediate, a pending callback, a handle closing), or a
+    // timer due before the burst's deadline.
+    if (LoopHasNewWatchers(loop)) break;
+    int t = uv_backend_timeout(loop);
+    if (t == 0) break;
+    int64_t d = DueMs(loop, t);
+    if (d >= 0 && (due < 0 || d < due)) {
+      due = d;
+      MoveDeadline(v->watcher, due);
+    }
+  }
+  Disarm(v->watcher);
+  v->inBurst = false;
+  if (stop || v->stopRequested.load()) return FinishLoopVcpu(v);
+  uv_idle_start(handle, LoopBurst);
+}
+
+Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = ArgInt(info, 0);
+  if (info.Length() < 3 || !info[1].IsArrayBuffer() || !info[2].IsFunction()) ThrowType(env, "startVcpuOnLoop(fd, run, onReport)");
+  Napi::ArrayBuffer run = info[1].As<Napi::ArrayBuffer>();
+  if (run.ByteLength() < sizeof(kvm_run)) ThrowType(env, "run must be the vCPU's kvm_run mapping");
+  uv_loop_t* loop = nullptr;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) ThrowType(env, "no event loop");
+  InstallKickHandler();
+  LoopWatcher* w = WatcherFor(env, loop);
+
+  // The kick signal: blocked on this thread, open only inside KVM_RUN.
+  sigset_t block, mask;
+  sigemptyset(&block);
+  sigaddset(&block, KickSignal());
+  pthread_sigmask(SIG_BLOCK, &block, nullptr);
+  pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+  sigdelset(&mask, KickSignal());
+  // The kernel's sigset is 64 bits on x86-64: the first 8 bytes of glibc's.
+  std::vector<uint8_t> buf(sizeof(kvm_signal_mask) + 8);
+  auto* km = reinterpret_cast<kvm_signal_mask*>(buf.data());
+  km->len = 8;
+  memcpy(km->sigset, &mask, 8);
+  // The ioctl number spelled out: its size field is sizeof(struct
+  // kvm_signal_mask) as C sees it (4); a C++ compiler sizes the struct with
+  // its zero-length array differently (8 here), which KVM refuses.
+  constexpr unsigned long kSetSignalMask = _IOC(_IOC_WRITE, KVMIO, 0x8b, sizeof(__u32));
+  if (ioctl(fd, kSetSignalMask, km) < 0) ThrowErrno(env, "KVM_SET_SIGNAL_MASK", errno);
+
+  auto* v = new VcpuThread();
+  v->id = g_nextVcpu++;
+  v->fd = fd;
+  v->onLoop = true;
+  v->env = env;
+  v->watcher = w;
+  v->tid = pthread_self();
+  // Safe: the buffer is the kvm_run mmap (size checked); runRef keeps it mapped.
+  v->run = static_cast<kvm_run*>(run.Data());
+  v->runRef = Napi::Persistent(run);
+  v->cb = Napi::Persistent(info[2].As<Napi::Function>());
+  if (napi_async_init(env, nullptr, Napi::String::New(env, "tsvmm-vcpu"), &v->asyncContext) != napi_ok) {
+    delete v;
+    ThrowType(env, "napi_async_init failed");
+  }
+  uv_idle_init(loop, &v->idle);
+  v->idle.data = v;
+  uv_idle_start(&v->idle, LoopBurst);
+  uv_prepare_init(loop, &v->keepalive);
+  v->keepalive.data = v;
+  uv_prepare_start(&v->keepalive, [](uv_prepare_t*) {});
+  v->started.store(true);
+  g_vcpus[v->id] = v;
+  return Napi::Number::New(env, v->id);
+}
+
 Napi::Value KickVcpu(const Napi::CallbackInfo& info) {
   VcpuThread* v = FindVcpu(info);
   bool sample = info.Length() > 1 && info[1].ToBoolean();
+  if (v->onLoop) {
+    // This thread is the vCPU's: outside a burst the vCPU is not in KVM_RUN,
+    // so a sample is taken now; inside one (an exit callback), after it.
+    if (sample && !v->inBurst)
+      RecordSample(v);
+    else if (sample)
+      v->sampleRequested.store(true);
+    else
+      v->kickRequested.store(true);
+    return info.Env().Undefined();
+  }
   if (sample)
     v->sampleRequested.store(true);
   else
@@ -646,7 +1011,9 @@ Napi::Value StopVcpu(const Napi::CallbackInfo& info) {
   auto it = g_vcpus.find(ArgInt(info, 0));
   if (it == g_vcpus.end()) return info.Env().Undefined();  // already gone: stopping twice is fine
   it->second->stopRequested.store(true);
-  Kick(it->second);
+  // A loop vCPU sees the flag after the current exit callback, or at its
+  // next idle turn; a threaded one is kicked out of KVM_RUN.
+  if (!it->second->onLoop) Kick(it->second);
   return info.Env().Undefined();
 }
 
@@ -1090,6 +1457,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   F("translate", Translate)
   F("runOnce", RunOnce)
   F("startVcpu", StartVcpu)
+  F("startVcpuOnLoop", StartVcpuOnLoop)
   F("kickVcpu", KickVcpu)
   F("stopVcpu", StopVcpu)
   F("setSampleBuffer", SetSampleBuffer)

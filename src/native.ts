@@ -270,6 +270,20 @@ export interface NativeAddon {
     onReport: (report: VcpuReport, errno: number) => VcpuAction,
   ): number;
   /**
+   * Runs the vCPU on the calling JavaScript thread instead of a thread of
+   * its own: a libuv idle handle runs bursts of KVM_RUN there, calling
+   * `onReport` (through MakeCallback, so promise jobs run after each exit)
+   * for every exit, until the event loop has work (a watcher thread polls
+   * the loop's backend fd with its timeout, then kicks the vCPU out with
+   * immediate_exit and a signal that is blocked on this thread outside
+   * KVM_RUN). Same reports and handle as startVcpu.
+   */
+  startVcpuOnLoop(
+    vcpuFd: number,
+    run: ArrayBuffer,
+    onReport: (report: VcpuReport, errno: number) => VcpuAction,
+  ): number;
+  /**
    * Makes the vCPU thread leave KVM_RUN soon (immediate_exit plus a signal).
    * With `sample` true, the thread records the guest RIP into the sample
    * buffer and re-enters without reporting; otherwise it reports Kicked.

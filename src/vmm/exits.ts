@@ -47,64 +47,95 @@ export type VcpuExit =
  * what the guest receives when it resumes.
  */
 export function decodeExit(run: Uint8Array, layout: NativeLayout['run']): VcpuExit {
-  const view = new DataView(run.buffer, run.byteOffset, run.byteLength);
-  const reason = view.getUint32(layout.exitReason, true);
-  switch (reason) {
-    case ExitReason.IO: {
-      const size = view.getUint8(layout.ioSize);
-      const count = view.getUint32(layout.ioCount, true);
-      const offset = Number(view.getBigUint64(layout.ioDataOffset, true));
-      const length = size * count;
-      if (offset + length > run.byteLength || length === 0) return { kind: 'other', reason };
-      return {
-        kind: 'io',
-        write: view.getUint8(layout.ioDirection) === KVM_EXIT_IO_OUT,
-        port: view.getUint16(layout.ioPort, true),
-        size,
-        count,
-        data: run.subarray(offset, offset + length),
-      };
-    }
-    case ExitReason.MMIO: {
-      const len = Math.min(view.getUint32(layout.mmioLen, true), 8);
-      return {
-        kind: 'mmio',
-        write: view.getUint8(layout.mmioIsWrite) !== 0,
-        addr: Number(view.getBigUint64(layout.mmioPhysAddr, true)),
-        data: run.subarray(layout.mmioData, layout.mmioData + len),
-      };
-    }
-    case ExitReason.HLT:
-      return { kind: 'hlt' };
-    case ExitReason.SHUTDOWN:
-      return { kind: 'shutdown' };
-    case ExitReason.FAIL_ENTRY:
-      return {
-        kind: 'fail-entry',
-        hardwareReason: view.getBigUint64(layout.failEntryReason, true),
-        cpu: view.getUint32(layout.failEntryCpu, true),
-      };
-    case ExitReason.INTERNAL_ERROR: {
-      const suberror = view.getUint32(layout.internalSuberror, true);
-      const ndata = Math.min(view.getUint32(layout.internalNdata, true), 16);
-      const data: bigint[] = [];
-      for (let i = 0; i < ndata; i++) data.push(view.getBigUint64(layout.internalData + i * 8, true));
-      let insn: Uint8Array | undefined;
-      if (suberror === KVM_INTERNAL_ERROR_EMULATION && ndata >= 2) {
-        const flags = view.getBigUint64(layout.emulationFlags, true);
-        if (flags & EMULATION_FLAG_INSTRUCTION_BYTES) {
-          const n = Math.min(view.getUint8(layout.emulationInsnSize), 15);
-          if (n > 0) insn = run.slice(layout.emulationInsnBytes, layout.emulationInsnBytes + n);
+  return new ExitDecoder(run, layout).decode();
+}
+
+/**
+ * decodeExit for one vCPU's kvm_run, exit after exit, with what it can
+ * reuse kept: the DataView, and the view of the I/O data, which KVM keeps
+ * at the same offset exit after exit. `data` is valid until the next decode.
+ */
+export class ExitDecoder {
+  private readonly view: DataView;
+  private ioData: Uint8Array;
+  private ioDataOffset = -1;
+  private readonly mmioData: Uint8Array[] = [];
+
+  constructor(
+    private readonly run: Uint8Array,
+    private readonly layout: NativeLayout['run'],
+  ) {
+    this.view = new DataView(run.buffer, run.byteOffset, run.byteLength);
+    this.ioData = run.subarray(0, 0);
+    for (let len = 0; len <= 8; len++) this.mmioData.push(run.subarray(layout.mmioData, layout.mmioData + len));
+  }
+
+  decode(): VcpuExit {
+    const { view, layout, run } = this;
+    const reason = view.getUint32(layout.exitReason, true);
+    switch (reason) {
+      case ExitReason.IO: {
+        const size = view.getUint8(layout.ioSize);
+        const count = view.getUint32(layout.ioCount, true);
+        // A u64 offset: the high half is 0 for any offset inside kvm_run.
+        const high = view.getUint32(layout.ioDataOffset + 4, true);
+        const offset = view.getUint32(layout.ioDataOffset, true);
+        const length = size * count;
+        if (high !== 0 || offset + length > run.byteLength || length === 0) return { kind: 'other', reason };
+        if (offset !== this.ioDataOffset || this.ioData.length !== length) {
+          this.ioData = run.subarray(offset, offset + length);
+          this.ioDataOffset = offset;
         }
+        return {
+          kind: 'io',
+          write: view.getUint8(layout.ioDirection) === KVM_EXIT_IO_OUT,
+          port: view.getUint16(layout.ioPort, true),
+          size,
+          count,
+          data: this.ioData,
+        };
       }
-      return { kind: 'internal-error', suberror, data, ...(insn ? { insn } : {}) };
+      case ExitReason.MMIO: {
+        const len = Math.min(view.getUint32(layout.mmioLen, true), 8);
+        return {
+          kind: 'mmio',
+          write: view.getUint8(layout.mmioIsWrite) !== 0,
+          addr: view.getUint32(layout.mmioPhysAddr, true) + view.getUint32(layout.mmioPhysAddr + 4, true) * 2 ** 32,
+          data: this.mmioData[len]!,
+        };
+      }
+      case ExitReason.HLT:
+        return { kind: 'hlt' };
+      case ExitReason.SHUTDOWN:
+        return { kind: 'shutdown' };
+      case ExitReason.FAIL_ENTRY:
+        return {
+          kind: 'fail-entry',
+          hardwareReason: view.getBigUint64(layout.failEntryReason, true),
+          cpu: view.getUint32(layout.failEntryCpu, true),
+        };
+      case ExitReason.INTERNAL_ERROR: {
+        const suberror = view.getUint32(layout.internalSuberror, true);
+        const ndata = Math.min(view.getUint32(layout.internalNdata, true), 16);
+        const data: bigint[] = [];
+        for (let i = 0; i < ndata; i++) data.push(view.getBigUint64(layout.internalData + i * 8, true));
+        let insn: Uint8Array | undefined;
+        if (suberror === KVM_INTERNAL_ERROR_EMULATION && ndata >= 2) {
+          const flags = view.getBigUint64(layout.emulationFlags, true);
+          if (flags & EMULATION_FLAG_INSTRUCTION_BYTES) {
+            const n = Math.min(view.getUint8(layout.emulationInsnSize), 15);
+            if (n > 0) insn = run.slice(layout.emulationInsnBytes, layout.emulationInsnBytes + n);
+          }
+        }
+        return { kind: 'internal-error', suberror, data, ...(insn ? { insn } : {}) };
+      }
+      case ExitReason.SYSTEM_EVENT:
+        return { kind: 'system-event', type: view.getUint32(layout.systemEventType, true) };
+      case ExitReason.INTR:
+        return { kind: 'intr' };
+      default:
+        return { kind: 'other', reason };
     }
-    case ExitReason.SYSTEM_EVENT:
-      return { kind: 'system-event', type: view.getUint32(layout.systemEventType, true) };
-    case ExitReason.INTR:
-      return { kind: 'intr' };
-    default:
-      return { kind: 'other', reason };
   }
 }
 
@@ -144,6 +175,11 @@ export function handleExit(exit: VcpuExit, ctx: ExitContext): ExitAction {
   switch (exit.kind) {
     case 'io': {
       // String I/O (rep ins/outs) arrives as `count` back-to-back elements.
+      if (exit.count === 1) {
+        if (exit.write) ctx.pio.write(exit.port, exit.data);
+        else ctx.pio.read(exit.port, exit.data);
+        return CONTINUE;
+      }
       for (let i = 0; i < exit.count; i++) {
         const el = exit.data.subarray(i * exit.size, (i + 1) * exit.size);
         if (exit.write) ctx.pio.write(exit.port, el);

@@ -442,6 +442,10 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
         },
         onKick: () => (this.stopping ? 'stop' : 'continue'),
         onError: (err) => this.finish(outcome('error', err.message, err)),
+        // vCPU 0 on the event loop's thread (no hand-off per exit); the
+        // others of an SMP guest on threads of their own, so they run in
+        // parallel with it.
+        on: vcpu.id === 0 ? 'loop' : 'thread',
       });
     });
     if (this.profiler) {

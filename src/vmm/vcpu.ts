@@ -20,7 +20,7 @@ import {
   type Sregs,
   type SregsUpdate,
 } from './cpu.js';
-import { decodeExit, type VcpuExit } from './exits.js';
+import { ExitDecoder, type VcpuExit } from './exits.js';
 import type { VmFd } from './kvm.js';
 
 export class VcpuError extends Error {
@@ -65,6 +65,7 @@ export class Vcpu {
   private readonly addon: NativeAddon;
   private readonly regsBuf: Uint8Array;
   private readonly sregsBuf: Uint8Array;
+  private readonly decoder: ExitDecoder;
   /** Set once the thread has reported Stopped. */
   private stoppedResolve!: () => void;
   readonly stopped: Promise<void>;
@@ -80,6 +81,7 @@ export class Vcpu {
     this.runBytes = new Uint8Array(this.run);
     this.regsBuf = new Uint8Array(this.addon.layout.regsSize);
     this.sregsBuf = new Uint8Array(this.addon.layout.sregs.size);
+    this.decoder = new ExitDecoder(this.runBytes, this.addon.layout.run);
     this.stopped = new Promise((resolve) => {
       this.stoppedResolve = resolve;
     });
@@ -201,23 +203,33 @@ export class Vcpu {
     return Number(view.getBigUint64(l.physicalAddress, true));
   }
 
-  /** The exit currently held in kvm_run. */
+  /** The exit currently held in kvm_run (its `data` is valid until the next exit). */
   currentExit(): VcpuExit {
-    return decodeExit(this.runBytes, this.addon.layout.run);
+    return this.decoder.decode();
   }
 
   /**
-   * Starts the vCPU thread. `onExit` runs on the main thread for every exit
-   * and must not throw; `onKick` for kicks; `onError` when KVM_RUN fails.
+   * Starts the vCPU. `onExit` runs on the main thread for every exit and
+   * must not throw; `onKick` for kicks; `onError` when KVM_RUN fails.
+   *
+   * `on: 'loop'` (the default) runs KVM_RUN on the main thread itself, in
+   * bursts between turns of the event loop: an exit costs KVM_RUN and one
+   * call into JavaScript. `on: 'thread'` gives the vCPU a native thread of
+   * its own, which hands each exit to the main thread and waits: it runs
+   * in parallel with the main thread and with the other vCPUs, at the cost
+   * of two thread wake-ups per exit. One vCPU per process is best on the
+   * loop; the machine puts the others of an SMP guest on threads.
    */
   start(handlers: {
     onExit: (exit: VcpuExit) => ExitResult;
     onKick?: () => ExitResult;
     onError: (err: VcpuError) => void;
+    on?: 'loop' | 'thread';
   }): void {
     if (this.handle !== undefined) throw new VcpuError(this.id, 'already started');
     this.running = true;
-    this.handle = this.addon.startVcpu(this.fd, this.run, (report, errno) => {
+    const start = (handlers.on ?? 'loop') === 'loop' ? this.addon.startVcpuOnLoop : this.addon.startVcpu;
+    this.handle = start.call(this.addon, this.fd, this.run, (report, errno) => {
       try {
         switch (report) {
           case VcpuReport.Exit:

@@ -11,7 +11,7 @@ import { Bus, BusError, type BusDevice } from '../../src/vmm/bus.js';
 import { decodeRegs, decodeSregs, encodeMsrs, encodeRegs, encodeSregs } from '../../src/vmm/cpu.js';
 import { cpuidForVcpu } from '../../src/vmm/cpuid.js';
 import { ConsoleStream, ConsoleWatcher } from '../../src/vmm/console.js';
-import { decodeExit, ExitReason, handleExit, type ExitContext, type VcpuExit } from '../../src/vmm/exits.js';
+import { decodeExit, ExitDecoder, ExitReason, handleExit, type ExitContext, type VcpuExit } from '../../src/vmm/exits.js';
 import { GuestMemory, GuestMemoryError } from '../../src/vmm/memory.js';
 import { mpTableSize, writeMpTable } from '../../src/vmm/mptable.js';
 import { parseMemorySize, VmConfigError } from '../../src/vmm/machine.js';
@@ -134,6 +134,39 @@ describe('exit decoding', () => {
     // Other internal errors never reach the fallback.
     handleExit({ kind: 'internal-error', suberror: 3, data: [] }, c);
     expect(seen).toHaveLength(2);
+  });
+
+  it('decodes exit after exit from one kvm_run: the data view follows offset and size, MMIO addresses above 4 GiB', () => {
+    const run = new Uint8Array(4096);
+    const v = new DataView(run.buffer);
+    const decoder = new ExitDecoder(run, RUN);
+    const io = (port: number, size: number, offset: number) => {
+      v.setUint32(RUN.exitReason, ExitReason.IO, true);
+      v.setUint8(RUN.ioDirection, 0);
+      v.setUint8(RUN.ioSize, size);
+      v.setUint16(RUN.ioPort, port, true);
+      v.setUint32(RUN.ioCount, 1, true);
+      v.setBigUint64(RUN.ioDataOffset, BigInt(offset), true);
+      return decoder.decode();
+    };
+    const c = ctx();
+    handleExit(io(0x3fd, 1, 0x800), c);
+    handleExit(io(0x3f8, 2, 0x800), c);
+    expect([...run.subarray(0x800, 0x803)]).toEqual([0x11, 0x11, 0]);
+    handleExit(io(0x3f9, 1, 0x900), c);
+    expect(run[0x900]).toBe(0x11);
+    expect(c.pioDev.reads).toEqual([5, 0, 1]);
+    // An offset outside kvm_run (its high half set) is not I/O data.
+    v.setUint32(RUN.ioDataOffset + 4, 1, true);
+    expect(decoder.decode()).toEqual({ kind: 'other', reason: ExitReason.IO });
+
+    v.setUint32(RUN.exitReason, ExitReason.MMIO, true);
+    v.setBigUint64(RUN.mmioPhysAddr, 0x1_2345_6780n, true);
+    v.setUint32(RUN.mmioLen, 8, true);
+    v.setUint8(RUN.mmioIsWrite, 0);
+    const mmio = decoder.decode();
+    expect(mmio).toMatchObject({ kind: 'mmio', write: false, addr: 0x1_2345_6780 });
+    expect(mmio.kind === 'mmio' && mmio.data.length).toBe(8);
   });
 
   it('decodes the instruction bytes of an emulation failure', () => {
