@@ -24,6 +24,7 @@ const MODULES: ReadonlyArray<{ name: string; file: string; load: () => Promise<B
   { name: 'net', file: 'bench/net.ts', load: async () => (await import('./net.js')).netThroughput },
   { name: 'smp', file: 'bench/smp.ts', load: async () => (await import('./smp.js')).smp },
   { name: 'profiler', file: 'bench/profiler.ts', load: async () => (await import('./profiler.js')).profilerOverhead },
+  { name: 'idle', file: 'bench/idle.ts', load: async () => (await import('./idle.js')).idle },
 ];
 
 /** Modules that failed to load: each takes only itself down (and is reported), not the whole runner. */

@@ -5,14 +5,23 @@
 import { Duplex } from 'node:stream';
 
 /**
+ * How long guest output may wait to be batched. Not setImmediate: a vCPU
+ * running on the event loop's thread ends its burst of KVM_RUN calls when
+ * the loop has an immediate to run, which would cost a loop turn per byte.
+ */
+export const CONSOLE_FLUSH_MS = 2;
+const CONSOLE_BATCH_BYTES = 4096;
+
+/**
  * A duplex stream over the serial port: what the guest prints is readable,
- * what is written reaches the guest's receive FIFO. Output is batched per
- * event-loop turn (one byte per THR write would be one chunk per byte).
+ * what is written reaches the guest's receive FIFO. Output is batched (one
+ * byte per THR write would be one chunk per byte): a chunk leaves when 4 KiB
+ * have gathered or {@link CONSOLE_FLUSH_MS} after the first byte.
  */
 export class ConsoleStream extends Duplex {
-  private pending: Buffer[] = [];
-  private pendingBytes = 0;
-  private flushScheduled = false;
+  private batch = Buffer.allocUnsafe(CONSOLE_BATCH_BYTES);
+  private batched = 0;
+  private timer: NodeJS.Timeout | undefined;
 
   constructor(private readonly sendToGuest: (bytes: Uint8Array) => void) {
     super({ allowHalfOpen: true });
@@ -20,23 +29,24 @@ export class ConsoleStream extends Duplex {
 
   /** Called by the serial device for each byte the guest transmits. */
   guestOutput(bytes: Uint8Array): void {
-    this.pending.push(Buffer.from(bytes));
-    this.pendingBytes += bytes.length;
-    if (this.pendingBytes >= 4096) {
-      this.flush();
-    } else if (!this.flushScheduled) {
-      this.flushScheduled = true;
-      setImmediate(() => this.flush());
+    let at = 0;
+    while (at < bytes.length) {
+      const n = Math.min(bytes.length - at, CONSOLE_BATCH_BYTES - this.batched);
+      this.batch.set(bytes.subarray(at, at + n), this.batched);
+      this.batched += n;
+      at += n;
+      if (this.batched === CONSOLE_BATCH_BYTES) this.flush();
     }
+    if (this.batched > 0 && this.timer === undefined) this.timer = setTimeout(() => this.flush(), CONSOLE_FLUSH_MS);
   }
 
   /** Pushes buffered guest output now. */
   flush(): void {
-    this.flushScheduled = false;
-    if (this.pending.length === 0) return;
-    const chunk = Buffer.concat(this.pending, this.pendingBytes);
-    this.pending = [];
-    this.pendingBytes = 0;
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+    if (this.batched === 0) return;
+    const chunk = Buffer.from(this.batch.subarray(0, this.batched));
+    this.batched = 0;
     // Readable back-pressure is not applied to the guest: a UART has no
     // flow control we could use, and dropping console output loses data.
     this.push(chunk);

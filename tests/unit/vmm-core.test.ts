@@ -10,7 +10,7 @@ import type { NativeLayout } from '../../src/native.js';
 import { Bus, BusError, type BusDevice } from '../../src/vmm/bus.js';
 import { decodeRegs, decodeSregs, encodeMsrs, encodeRegs, encodeSregs } from '../../src/vmm/cpu.js';
 import { cpuidForVcpu } from '../../src/vmm/cpuid.js';
-import { ConsoleStream, ConsoleWatcher } from '../../src/vmm/console.js';
+import { CONSOLE_FLUSH_MS, ConsoleStream, ConsoleWatcher } from '../../src/vmm/console.js';
 import { decodeExit, ExitDecoder, ExitReason, handleExit, type ExitContext, type VcpuExit } from '../../src/vmm/exits.js';
 import { GuestMemory, GuestMemoryError } from '../../src/vmm/memory.js';
 import { mpTableSize, writeMpTable } from '../../src/vmm/mptable.js';
@@ -327,7 +327,15 @@ describe('ConsoleWatcher', () => {
     c.on('data', (d: Buffer) => chunks.push(d.toString()));
     for (const ch of 'hello') c.guestOutput(Buffer.from(ch));
     await new Promise((r) => setImmediate(r));
+    expect(chunks).toEqual([]);
+    await new Promise((r) => setTimeout(r, CONSOLE_FLUSH_MS + 5));
     expect(chunks).toEqual(['hello']);
+    // 4 KiB leave at once, in order, without waiting for the timer.
+    const big = Buffer.alloc(5000, 0x61);
+    c.guestOutput(big);
+    expect(chunks.slice(1).join('')).toHaveLength(4096);
+    c.flush();
+    expect(chunks.slice(1).join('')).toBe(big.toString());
     c.write('ls\n');
     expect(sent).toEqual(['ls\n']);
   });
