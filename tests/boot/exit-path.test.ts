@@ -1,0 +1,106 @@
+/**
+ * The exit path of a vCPU on the event loop's thread (Vcpu.start, on:
+ * 'loop'), against a real /dev/kvm: while the guest runs without exits,
+ * or after its exit handler asked the loop for work, the loop still serves
+ * timers, promise jobs and I/O, and a stop from the host ends the vCPU.
+ * The guest is TinyGuest's real-mode code: `out` to port 0x511 once, then
+ * `jmp $` forever (no exits at all).
+ */
+import { connect, createServer } from 'node:net';
+import { afterEach, describe, expect, it } from 'vitest';
+import { Kvm } from '../../src/vmm/kvm.js';
+import { TinyGuest } from '../../src/vmm/probe.js';
+import { kvmUnavailable } from '../helpers/guest.js';
+
+const noKvm = kvmUnavailable();
+/** A hang guard, not a speed check. */
+const GUARD_MS = 60_000;
+
+/** mov dx, 0x511; out dx, al; jmp $ */
+const OUT_THEN_SPIN = Uint8Array.from([0xba, 0x11, 0x05, 0xee, 0xeb, 0xfe]);
+
+function withGuard<T>(p: Promise<T>, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const guard = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: no answer after ${GUARD_MS / 1000} s`)), GUARD_MS);
+  });
+  return Promise.race([p, guard]).finally(() => clearTimeout(timer));
+}
+
+describe.skipIf(noKvm !== undefined)(`a vCPU on the event loop${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
+  const open: Array<{ kvm: Kvm; guest: TinyGuest }> = [];
+  afterEach(async () => {
+    for (const { kvm, guest } of open.splice(0)) {
+      await guest.vcpu.stop();
+      guest.close();
+      kvm.close();
+    }
+  });
+
+  function spinningGuest(onPortWrite: () => void): TinyGuest {
+    const kvm = Kvm.open();
+    const guest = TinyGuest.create(kvm, OUT_THEN_SPIN);
+    open.push({ kvm, guest });
+    guest.vcpu.start({
+      onExit: (exit) => {
+        if (exit.kind === 'io' && exit.port === 0x511) {
+          onPortWrite();
+          return 'continue';
+        }
+        return 'stop';
+      },
+      onError: (err) => {
+        throw err;
+      },
+      on: 'loop',
+    });
+    return guest;
+  }
+
+  it('fires a timer, runs a promise job and accepts a connection set up by the exit handler while the guest spins', async () => {
+    let timerFired!: () => void;
+    let jobRan!: () => void;
+    const timer = new Promise<void>((r) => (timerFired = r));
+    const job = new Promise<void>((r) => (jobRan = r));
+    const server = createServer((s) => s.end('hello'));
+    const listening = new Promise<number>((resolve) => server.listen(0, '127.0.0.1', () => resolve((server.address() as { port: number }).port)));
+    let writes = 0;
+    spinningGuest(() => {
+      writes++;
+      // Set up from inside the exit handler: a timer due sooner than any
+      // the loop had, and a promise job.
+      setTimeout(timerFired, 20);
+      void Promise.resolve().then(jobRan);
+    });
+    await withGuard(job, 'promise job');
+    await withGuard(timer, 'timer set in the exit handler');
+    expect(writes).toBe(1);
+    // I/O the loop starts while the guest spins: a TCP round trip.
+    const port = await withGuard(listening, 'listen');
+    const reply = await withGuard(
+      new Promise<string>((resolve, reject) => {
+        const c = connect(port, '127.0.0.1');
+        let got = '';
+        c.on('data', (d) => (got += d.toString()));
+        c.on('end', () => resolve(got));
+        c.on('error', reject);
+      }),
+      'TCP round trip',
+    );
+    server.close();
+    expect(reply).toBe('hello');
+  });
+
+  it('stops on the host’s request while the guest spins, and samples it between bursts', async () => {
+    const guest = spinningGuest(() => {});
+    const ring = new BigUint64Array(8);
+    guest.vcpu.setSampleBuffer(ring);
+    await new Promise((r) => setTimeout(r, 50));
+    guest.vcpu.kick(true);
+    // The sample is the spinning jmp at 0x1004 (CODE_ADDR 0x1000 + 4).
+    expect(ring[0]).toBe(1n);
+    expect(ring[1]).toBe(0x1004n);
+    await withGuard(guest.vcpu.stop(), 'stop');
+    expect(guest.vcpu.running).toBe(false);
+  });
+});
