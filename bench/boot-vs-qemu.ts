@@ -36,7 +36,7 @@ import { spawn } from 'node:child_process';
 import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
-import { createVm } from '../src/index.js';
+import { createVm, type ExitPath } from '../src/index.js';
 import { probeHostOnce } from '../src/vmm/probe.js';
 import { fixtures } from '../tests/helpers/fixtures.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
@@ -128,7 +128,7 @@ function printkTime(output: string, re: RegExp): number | null {
 const guestRunInit = (output: string) => printkTime(output, /\[\s*(\d+\.\d+)\] Run \/init as init process/);
 const guestRestart = (output: string) => printkTime(output, /\[\s*(\d+\.\d+)\] reboot: Restarting system/);
 
-async function bootTsvmm(c: Case, v: Variant, r: number, timeoutS: number): Promise<BootRun> {
+async function bootTsvmm(c: Case, v: Variant, r: number, timeoutS: number, exitPath: ExitPath): Promise<BootRun> {
   const fx = fixtures();
   const loadAverageBefore = load();
   const t0 = process.hrtime.bigint();
@@ -138,6 +138,7 @@ async function bootTsvmm(c: Case, v: Variant, r: number, timeoutS: number): Prom
     cmdline: cmdlineFor(c, v),
     memory: MEMORY,
     bootMode: c === 'tsvmm-classic' ? 'guest' : 'auto',
+    exitPath,
     name: `bench-bvq-${c}-${v}`,
   });
   const createS = secondsSince(t0);
@@ -352,6 +353,7 @@ export const bootVsQemu: Benchmark = {
     { name: 'boot-vs-qemu-runs', env: 'TSVMM_BENCH_BOOT_VS_QEMU_RUNS', default: 3, description: 'boots of each case and command line (alternating)' },
     { name: 'boot-vs-qemu-cases', env: 'TSVMM_BENCH_BOOT_VS_QEMU_CASES', default: DEFAULT_CASES.join(','), description: `which VMMs, comma-separated (${CASES.join(', ')})` },
     { name: 'boot-vs-qemu-variants', env: 'TSVMM_BENCH_BOOT_VS_QEMU_VARIANTS', default: VARIANTS.join(','), description: 'command lines: verbose, quiet (the same plus `quiet`)' },
+    { name: 'boot-vs-qemu-exit-path', env: 'TSVMM_BENCH_BOOT_VS_QEMU_EXIT_PATH', default: 'loop', description: "tsvmm's exitPath: loop (vCPU on the event loop) or thread" },
     { name: 'boot-vs-qemu-timeout', env: 'TSVMM_BENCH_BOOT_VS_QEMU_TIMEOUT', default: 900, description: 'seconds before a boot is stopped as hung' },
   ],
 
@@ -359,6 +361,8 @@ export const bootVsQemu: Benchmark = {
     const runs = bc.numberOption('boot-vs-qemu-runs');
     if (!Number.isInteger(runs) || runs < 1) throw new Error(`--boot-vs-qemu-runs must be a positive integer (got ${runs})`);
     const timeoutS = bc.numberOption('boot-vs-qemu-timeout');
+    const exitPath = bc.option('boot-vs-qemu-exit-path');
+    if (exitPath !== 'loop' && exitPath !== 'thread') throw new Error(`--boot-vs-qemu-exit-path must be loop or thread (got ${exitPath})`);
     let cases = parseList('boot-vs-qemu-cases', bc.option('boot-vs-qemu-cases'), CASES);
     const variants = parseList('boot-vs-qemu-variants', bc.option('boot-vs-qemu-variants'), VARIANTS);
 
@@ -389,7 +393,7 @@ export const bootVsQemu: Benchmark = {
         slot++;
         for (const c of order) {
           bc.progress(`boot-vs-qemu round ${r + 1}/${runs}, ${v}: ${c}...`);
-          const b = isQemu(c) ? await bootQemu(c, v, r, timeoutS) : await bootTsvmm(c, v, r, timeoutS);
+          const b = isQemu(c) ? await bootQemu(c, v, r, timeoutS) : await bootTsvmm(c, v, r, timeoutS, exitPath);
           results.push(b);
           if (!b.ok) bc.progress(`  ${c} ${v} failed; console tail: ${JSON.stringify(b.consoleTail.slice(-400))}`);
           bc.progress(

@@ -24,6 +24,7 @@ interface RunOptions {
   net: NetConfig[];
   bootMode: 'auto' | 'host' | 'guest';
   pit: 'emulated' | 'kernel';
+  exitPath: 'thread' | 'loop';
   transport: 'pci' | 'mmio';
   acpi: boolean;
   emulationFallback: 'auto' | 'on' | 'off';
@@ -117,6 +118,7 @@ async function run(opts: RunOptions): Promise<number> {
     nets: opts.net,
     bootMode: opts.bootMode,
     pit: opts.pit,
+    exitPath: opts.exitPath,
     transport: opts.transport,
     acpi: opts.acpi,
     emulationFallback: opts.emulationFallback,
@@ -179,6 +181,7 @@ export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Comman
     .option('--no-acpi', 'no ACPI tables: MP table only, virtio-mmio on the command line, the guest\'s end read from its console')
     .addOption(new Option('--boot-mode <mode>', 'bzImage boot: host-decompressed, or the kernel\'s own decompressor').choices(['auto', 'host', 'guest']).default('auto'))
     .addOption(new Option('--pit <impl>', 'i8254 PIT implementation').choices(['emulated', 'kernel']).default('emulated'))
+    .addOption(new Option('--exit-path <where>', "where a 1-vCPU guest's KVM_RUN runs: its own thread, or the event loop's (experimental, faster)").choices(['thread', 'loop']).default('thread'))
     .addOption(new Option('--emulation-fallback <when>', 'handle instructions the host KVM cannot emulate').choices(['auto', 'on', 'off']).default('auto'))
     .addOption(new Option('--log-level <level>', 'log level (logs go to stderr)').choices([...LOG_LEVELS]).default('warn'))
     .option('--stats', 'print the VM counters as JSON on stderr when it ends', false)

@@ -27,6 +27,7 @@ export {
   type VmConfig,
   type VmStats,
   type BootMode,
+  type ExitPath,
 } from './vmm/machine.js';
 export type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 export { EXIT_CODES, type VmOutcome, type OutcomeKind } from './vmm/outcome.js';
