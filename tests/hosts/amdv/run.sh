@@ -27,7 +27,7 @@ source "$here/lib.sh"
 usage() { sed -n '2,23s/^# \{0,1\}//p' "$0" >&2; }
 fatal() { printf '[amdv] ERROR: %s\n' "$*" >&2; exit 125; }
 
-memory=4G smp=2 timeout=3000 results='' keep_log=0 verbose=0 extra_env=()
+memory=4G smp=2 tcg_threads=${TSVMM_AMDV_TCG_THREADS:-multi} timeout=3000 results='' keep_log=0 verbose=0 extra_env=()
 while (($#)); do
   case $1 in
     --memory) memory=${2:?--memory needs a value}; shift 2 ;;
@@ -111,7 +111,7 @@ mapfile -t shares < <(
   [[ -z ${cwd_share:-} ]] || share cwd "$cwd_share" readonly
 )
 qemu=(qemu-system-x86_64
-  -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm,+npt,-xsave
+  -machine q35 -accel "tcg,thread=$tcg_threads" -cpu EPYC,+svm,+npt,-xsave
   -smp "$smp" -m "$memory"
   -nodefaults -no-user-config -display none -no-reboot
   -kernel "$l1/vmlinux" -initrd "$l1/initrd.gz"
