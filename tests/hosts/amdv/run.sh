@@ -15,6 +15,7 @@
 #   --env NAME[=VAL]  also pass NAME (its value here, or VAL); repeatable
 #   --keep-log        keep the log directory even on success, and print its path
 #   -v, --verbose     timings on stderr: build, boot, command, shutdown
+#   (environment: TSVMM_AMDV_TCG_THREADS=multi|single, QEMU's TCG threading)
 #
 # CMD sees PATH, HOME, TSVMM_CACHE and CI as here, TSVMM_AMDV_L1=1, and
 # a /dev/kvm backed by (emulated) hardware virtualization. Exit status:
@@ -24,7 +25,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 source "$here/lib.sh"
 
-usage() { sed -n '2,23s/^# \{0,1\}//p' "$0" >&2; }
+usage() { sed -n '2,24s/^# \{0,1\}//p' "$0" >&2; }
 fatal() { printf '[amdv] ERROR: %s\n' "$*" >&2; exit 125; }
 
 memory=4G smp=2 tcg_threads=${TSVMM_AMDV_TCG_THREADS:-multi} timeout=3000 results='' keep_log=0 verbose=0 extra_env=()
@@ -45,6 +46,7 @@ done
 (($#)) || { usage; fatal "no command given (run.sh [OPTIONS] -- CMD [ARGS...])"; }
 [[ $timeout =~ ^[0-9]+$ && $timeout -gt 0 ]] || fatal "--timeout must be a positive number of seconds"
 [[ $smp =~ ^[0-9]+$ && $smp -gt 0 ]] || fatal "--smp must be a positive number"
+[[ $tcg_threads == multi || $tcg_threads == single ]] || fatal "TSVMM_AMDV_TCG_THREADS must be multi or single, not '$tcg_threads'"
 
 t0=$(date +%s.%N)
 since() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.2f", e - s }'; }
