@@ -672,7 +672,6 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
 constexpr auto kMinSlice = std::chrono::microseconds(50);
 
 struct LoopWatcher {
-  uv_loop_t* loop = nullptr;
   int epfd = -1;
   int wakefd = -1;
   std::thread thread;
@@ -680,7 +679,6 @@ struct LoopWatcher {
   std::condition_variable cv;
   bool armed = false;
   bool kicked = false;
-  bool quit = false;
   uint64_t gen = 0;
   int64_t dueMs = -1;  // when the loop's next timer is due, in uv_now() time; -1: none
   pthread_t target{};
@@ -698,8 +696,7 @@ void WatcherLoop(LoopWatcher* w) {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   for (;;) {
     std::unique_lock<std::mutex> lock(w->mu);
-    w->cv.wait(lock, [w] { return w->armed || w->quit; });
-    if (w->quit) return;
+    w->cv.wait(lock, [w] { return w->armed; });
     uint64_t gen = w->gen;
     int64_t due = w->dueMs;
     auto armedAt = w->armedAt;
@@ -740,7 +737,6 @@ LoopWatcher* WatcherFor(Napi::Env env, uv_loop_t* loop) {
   auto it = g_watchers.find(loop);
   if (it != g_watchers.end()) return it->second;
   auto* w = new LoopWatcher();
-  w->loop = loop;
   w->epfd = epoll_create1(EPOLL_CLOEXEC);
   if (w->epfd < 0) {
     int err = errno;
@@ -791,18 +787,15 @@ void Arm(LoopWatcher* w, kvm_run* run, int64_t dueMs) {
   w->cv.notify_one();
 }
 
-// Returns whether the watcher ended the burst.
-bool Disarm(LoopWatcher* w) {
-  bool wasArmed, kicked;
+void Disarm(LoopWatcher* w) {
+  bool wasArmed;
   {
     std::lock_guard<std::mutex> lock(w->mu);
     wasArmed = w->armed;
-    kicked = w->kicked;
     w->armed = false;
     w->gen++;
   }
   if (wasArmed) Wake(w);
-  return kicked;
 }
 
 // An exit callback set a timer due sooner than the burst's deadline.

@@ -59,7 +59,8 @@ export class ExitDecoder {
   private readonly view: DataView;
   private ioData: Uint8Array;
   private ioDataOffset = -1;
-  private readonly mmioData: Uint8Array[] = [];
+  /** MMIO data views by access length (0 to 8), made on first use. */
+  private readonly mmioData: Array<Uint8Array | undefined> = [];
 
   constructor(
     private readonly run: Uint8Array,
@@ -67,7 +68,6 @@ export class ExitDecoder {
   ) {
     this.view = new DataView(run.buffer, run.byteOffset, run.byteLength);
     this.ioData = run.subarray(0, 0);
-    for (let len = 0; len <= 8; len++) this.mmioData.push(run.subarray(layout.mmioData, layout.mmioData + len));
   }
 
   decode(): VcpuExit {
@@ -101,7 +101,7 @@ export class ExitDecoder {
           kind: 'mmio',
           write: view.getUint8(layout.mmioIsWrite) !== 0,
           addr: view.getUint32(layout.mmioPhysAddr, true) + view.getUint32(layout.mmioPhysAddr + 4, true) * 2 ** 32,
-          data: this.mmioData[len]!,
+          data: (this.mmioData[len] ??= run.subarray(layout.mmioData, layout.mmioData + len)),
         };
       }
       case ExitReason.HLT:
