@@ -16,3 +16,51 @@ export function createLogger(level: LogLevel = 'warn'): Logger {
 
 /** A logger that drops everything: the default for device models under test. */
 export const silentLogger: Logger = pino({ level: 'silent' });
+
+/** How many events of one kind a {@link GuestEventLog} logs before it only counts them. */
+export const GUEST_EVENT_LOG_LIMIT = 10;
+
+type EventLevel = 'error' | 'warn' | 'info';
+
+/**
+ * A log for what a guest makes the VMM do (refused register writes,
+ * broken rings, activations): a guest that repeats one thing 10,000 times
+ * must not write 10,000 lines to a synchronous destination. The first
+ * {@link GUEST_EVENT_LOG_LIMIT} events of each kind are logged; one more
+ * line says the rest are counted, in `suppressed` (which device stats
+ * expose). `kind` is a fixed name per call site, never built from guest
+ * data, so the table of kinds stays small.
+ */
+export class GuestEventLog {
+  /** Events counted but not logged. */
+  suppressed = 0;
+  private readonly counts = new Map<string, number>();
+
+  constructor(
+    private readonly log: Logger,
+    private readonly limit = GUEST_EVENT_LOG_LIMIT,
+  ) {}
+
+  error(kind: string, obj: object, msg: string): void {
+    this.event('error', kind, obj, msg);
+  }
+
+  warn(kind: string, obj: object, msg: string): void {
+    this.event('warn', kind, obj, msg);
+  }
+
+  info(kind: string, obj: object, msg: string): void {
+    this.event('info', kind, obj, msg);
+  }
+
+  private event(level: EventLevel, kind: string, obj: object, msg: string): void {
+    const n = (this.counts.get(kind) ?? 0) + 1;
+    this.counts.set(kind, n);
+    if (n <= this.limit) {
+      this.log[level](obj, msg);
+      if (n === this.limit) this.log[level]({ kind }, `${kind}: logged ${n} times; further ones are only counted`);
+      return;
+    }
+    this.suppressed++;
+  }
+}

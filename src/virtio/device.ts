@@ -58,11 +58,21 @@ export interface VirtioDevice {
   /** The driver notified queue `index` (QueueNotify write or ioeventfd). */
   queueNotify(index: number): void;
   /**
-   * Stops the device and forgets the activation (status 0 written).
-   * Requests still in flight complete on the host but are not reported to
-   * the guest.
+   * Stops the device and forgets the activation (status 0 written). A
+   * device with host I/O still in flight that can touch guest memory
+   * returns a promise that settles when the last of it has finished; the
+   * transport shows status 0 to the driver only then (virtio 1.2 2.4.1:
+   * the driver waits for that). Those requests are not reported to the
+   * guest.
    */
-  reset(): void;
+  reset(): Promise<void> | void;
+  /**
+   * The driver stopped queue `index` while the device is live (virtio-mmio
+   * QueueReady = 0): the device takes nothing more from it and touches
+   * neither its ring nor its buffers again; a promise as for reset(), after
+   * which the transport shows the queue as not ready.
+   */
+  stopQueue?(index: number): Promise<void> | void;
 }
 
 /** Copies bytes of a device's config image into `data`, zero beyond its end. */

@@ -163,7 +163,7 @@ export class MmioTransport extends VirtioTransport implements BusDevice {
       case MMIO_QUEUE_NUM_MAX:
         return core.selectedQueue?.maxSize ?? 0;
       case MMIO_QUEUE_READY:
-        return core.selectedQueue?.ready ? 1 : 0;
+        return core.selectedQueueReady ? 1 : 0;
       case MMIO_INTERRUPT_STATUS:
         return this.interruptStatusBits;
       case MMIO_STATUS:

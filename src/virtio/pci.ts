@@ -369,7 +369,7 @@ export class VirtioPciTransport extends VirtioTransport implements PciDevice {
       case VIRTIO_PCI_COMMON_Q_MSIX:
         return this.queueVectors[core.queueSel] ?? VIRTIO_MSI_NO_VECTOR;
       case VIRTIO_PCI_COMMON_Q_ENABLE:
-        return queue?.ready ? 1 : 0;
+        return core.selectedQueueReady ? 1 : 0;
       case VIRTIO_PCI_COMMON_Q_NOFF:
         // queue_notify_off = queue index: the doorbell of queue i is at notify + 4 * i.
         return queue ? core.queueSel : 0;

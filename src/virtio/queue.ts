@@ -47,6 +47,15 @@ export const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
 export const VIRTQ_USED_F_NO_NOTIFY = 1;
 
 export const DESCRIPTOR_SIZE = 16;
+/**
+ * How much of a ring a device takes in one event-loop turn: after this
+ * many chains, or chains of this many descriptors in all, it continues in
+ * a later turn, so one guest cannot starve the console, the timers or
+ * other devices (a full 256-entry ring of 256-descriptor chains is 65,536
+ * descriptors).
+ */
+export const CHAINS_PER_TURN = 64;
+export const DESCRIPTORS_PER_TURN = 2048;
 /** The largest split queue (virtio 1.2 section 2.7). */
 export const MAX_QUEUE_SIZE = 32768;
 
@@ -61,6 +70,8 @@ export type QueueErrorKind =
   | 'chain-too-long'
   /** A buffer (addr, len) not inside guest RAM. */
   | 'buffer-out-of-range'
+  /** A head made available again while the device still uses it (not yet in the used ring). */
+  | 'head-in-use'
   /** INDIRECT used although VIRTIO_F_INDIRECT_DESC was not negotiated. */
   | 'indirect-not-negotiated'
   /** INDIRECT together with NEXT (forbidden by 2.7.5.3.1). */
@@ -343,12 +354,25 @@ export class Queue {
   private nextUsedIdx = 0;
   /** used.idx at the last needsNotification() call (for EVENT_IDX). */
   private signalledUsed = 0;
+  /**
+   * 1 for each head popped and not yet added as used. A driver may post a
+   * head again only after the device used it (2.7.13), so this also bounds
+   * the chains in flight by the queue size.
+   */
+  private readonly inUse: Uint8Array;
+  private inUseCount = 0;
 
   constructor(readonly maxSize: number) {
     if (!isPowerOfTwo(maxSize) || maxSize > MAX_QUEUE_SIZE) {
       throw new RangeError(`queue size ${maxSize} must be a power of two up to ${MAX_QUEUE_SIZE}`);
     }
     this.size = maxSize;
+    this.inUse = new Uint8Array(maxSize);
+  }
+
+  /** Chains popped and not yet added as used: at most the queue size. */
+  get inFlight(): number {
+    return this.inUseCount;
   }
 
   /** The index of the next avail ring entry the device will read. */
@@ -378,6 +402,8 @@ export class Queue {
     this.nextAvailIdx = 0;
     this.nextUsedIdx = 0;
     this.signalledUsed = 0;
+    this.inUse.fill(0);
+    this.inUseCount = 0;
   }
 
   /** Applies the negotiated ring features (called by the transport at DRIVER_OK). */
@@ -432,23 +458,24 @@ export class Queue {
   /**
    * Takes the next available chain, or undefined when there is none (or
    * the queue is not ready). Throws a fatal {@link QueueError} when the
-   * ring or the chain is malformed; the entry is consumed either way.
+   * ring or the chain is malformed, or when the head is still in use; the
+   * entry is consumed either way. The head stays in use until addUsed().
    */
   pop(mem: GuestMemory): DescriptorChain | undefined {
     if (this.availableCount(mem) === 0) return undefined;
     const slot = this.nextAvailIdx & (this.size - 1);
     const head = this.ringRead(() => mem.readU16(this.availRing + 4 + 2 * slot));
     this.nextAvailIdx = (this.nextAvailIdx + 1) & 0xffff;
-    return new DescriptorChain(head, this.walk(mem, head));
-  }
-
-  /**
-   * Gives back the last `count` popped chains, which the next pop() returns
-   * again: for a device that found it cannot use them yet (a frame that
-   * does not fit). Only valid before any of them was added as used.
-   */
-  undoPop(count = 1): void {
-    this.nextAvailIdx = (this.nextAvailIdx - count) & 0xffff;
+    if (head < this.size && this.inUse[head]) {
+      throw new QueueError(
+        'head-in-use',
+        `head descriptor ${head} made available again before the device used it (${this.inUseCount} chains in use)`,
+      );
+    }
+    const chain = new DescriptorChain(head, this.walk(mem, head));
+    this.inUse[head] = 1;
+    this.inUseCount++;
+    return chain;
   }
 
   /** Publishes one used element: the element first, then used.idx. */
@@ -463,6 +490,12 @@ export class Queue {
   addUsedMany(mem: GuestMemory, elements: readonly UsedElement[]): void {
     if (!this.ready || elements.length === 0) return;
     let idx = this.nextUsedIdx;
+    for (const e of elements) {
+      if (this.inUse[e.head]) {
+        this.inUse[e.head] = 0;
+        this.inUseCount--;
+      }
+    }
     this.ringWrite(() => {
       for (const e of elements) {
         const at = this.usedRing + 4 + 8 * (idx & (this.size - 1));
@@ -552,7 +585,8 @@ export class Queue {
       }
       const d = this.readDescriptor(mem, this.descTable, index, 'descriptor table');
       if (d.flags & VIRTQ_DESC_F_INDIRECT) {
-        this.walkIndirect(mem, head, d.addr, d.len, d.flags, out);
+        // The direct descriptors before it count towards the chain's length.
+        this.walkIndirect(mem, head, d.addr, d.len, d.flags, out, this.size - out.length);
         return out;
       }
       out.push(this.checkedBuffer(mem, d.addr, d.len, d.flags));
@@ -574,6 +608,7 @@ export class Queue {
     tableLen: number,
     flags: number,
     out: Descriptor[],
+    room: number,
   ): void {
     if (!this.indirect) {
       throw new QueueError(
@@ -600,10 +635,11 @@ export class Queue {
     const count = tableLen / DESCRIPTOR_SIZE;
     // 2.7.5.3.1: no chain longer than the queue size, indirect or not. This
     // also bounds the work a hostile table can ask for.
-    if (count > this.size) {
+    if (count > room) {
       throw new QueueError(
         'chain-too-long',
-        `indirect table of ${count} entries (chain from head ${head}) is longer than the queue size ${this.size}`,
+        `indirect table of ${count} entries after ${this.size - room} direct descriptors (chain from head ${head}) ` +
+          `is longer than the queue size ${this.size}`,
       );
     }
     let index = 0;

@@ -7,7 +7,7 @@
  * to deliver the two kinds of interrupt; it owns nothing else of the
  * state machine, so both transports behave the same way.
  */
-import type { Logger } from '../log.js';
+import { GuestEventLog, type Logger } from '../log.js';
 import type { GuestMemory } from '../vmm/memory.js';
 import type { VirtioDevice, VirtioInterrupt } from './device.js';
 import {
@@ -39,7 +39,13 @@ export interface TransportStats {
   /** Register accesses of the wrong width or alignment, writes to read-only registers, refused transitions. */
   badAccesses: number;
   resets: number;
+  /** Resets (and queue stops) that waited for the device's in-flight I/O before completing. */
+  resetsDrained: number;
+  /** Register writes refused because a reset was still completing. */
+  writesDuringReset: number;
   activations: number;
+  /** Guest-triggered warnings counted but not logged (past the per-kind limit). */
+  unloggedEvents: number;
 }
 
 /** How the transport that owns a core delivers what the core decides. */
@@ -105,7 +111,10 @@ export class VirtioTransportCore implements VirtioInterrupt {
     needsReset: 0,
     badAccesses: 0,
     resets: 0,
+    resetsDrained: 0,
+    writesDuringReset: 0,
     activations: 0,
+    unloggedEvents: 0,
   };
   /** The last reason given to needsReset(), for diagnostics. */
   lastResetReason: string | undefined;
@@ -118,12 +127,19 @@ export class VirtioTransportCore implements VirtioInterrupt {
 
   private readonly memory: GuestMemory;
   private readonly log: Logger;
+  private readonly events: GuestEventLog;
   private readonly transportName: string;
   private readonly interrupts: TransportInterrupts;
   private deviceStatus = 0;
   private generation = 0;
   private driverFeatures = 0n;
   private active = false;
+  /** A reset is waiting for the device's in-flight I/O: status still reads the old value. */
+  private resetting = false;
+  /** Queues the driver stopped whose in-flight I/O has not finished: they still read as ready. */
+  private readonly stopping: boolean[];
+  /** Counts resets, so a late queue-stop completion cannot touch a newer configuration. */
+  private epoch = 0;
 
   constructor(
     readonly device: VirtioDevice,
@@ -131,14 +147,31 @@ export class VirtioTransportCore implements VirtioInterrupt {
   ) {
     this.memory = options.memory;
     this.log = options.logger;
+    this.events = new GuestEventLog(options.logger);
     this.transportName = options.transportName;
     this.interrupts = options.interrupts;
     this.queues = device.queueMaxSizes.map((max) => new Queue(max));
+    this.stopping = this.queues.map(() => false);
   }
 
-  /** The device status. */
+  /**
+   * The device status. After the driver writes 0 it keeps its old value
+   * until the reset is complete, that is until no request of the device
+   * can still touch guest memory.
+   */
   get status(): number {
     return this.deviceStatus;
+  }
+
+  /** True while a reset waits for in-flight I/O. */
+  get resetInProgress(): boolean {
+    return this.resetting;
+  }
+
+  /** QueueReady / queue_enable as the driver reads it: still 1 while a stop waits for in-flight I/O. */
+  get selectedQueueReady(): boolean {
+    const q = this.selectedQueue;
+    return q !== undefined && (q.ready || this.stopping[this.queueSel] === true);
   }
 
   /** The features the driver wrote (meaningful once FEATURES_OK is set). */
@@ -173,6 +206,7 @@ export class VirtioTransportCore implements VirtioInterrupt {
 
   /** The driver writes the 32 bits of its features that driverFeaturesSel selects. */
   writeDriverFeatures(value: number): void {
+    if (this.refusedDuringReset('driver features')) return;
     if (!(this.deviceStatus & STATUS_DRIVER) || this.deviceStatus & STATUS_FEATURES_OK) {
       this.badAccess('driver features written outside feature negotiation');
       return;
@@ -188,11 +222,13 @@ export class VirtioTransportCore implements VirtioInterrupt {
 
   /** The driver sets the size of the selected queue (checked at DRIVER_OK). */
   writeQueueSize(value: number): void {
+    if (this.refusedDuringReset('queue size')) return;
     this.writeQueueConfig((q) => (q.size = value));
   }
 
   /** The driver writes half of one of the selected queue's area addresses. */
   writeQueueAddress(area: QueueArea, half: AddressHalf, value: number): void {
+    if (this.refusedDuringReset('queue address')) return;
     const field = QUEUE_AREA_FIELD[area];
     this.writeQueueConfig((q) => (q[field] = half === 'low' ? setLow(q[field], value) : setHigh(q[field], value)));
   }
@@ -207,14 +243,31 @@ export class VirtioTransportCore implements VirtioInterrupt {
 
   /** QueueReady / queue_enable: 1 enables the selected queue, 0 stops the device using it. */
   writeQueueReady(value: number): void {
+    if (this.refusedDuringReset('queue ready')) return;
     const q = this.selectedQueue;
     if (!q) {
       this.badAccess(`queue ready written for nonexistent queue ${this.queueSel}`);
       return;
     }
     if (value === 0) {
-      // The driver stops using the queue: the device must not touch it any more.
+      // The driver stops using the queue: the device must not touch it any
+      // more, and the register reads 1 until nothing in flight can.
+      const index = this.queueSel;
+      if (!q.ready || this.stopping[index]) return;
       q.ready = false;
+      const pending = this.active ? this.device.stopQueue?.(index) : undefined;
+      if (pending) {
+        this.stopping[index] = true;
+        this.stats.resetsDrained++;
+        const epoch = this.epoch;
+        void pending.then(
+          () => this.queueStopped(epoch, index),
+          (err: unknown) => {
+            this.log.error({ err, queue: index }, 'device failed to stop a queue');
+            this.queueStopped(epoch, index);
+          },
+        );
+      }
       return;
     }
     if (this.deviceStatus & STATUS_DRIVER_OK) {
@@ -230,6 +283,7 @@ export class VirtioTransportCore implements VirtioInterrupt {
    * (3.1.1), and each is checked. DRIVER_OK activates the device.
    */
   writeStatus(value: number): void {
+    if (this.refusedDuringReset('status')) return;
     if (value === 0) {
       this.reset();
       return;
@@ -247,14 +301,14 @@ export class VirtioTransportCore implements VirtioInterrupt {
       const refusal = this.checkTransition(bit, next);
       if (refusal) {
         this.stats.badAccesses++;
-        this.log.warn({ status: value }, refusal);
+        this.guestEvent('status-refused', { status: value }, refusal);
         continue;
       }
       next |= bit;
     }
     const activating = (next & STATUS_DRIVER_OK) !== 0 && (this.deviceStatus & STATUS_DRIVER_OK) === 0;
     this.deviceStatus = next;
-    if (next & STATUS_FAILED) this.log.warn('driver set FAILED');
+    if (next & STATUS_FAILED) this.guestEvent('driver-failed', {}, 'driver set FAILED');
     if (activating) this.activate();
   }
 
@@ -292,13 +346,14 @@ export class VirtioTransportCore implements VirtioInterrupt {
    * notifications are ignored until the driver resets the device.
    */
   needsReset(reason: string): void {
+    if (this.resetting) return;
     this.stats.needsReset++;
     this.lastResetReason = reason;
     if (this.deviceStatus & STATUS_DEVICE_NEEDS_RESET) {
       this.log.debug({ reason }, 'device already needs reset');
       return;
     }
-    this.log.warn({ reason }, 'device needs reset');
+    this.guestEvent('needs-reset', { reason }, 'device needs reset');
     this.deviceStatus |= STATUS_DEVICE_NEEDS_RESET;
     if (this.deviceStatus & STATUS_DRIVER_OK) {
       this.stats.configInterrupts++;
@@ -372,17 +427,70 @@ export class VirtioTransportCore implements VirtioInterrupt {
       });
     } catch (err) {
       const message = err instanceof Error ? err.message : String(err);
-      this.log.error({ err }, 'device activation failed');
+      this.guestEvent('activation-failed', { err }, 'device activation failed', 'error');
       this.needsReset(`activation failed: ${message}`);
       return;
     }
     this.active = true;
     this.stats.activations++;
-    this.log.info({ features: `0x${this.driverFeatures.toString(16)}` }, 'device activated');
+    this.guestEvent('activated', { features: `0x${this.driverFeatures.toString(16)}` }, 'device activated', 'info');
   }
 
+  /**
+   * A guest-triggered event worth a log line, rate-limited per kind (a
+   * guest may repeat any of them without end).
+   */
+  private guestEvent(kind: string, obj: object, msg: string, level: 'error' | 'warn' | 'info' = 'warn'): void {
+    this.events[level](kind, obj, msg);
+    this.stats.unloggedEvents = this.events.suppressed;
+  }
+
+  /** True (and counted) when a reset is still completing: the driver must wait for status 0 first. */
+  private refusedDuringReset(what: string): boolean {
+    if (!this.resetting) return false;
+    this.stats.writesDuringReset++;
+    this.stats.badAccesses++;
+    this.log.debug(`${what} written before the reset completed (status still reads non-zero)`);
+    return true;
+  }
+
+  private queueStopped(epoch: number, index: number): void {
+    if (epoch === this.epoch) this.stopping[index] = false;
+  }
+
+  /**
+   * Status 0: the device stops at once (no notification reaches it, no
+   * interrupt leaves it), and the reset completes, showing status 0,
+   * when the device says nothing in flight can still touch guest memory.
+   */
   private reset(): void {
-    this.device.reset();
+    this.active = false;
+    let pending: Promise<void> | void = undefined;
+    try {
+      pending = this.device.reset();
+    } catch (err) {
+      this.log.error({ err }, 'device reset failed');
+    }
+    if (!pending) {
+      this.completeReset();
+      return;
+    }
+    this.resetting = true;
+    this.stats.resetsDrained++;
+    this.log.debug('reset waits for in-flight requests');
+    void pending.then(
+      () => this.completeReset(),
+      (err: unknown) => {
+        this.log.error({ err }, 'device reset failed');
+        this.completeReset();
+      },
+    );
+  }
+
+  private completeReset(): void {
+    this.resetting = false;
+    this.epoch++;
+    this.stopping.fill(false);
     for (const q of this.queues) q.reset();
     this.active = false;
     this.deviceStatus = 0;

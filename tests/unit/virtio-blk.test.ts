@@ -33,9 +33,18 @@ import {
   type FileLocker,
   type IoCallback,
 } from '../../src/virtio/blk/index.js';
-import { STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_EVENT_IDX, featureBit, hasFeature } from '../../src/virtio/features.js';
-import { INTERRUPT_CONFIG_CHANGE, MMIO_STATUS } from '../../src/virtio/mmio.js';
-import { VIRTQ_DESC_F_NEXT } from '../../src/virtio/queue.js';
+import { pino } from 'pino';
+import { GUEST_EVENT_LOG_LIMIT } from '../../src/log.js';
+import {
+  STATUS_ACKNOWLEDGE,
+  STATUS_DEVICE_NEEDS_RESET,
+  STATUS_DRIVER,
+  VIRTIO_F_EVENT_IDX,
+  featureBit,
+  hasFeature,
+} from '../../src/virtio/features.js';
+import { INTERRUPT_CONFIG_CHANGE, MMIO_QUEUE_READY, MMIO_QUEUE_SEL, MMIO_STATUS } from '../../src/virtio/mmio.js';
+import { CHAINS_PER_TURN, VIRTQ_DESC_F_NEXT } from '../../src/virtio/queue.js';
 import { startDevice, type FakeBuffer, type FakeVirtqueue, type TestRig } from '../../src/virtio/testing.js';
 
 const SECTOR = 512;
@@ -451,6 +460,175 @@ describe('virtio-blk: hostile rings', () => {
     rig.transport.notifyQueue(0);
     await device.drain();
     expect(rig.mem.readU8(later.statusAddr)).toBe(0xff);
+  });
+});
+
+/** Starts each host I/O only when the test says so: a thread pool with a backlog. */
+class DeferredBackend implements BlockBackend {
+  readonly waiting: Array<() => void> = [];
+  constructor(private readonly inner: BlockBackend) {}
+  get size() {
+    return this.inner.size;
+  }
+  get readonly() {
+    return this.inner.readonly;
+  }
+  readv(b: readonly Uint8Array[], p: number, done: IoCallback) {
+    this.waiting.push(() => this.inner.readv(b, p, done));
+  }
+  writev(b: readonly Uint8Array[], p: number, done: IoCallback) {
+    this.waiting.push(() => this.inner.writev(b, p, done));
+  }
+  flush(done: IoCallback) {
+    this.waiting.push(() => this.inner.flush(done));
+  }
+  writeZeroes(p: number, l: number, done: IoCallback) {
+    this.waiting.push(() => this.inner.writeZeroes(p, l, done));
+  }
+  discard(p: number, l: number, done: IoCallback) {
+    this.waiting.push(() => this.inner.discard(p, l, done));
+  }
+  startAll() {
+    for (const start of this.waiting.splice(0)) start();
+  }
+  close() {
+    this.inner.close();
+  }
+}
+
+const MARK = 0xa5;
+
+/** True when every byte of every range still holds MARK. */
+function stillMarked(rig: TestRig, ranges: ReadonlyArray<readonly [number, number]>): boolean {
+  return ranges.every(([addr, len]) => rig.mem.slice(addr, len).every((b) => b === MARK));
+}
+
+function mark(rig: TestRig, ranges: ReadonlyArray<readonly [number, number]>): void {
+  for (const [addr, len] of ranges) rig.mem.slice(addr, len).fill(MARK);
+}
+
+describe('virtio-blk: a hostile driver', () => {
+  it('on a real image, completes a reset (status reads 0) only when no read can still write guest memory', async () => {
+    // The finding: 80 x 256 KiB reads in flight, a reset, the guest reuses
+    // the buffers, and disk data still lands in them afterwards.
+    const big = path.join(dir, 'big.img');
+    fs.writeFileSync(big, Buffer.alloc(4 << 20, 0x3c));
+    const device = new BlkDevice({ backend: openDiskImage(big, { locker: noLock }), queueSize: 128 });
+    opened.push(device);
+    const rig = startDevice(device, { features: device.offeredFeatures, queueSize: 128, memSize: 32 << 20 });
+    const q = rig.queues[0]!;
+    const buffers: Array<[number, number]> = [];
+    for (let i = 0; i < 80; i++) {
+      const sent = send(q, header(VIRTIO_BLK_T_IN, (i % 8) * 512), [{ len: 256 << 10, writable: true }], { indirect: true });
+      buffers.push([sent.addrs[0]!, 256 << 10], [sent.statusAddr, 1]);
+    }
+    rig.driver.notify(0);
+    rig.driver.write32(MMIO_STATUS, 0);
+    // What Linux's vp_reset does: wait for status 0, then reuse the memory.
+    await until(() => rig.driver.status() === 0);
+    mark(rig, buffers);
+    await device.drain();
+    await new Promise((r) => setTimeout(r, 20));
+    expect(stillMarked(rig, buffers)).toBe(true);
+    expect(q.usedIdx()).toBe(0);
+    expect(rig.irq.edges).toBe(0);
+  });
+
+  it('refuses register writes while a reset waits for in-flight I/O, and then accepts a new initialization', async () => {
+    const backend = new DeferredBackend(openDiskImage(imagePath, { locker: noLock }));
+    const device = new BlkDevice({ backend, queueSize: 16 });
+    opened.push(device);
+    const rig = start(device);
+    const q = rig.queues[0]!;
+    const sent = send(q, header(VIRTIO_BLK_T_IN, 0), [{ len: 4096, writable: true }]);
+    rig.driver.notify(0);
+    const before = rig.driver.status();
+    rig.driver.write32(MMIO_STATUS, 0);
+    expect(rig.driver.status()).toBe(before);
+    rig.driver.write32(MMIO_STATUS, STATUS_ACKNOWLEDGE);
+    expect(rig.driver.status()).toBe(before);
+    expect(rig.transport.stats.writesDuringReset).toBe(1);
+    backend.startAll();
+    await until(() => rig.driver.status() === 0);
+    expect(rig.mem.readU8(sent.statusAddr)).toBe(0xff);
+    expect(rig.transport.stats.resetsDrained).toBe(1);
+    expect(rig.driver.negotiate(device.offeredFeatures)).toBe(true);
+  });
+
+  it('after QueueReady = 0, reads 1 there until no request can touch the queue, then nothing lands', async () => {
+    const backend = new DeferredBackend(openDiskImage(imagePath, { locker: noLock }));
+    const device = new BlkDevice({ backend, queueSize: 16 });
+    opened.push(device);
+    const rig = start(device);
+    const q = rig.queues[0]!;
+    const ranges: Array<[number, number]> = [];
+    for (let i = 0; i < 4; i++) {
+      const sent = send(q, header(VIRTIO_BLK_T_IN, i * 8), [{ len: 4096, writable: true }]);
+      ranges.push([sent.addrs[0]!, 4096], [sent.statusAddr, 1]);
+    }
+    rig.driver.notify(0);
+    rig.driver.write32(MMIO_QUEUE_SEL, 0);
+    rig.driver.write32(MMIO_QUEUE_READY, 0);
+    expect(rig.driver.read32(MMIO_QUEUE_READY)).toBe(1);
+    backend.startAll();
+    await until(() => rig.driver.read32(MMIO_QUEUE_READY) === 0);
+    mark(rig, ranges);
+    await device.drain();
+    await new Promise((r) => setTimeout(r, 10));
+    expect(stillMarked(rig, ranges)).toBe(true);
+    expect(q.usedIdx()).toBe(0);
+  });
+
+  it('treats a head posted again while in use as a driver error: requests in flight stay within the queue size', async () => {
+    const backend = new HeldBackend(openDiskImage(imagePath, { locker: noLock }));
+    const device = new BlkDevice({ backend, queueSize: 16 });
+    opened.push(device);
+    const rig = start(device);
+    const q = rig.queues[0]!;
+    const heads: number[] = [];
+    for (let i = 0; i < 5; i++) heads.push(send(q, header(VIRTIO_BLK_T_IN, i), [{ len: 512, writable: true }]).head);
+    rig.driver.notify(0);
+    expect(device.stats.inFlight).toBe(5);
+    // Post the same heads again without waiting for them to be used.
+    for (let round = 0; round < 3; round++) for (const h of heads) q.publish(h);
+    rig.driver.notify(0);
+    expect(device.stats.inFlight).toBe(5);
+    expect(rig.driver.status() & STATUS_DEVICE_NEEDS_RESET).toBe(STATUS_DEVICE_NEEDS_RESET);
+    expect(rig.transport.lastResetReason).toMatch(/^head-in-use/);
+    await until(() => backend.held.length === 5);
+    for (const h of backend.held.splice(0)) h.release();
+    await device.drain();
+  });
+
+  it('submits at most one turn of chains per event-loop turn; the rest follows', async () => {
+    const backend = new HeldBackend(openDiskImage(imagePath, { locker: noLock }));
+    const device = new BlkDevice({ backend, queueSize: 256 });
+    opened.push(device);
+    const rig = startDevice(device, { features: device.offeredFeatures, queueSize: 256, memSize: 8 << 20 });
+    const q = rig.queues[0]!;
+    for (let i = 0; i < 200; i++) send(q, header(VIRTIO_BLK_T_FLUSH, 0), [], { indirect: true });
+    rig.driver.notify(0);
+    expect(device.stats.inFlight).toBe(CHAINS_PER_TURN);
+    await new Promise((r) => setImmediate(r));
+    expect(device.stats.inFlight).toBe(2 * CHAINS_PER_TURN);
+    await until(() => backend.held.length === 200);
+    for (const h of backend.held.splice(0)) h.release();
+    await device.drain();
+    expect(q.takeUsed()).toHaveLength(200);
+  });
+
+  it('logs a refused status write a few times, then only counts it', () => {
+    const lines: string[] = [];
+    const logger = pino({ level: 'info' }, { write: (line: string) => void lines.push(line) });
+    const device = openDevice();
+    const rig = startDevice(device, { features: device.offeredFeatures, queueSize: 16, logger });
+    rig.driver.write32(MMIO_STATUS, 0);
+    lines.length = 0;
+    for (let i = 0; i < 10_000; i++) rig.driver.write32(MMIO_STATUS, STATUS_DRIVER); // DRIVER before ACKNOWLEDGE
+    expect(lines.length).toBe(GUEST_EVENT_LOG_LIMIT + 1);
+    expect(lines.at(-1)).toMatch(/further ones are only counted/);
+    expect(rig.transport.stats.badAccesses).toBe(10_000);
+    expect(rig.transport.stats.unloggedEvents).toBe(10_000 - GUEST_EVENT_LOG_LIMIT);
   });
 });
 

@@ -1,4 +1,4 @@
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import {
   EAGAIN,
   MAX_FRAME_SIZE,
@@ -40,7 +40,7 @@ import {
   hasFeature,
 } from '../../src/virtio/features.js';
 import { MMIO_STATUS } from '../../src/virtio/mmio.js';
-import { VIRTQ_DESC_F_NEXT } from '../../src/virtio/queue.js';
+import { CHAINS_PER_TURN, VIRTQ_DESC_F_NEXT } from '../../src/virtio/queue.js';
 import { FakeMmioDriver, startDevice, type FakeVirtqueue, type TestRig } from '../../src/virtio/testing.js';
 import { FakeIrqLine } from '../../src/devices/irq.js';
 import { GuestMemory } from '../../src/vmm/memory.js';
@@ -331,6 +331,43 @@ describe('virtio-net: receive', () => {
     tap.pump();
     expect(device.stats.rxDropped).toBe(1);
     expect(rx.takeUsed().map((u) => u.len)).toEqual([20, 20, 2]);
+  });
+
+  it('with MRG_RXBUF and a ring of zero-length buffers, walks each chain once however many frames it drops', () => {
+    const { tap, device, rig, rx } = setup(BASE | featureMask(VIRTIO_NET_F_MRG_RXBUF), 64);
+    postRx(rx, Array(64).fill(0));
+    const pops = vi.spyOn(rig.transport.queues[RX]!, 'pop');
+    rig.driver.notify(RX);
+    for (let i = 0; i < 50; i++) tap.queued.push(tapFrame(60, i));
+    tap.pump();
+    expect(device.stats.rxDropped).toBe(50);
+    expect(pops.mock.calls.length).toBeLessThanOrEqual(64);
+    expect(rx.usedIdx()).toBe(0);
+  });
+
+  it('moves at most one turn of frames per event-loop turn; the rest follows', async () => {
+    const { tap, device, rig, rx } = setup(BASE, 128);
+    postRx(rx, Array(100).fill(1526));
+    rig.driver.notify(RX);
+    for (let i = 0; i < 100; i++) tap.queued.push(tapFrame(60, i));
+    tap.onReadable!();
+    expect(device.stats.rxPackets).toBe(CHAINS_PER_TURN);
+    expect(tap.watching).toBe(false);
+    await new Promise((r) => setImmediate(r));
+    tap.pump();
+    expect(device.stats.rxPackets).toBe(100);
+  });
+
+  it('treats an RX head posted again while the device holds it as a driver error', () => {
+    const { tap, rig, rx } = setup(BASE | featureMask(VIRTIO_NET_F_MRG_RXBUF));
+    const [buf] = postRx(rx, [100]);
+    rig.driver.notify(RX);
+    tap.queued.push(tapFrame(500, 1));
+    tap.pump(); // the frame needs more buffers: the device holds the one posted
+    rx.publish(buf!.head);
+    rig.driver.notify(RX);
+    expect(rig.driver.status() & STATUS_DEVICE_NEEDS_RESET).toBe(STATUS_DEVICE_NEEDS_RESET);
+    expect(rig.transport.lastResetReason).toMatch(/^head-in-use/);
   });
 
   it('accepts the largest frame a TAP delivers', () => {

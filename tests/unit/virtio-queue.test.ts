@@ -158,15 +158,23 @@ describe('split virtqueue: chains', () => {
     ]);
   });
 
-  it('gives chains back with undoPop', () => {
+  it('keeps a head in use from pop to addUsed, and counts the chains in flight', () => {
     const { mem, queue, driver } = setup();
     const first = driver.addChain([{ len: 4, writable: true }]);
     const second = driver.addChain([{ len: 4, writable: true }]);
-    expect(queue.pop(mem)!.head).toBe(first.head);
+    queue.pop(mem);
+    queue.pop(mem);
+    expect(queue.inFlight).toBe(2);
+    queue.addUsed(mem, second.head, 0);
+    expect(queue.inFlight).toBe(1);
+    // Used, so the driver may post it again.
+    driver.publish(second.head);
     expect(queue.pop(mem)!.head).toBe(second.head);
-    queue.undoPop(2);
-    expect(queue.availableCount(mem)).toBe(2);
-    expect(queue.pop(mem)!.head).toBe(first.head);
+    queue.addUsedMany(mem, [
+      { head: first.head, len: 0 },
+      { head: second.head, len: 0 },
+    ]);
+    expect(queue.inFlight).toBe(0);
   });
 });
 
@@ -365,6 +373,30 @@ describe('split virtqueue: hostile driver', () => {
       'buffer-out-of-range',
       ({ driver }) => {
         driver.writeDescriptor(0, { addr: 0x8000, len: 0xffff_ffff, flags: 0, next: 0 });
+        driver.publish(0);
+      },
+    ],
+    [
+      'a head made available again while in use',
+      'head-in-use',
+      ({ mem, queue, driver }) => {
+        const { head } = driver.addChain([{ len: 4, writable: true }]);
+        queue.pop(mem);
+        driver.publish(head);
+      },
+    ],
+    [
+      'direct descriptors and an indirect table longer than the queue together',
+      'chain-too-long',
+      ({ driver }) => {
+        // 3 direct descriptors, then a table of 6: 9 > the queue size 8.
+        for (let i = 0; i < 6; i++) {
+          driver.writeDescriptor(i, { addr: 0x9000, len: 4, flags: i < 5 ? VIRTQ_DESC_F_NEXT : 0, next: i + 1 }, 0x8000);
+        }
+        driver.writeDescriptor(0, { addr: 0x9000, len: 4, flags: VIRTQ_DESC_F_NEXT, next: 1 });
+        driver.writeDescriptor(1, { addr: 0x9000, len: 4, flags: VIRTQ_DESC_F_NEXT, next: 2 });
+        driver.writeDescriptor(2, { addr: 0x9000, len: 4, flags: VIRTQ_DESC_F_NEXT, next: 3 });
+        driver.writeDescriptor(3, { addr: 0x8000, len: 96, flags: VIRTQ_DESC_F_INDIRECT, next: 0 });
         driver.publish(0);
       },
     ],

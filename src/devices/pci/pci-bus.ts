@@ -7,7 +7,7 @@
  * BARs decode there now, so BAR moves need no change to the VMM's buses.
  */
 import type { BusDevice } from '../../vmm/bus.js';
-import { silentLogger, type Logger } from '../../log.js';
+import { GuestEventLog, silentLogger, type Logger } from '../../log.js';
 import { PciConfigSpace } from './config-space.js';
 import type { PciBar, PciDevice } from './device.js';
 import { PciError } from './errors.js';
@@ -224,6 +224,8 @@ export class PciEcam extends PciConfigAccess {
 export class PciBarRouter implements BusDevice {
   private routes: Array<{ start: number; end: number; bar: PciBar }> = [];
   private readonly log: Logger;
+  /** The guest programs the BARs: what it gets wrong is logged a few times, then counted. */
+  private readonly events: GuestEventLog;
 
   constructor(
     private readonly bus: PciBus,
@@ -233,6 +235,7 @@ export class PciBarRouter implements BusDevice {
     options: { logger?: Logger } = {},
   ) {
     this.log = (options.logger ?? silentLogger).child({ device: `pci-${space}-window` });
+    this.events = new GuestEventLog(this.log);
     bus.onBarRemap(() => this.rebuild());
     this.rebuild();
   }
@@ -264,11 +267,11 @@ export class PciBarRouter implements BusDevice {
         if (start === undefined || (bar.kind === 'io') !== (this.space === 'io')) continue;
         const end = start + bar.size;
         if (start < this.base || end > this.base + this.size) {
-          this.log.warn({ device: device.name, bar: bar.index, address: start }, 'BAR outside the PCI window: not reachable');
+          this.events.warn('bar-outside', { device: device.name, bar: bar.index, address: start }, 'BAR outside the PCI window: not reachable');
           continue;
         }
         if (routes.some((r) => start < r.end && r.start < end)) {
-          this.log.warn({ device: device.name, bar: bar.index, address: start }, 'BAR overlaps another: not reachable');
+          this.events.warn('bar-overlap', { device: device.name, bar: bar.index, address: start }, 'BAR overlaps another: not reachable');
           continue;
         }
         routes.push({ start, end, bar });

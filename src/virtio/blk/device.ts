@@ -5,8 +5,16 @@
  * completes in any order. Each completion writes the status byte and the
  * used element at once; the interrupt is sent once per event-loop turn
  * for everything that completed in it.
+ *
+ * Host I/O reads and writes guest memory directly and cannot be
+ * cancelled, so a reset (or the driver stopping the queue) completes only
+ * once nothing submitted before it is still running: {@link reset}
+ * returns a promise the transport waits for before it shows status 0.
+ * At most one notification's worth of chains ({@link CHAINS_PER_TURN},
+ * {@link DESCRIPTORS_PER_TURN}) is submitted per event-loop turn; the
+ * rest waits for the next turn.
  */
-import { silentLogger, type Logger } from '../../log.js';
+import { GuestEventLog, silentLogger, type Logger } from '../../log.js';
 import type { GuestMemory } from '../../vmm/memory.js';
 import { readConfigBytes, type VirtioActivation, type VirtioDevice, type VirtioInterrupt } from '../device.js';
 import {
@@ -17,7 +25,7 @@ import {
   featureMask,
   hasFeature,
 } from '../features.js';
-import { QueueError, type DescriptorChain, type Queue } from '../queue.js';
+import { CHAINS_PER_TURN, DESCRIPTORS_PER_TURN, QueueError, type DescriptorChain, type Queue } from '../queue.js';
 import type { BlockBackend } from './backend.js';
 import { SECTOR_SIZE } from './image.js';
 import {
@@ -79,6 +87,8 @@ export interface BlkStats {
   unsupported: number;
   /** Requests submitted and not yet completed. */
   inFlight: number;
+  /** Guest-triggered warnings counted but not logged (past the per-kind limit). */
+  unloggedEvents: number;
 }
 
 interface Live {
@@ -88,6 +98,8 @@ interface Live {
   readonly limits: BlkLimits;
   /** Set by a fatal queue error: nothing more is taken from or given to the ring. */
   failed: boolean;
+  /** Set when the driver stopped the queue: completions no longer touch guest memory. */
+  stopped: boolean;
 }
 
 export class BlkDevice implements VirtioDevice {
@@ -106,19 +118,24 @@ export class BlkDevice implements VirtioDevice {
     errors: 0,
     unsupported: 0,
     inFlight: 0,
+    unloggedEvents: 0,
   };
 
   readonly backend: BlockBackend;
   private readonly config: Uint8Array;
   private readonly serialBytes: Uint8Array;
   private readonly log: Logger;
+  private readonly events: GuestEventLog;
   private live: Live | undefined;
   private notifyScheduled = false;
+  /** The rest of a notification's chains is waiting for the next event-loop turn. */
+  private processScheduled = false;
   private idleWaiters: Array<() => void> = [];
 
   constructor(options: BlkDeviceOptions) {
     this.backend = options.backend;
     this.log = (options.logger ?? silentLogger).child({ device: 'virtio-blk' });
+    this.events = new GuestEventLog(this.log);
     if (this.backend.size % SECTOR_SIZE !== 0) {
       throw new RangeError(`disk size ${this.backend.size} is not a multiple of ${SECTOR_SIZE}`);
     }
@@ -178,6 +195,7 @@ export class BlkDevice implements VirtioDevice {
       queue,
       interrupt,
       failed: false,
+      stopped: false,
       limits: {
         size: this.backend.size,
         readonly: this.backend.readonly,
@@ -195,10 +213,21 @@ export class BlkDevice implements VirtioDevice {
     if (index === 0) this.processQueue();
   }
 
-  reset(): void {
-    // In-flight host I/O cannot be cancelled; its completions see that
-    // `live` changed and are not reported to the guest.
+  /**
+   * Forgets the activation. In-flight host I/O cannot be cancelled: its
+   * completions see that `live` changed and touch nothing, and the reset
+   * is complete (the promise resolves) when the last of them has run.
+   */
+  reset(): Promise<void> | void {
     this.live = undefined;
+    return this.stats.inFlight > 0 ? this.drain() : undefined;
+  }
+
+  /** The driver stopped the request queue (virtio-mmio QueueReady = 0): as reset, for the queue. */
+  stopQueue(index: number): Promise<void> | void {
+    if (index !== 0 || !this.live) return undefined;
+    this.live.stopped = true;
+    return this.stats.inFlight > 0 ? this.drain() : undefined;
   }
 
   /** Resolves when no request is in flight and completed ones have been signalled. */
@@ -214,13 +243,25 @@ export class BlkDevice implements VirtioDevice {
 
   private processQueue(): void {
     const live = this.live;
-    if (!live || live.failed) return;
+    if (!live || live.failed || live.stopped || this.processScheduled) return;
     const { memory, queue } = live;
+    let chains = 0;
+    let descriptors = 0;
     try {
       do {
         queue.disableNotification(memory);
         for (let chain = queue.pop(memory); chain; chain = queue.pop(memory)) {
           this.submit(live, chain);
+          descriptors += chain.descriptors.length;
+          if (++chains >= CHAINS_PER_TURN || descriptors >= DESCRIPTORS_PER_TURN) {
+            // Enough for one turn: the console, timers and other devices go first.
+            this.processScheduled = true;
+            setImmediate(() => {
+              this.processScheduled = false;
+              this.processQueue(); // whatever is live now
+            });
+            return;
+          }
         }
       } while (queue.enableNotification(memory));
     } catch (err) {
@@ -298,8 +339,8 @@ export class BlkDevice implements VirtioDevice {
     if (status === VIRTIO_BLK_S_IOERR) this.stats.errors++;
     if (status === VIRTIO_BLK_S_UNSUPP) this.stats.unsupported++;
     if (detail) this.log.debug({ head: request.head, type: request.type, status }, detail);
-    if (this.live !== live || live.failed) {
-      // Reset (or broken) since submission: the guest no longer expects this.
+    if (this.live !== live || live.failed || live.stopped) {
+      // Reset, stopped or broken since submission: the guest no longer expects this.
       this.maybeIdle();
       return;
     }
@@ -324,7 +365,7 @@ export class BlkDevice implements VirtioDevice {
     this.notifyScheduled = true;
     setImmediate(() => {
       this.notifyScheduled = false;
-      if (this.live === live && !live.failed) {
+      if (this.live === live && !live.failed && !live.stopped) {
         try {
           if (live.queue.needsNotification(live.memory)) live.interrupt.signalUsedBuffer(0);
         } catch (err) {
@@ -345,7 +386,8 @@ export class BlkDevice implements VirtioDevice {
   private fail(live: Live, err: unknown): void {
     live.failed = true;
     const reason = err instanceof QueueError ? `${err.kind}: ${err.message}` : `internal error: ${(err as Error)?.message ?? err}`;
-    this.log.warn({ err }, 'request queue broken');
+    this.events.warn('queue-broken', { err }, 'request queue broken');
+    this.stats.unloggedEvents = this.events.suppressed;
     live.interrupt.needsReset(reason);
   }
 }

@@ -9,7 +9,7 @@
  * like a real NIC) instead of piling up in the VMM, and it watches again
  * when the guest notifies the RX queue.
  */
-import { silentLogger, type Logger } from '../../log.js';
+import { GuestEventLog, silentLogger, type Logger } from '../../log.js';
 import type { GuestMemory } from '../../vmm/memory.js';
 import { readConfigBytes, type VirtioActivation, type VirtioDevice, type VirtioInterrupt } from '../device.js';
 import {
@@ -20,7 +20,7 @@ import {
   featureMask,
   hasFeature,
 } from '../features.js';
-import { QueueError, type DescriptorChain, type Queue, type UsedElement } from '../queue.js';
+import { CHAINS_PER_TURN, DESCRIPTORS_PER_TURN, QueueError, type ChainWriter, type DescriptorChain, type Queue, type UsedElement } from '../queue.js';
 import { MAC_LENGTH } from './options.js';
 import { EAGAIN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapBackend } from './tap.js';
 
@@ -97,6 +97,14 @@ export interface NetStats {
   txDropped: number;
   /** Malformed TX chains and TAP write failures. */
   txErrors: number;
+  /** Warnings counted but not logged (past the per-kind limit). */
+  unloggedEvents: number;
+}
+
+/** A receive chain popped from the ring and kept until a frame fills it. */
+interface RxBuffer {
+  readonly head: number;
+  readonly writer: ChainWriter;
 }
 
 interface Live {
@@ -106,6 +114,14 @@ interface Live {
   readonly interrupt: VirtioInterrupt;
   readonly mergeRxBuffers: boolean;
   readonly guestCsum: boolean;
+  /**
+   * Receive chains popped for a frame that did not fit them: kept for the
+   * next frame, so each chain is walked once, however many frames it is
+   * too small for.
+   */
+  readonly held: RxBuffer[];
+  /** Writable bytes in `held`. */
+  heldCapacity: number;
   failed: boolean;
 }
 
@@ -140,17 +156,22 @@ export class NetDevice implements VirtioDevice {
     txBytes: 0,
     txDropped: 0,
     txErrors: 0,
+    unloggedEvents: 0,
   };
   readonly tap: TapBackend;
   readonly mac: Uint8Array;
 
   private readonly config = new Uint8Array(NET_CONFIG_SIZE);
   private readonly log: Logger;
+  private readonly events: GuestEventLog;
   private readonly rxBuffer = new Uint8Array(VNET_HDR_SIZE + MAX_FRAME_SIZE);
   /** A frame read from the TAP that did not find room in the guest yet (a view of rxBuffer). */
   private pendingFrame: Uint8Array | undefined;
   private watching = false;
   private live: Live | undefined;
+  /** Work left over from a turn that reached its budget, queued for the next one. */
+  private rxScheduled = false;
+  private txScheduled = false;
 
   constructor(options: NetDeviceOptions) {
     if (options.mac.length !== MAC_LENGTH) throw new RangeError(`MAC address must be ${MAC_LENGTH} bytes`);
@@ -159,6 +180,7 @@ export class NetDevice implements VirtioDevice {
     const queueSize = options.queueSize ?? NET_DEFAULT_QUEUE_SIZE;
     this.queueMaxSizes = [queueSize, queueSize];
     this.log = (options.logger ?? silentLogger).child({ device: 'virtio-net', tap: this.tap.name });
+    this.events = new GuestEventLog(this.log);
     this.config.set(this.mac, NET_CONFIG_MAC);
     const v = new DataView(this.config.buffer);
     v.setUint16(NET_CONFIG_STATUS, VIRTIO_NET_S_LINK_UP, true);
@@ -202,6 +224,8 @@ export class NetDevice implements VirtioDevice {
       interrupt,
       mergeRxBuffers: hasFeature(features, VIRTIO_NET_F_MRG_RXBUF),
       guestCsum: hasFeature(features, VIRTIO_NET_F_GUEST_CSUM),
+      held: [],
+      heldCapacity: 0,
       failed: false,
     };
     // Readiness drives RX from here; with no buffers yet it stops at once.
@@ -228,19 +252,34 @@ export class NetDevice implements VirtioDevice {
     this.tap.close();
   }
 
-  /** Moves frames from the TAP into the guest until one side runs dry. */
+  /**
+   * Moves frames from the TAP into the guest until one side runs dry, or
+   * {@link CHAINS_PER_TURN} frames were read in this turn (the rest in a
+   * later turn, so a flood from the host does not starve the event loop).
+   */
   processRx(): void {
     const live = this.live;
     if (!live || live.failed) {
       this.setWatching(false);
       return;
     }
+    if (this.rxScheduled) return;
     const { memory, rx } = live;
     let delivered = false;
+    let frames = 0;
     try {
       for (;;) {
+        if (frames++ >= CHAINS_PER_TURN) {
+          this.setWatching(false);
+          this.rxScheduled = true;
+          setImmediate(() => {
+            this.rxScheduled = false;
+            this.processRx(); // whatever is live now
+          });
+          break;
+        }
         if (!this.pendingFrame) {
-          if (!rx.hasAvailable(memory)) {
+          if (live.held.length === 0 && !rx.hasAvailable(memory)) {
             if (rx.enableNotification(memory)) continue;
             this.setWatching(false); // back-pressure: the frames stay in the kernel
             break;
@@ -270,19 +309,34 @@ export class NetDevice implements VirtioDevice {
     if (delivered) this.signal(live, rx, RX_QUEUE);
   }
 
-  /** Sends every chain the guest queued for transmission. */
+  /**
+   * Sends the chains the guest queued for transmission: all of them, or
+   * one turn's budget ({@link CHAINS_PER_TURN}, {@link DESCRIPTORS_PER_TURN})
+   * with the rest in a later turn.
+   */
   processTx(): void {
     const live = this.live;
-    if (!live || live.failed) return;
+    if (!live || live.failed || this.txScheduled) return;
     const { memory, tx } = live;
     let sent = false;
+    let chains = 0;
+    let descriptors = 0;
     try {
-      do {
+      txLoop: do {
         tx.disableNotification(memory);
         for (let chain = tx.pop(memory); chain; chain = tx.pop(memory)) {
           this.transmit(live, chain);
           tx.addUsed(memory, chain.head, 0);
           sent = true;
+          descriptors += chain.descriptors.length;
+          if (++chains >= CHAINS_PER_TURN || descriptors >= DESCRIPTORS_PER_TURN) {
+            this.txScheduled = true;
+            setImmediate(() => {
+              this.txScheduled = false;
+              this.processTx(); // whatever is live now
+            });
+            break txLoop;
+          }
         }
       } while (tx.enableNotification(memory));
     } catch (err) {
@@ -305,14 +359,14 @@ export class NetDevice implements VirtioDevice {
       written = this.tap.writev(reader.views(length));
     } catch (err) {
       this.stats.txErrors++;
-      this.log.warn({ err }, 'TAP write failed');
+      this.warn('tap-write', { err }, 'TAP write failed');
       return;
     }
     if (written === -EAGAIN) {
       this.stats.txDropped++;
     } else if (written < 0) {
       this.stats.txErrors++;
-      this.log.warn({ errno: -written }, 'TAP write failed');
+      this.warn('tap-write', { errno: -written }, 'TAP write failed');
     } else {
       this.stats.txPackets++;
       this.stats.txBytes += length - VNET_HDR_SIZE;
@@ -327,13 +381,13 @@ export class NetDevice implements VirtioDevice {
         n = this.tap.read(this.rxBuffer);
       } catch (err) {
         this.stats.rxErrors++;
-        this.log.warn({ err }, 'TAP read failed');
+        this.warn('tap-read', { err }, 'TAP read failed');
         return undefined;
       }
       if (n === -EAGAIN) return undefined;
       if (n < 0) {
         this.stats.rxErrors++;
-        this.log.warn({ errno: -n }, 'TAP read failed');
+        this.warn('tap-read', { errno: -n }, 'TAP read failed');
         return undefined;
       }
       if (n >= VNET_HDR_SIZE) return this.rxBuffer.subarray(0, n);
@@ -343,31 +397,29 @@ export class NetDevice implements VirtioDevice {
 
   /** Places one frame (header included) into the guest's receive buffers. */
   private deliver(live: Live, frame: Uint8Array): Delivery {
-    const { memory, rx } = live;
+    const { memory, rx, held } = live;
     // 5.1.6.4.1: without GUEST_CSUM the device must leave flags zero (the
     // TAP may still mark frames DATA_VALID).
     if (!live.guestCsum) frame[VNET_HDR_FLAGS] = 0;
-    const parts: Array<{ head: number; writer: ReturnType<DescriptorChain['writer']> }> = [];
-    let capacity = 0;
-    while (capacity < frame.length) {
-      if (parts.length > 0 && !live.mergeRxBuffers) break;
-      if (parts.length === rx.size) break; // the whole ring is not enough
+    // Without MRG_RXBUF a frame goes into one chain: the held one, or the next.
+    const maxParts = live.mergeRxBuffers ? rx.size : 1;
+    while (live.heldCapacity < frame.length && held.length < maxParts) {
       const chain = rx.pop(memory);
-      if (!chain) {
-        rx.undoPop(parts.length);
-        return 'no-buffers';
-      }
+      if (!chain) return 'no-buffers'; // what was popped stays held for the next try
       const writer = chain.writer(memory);
-      parts.push({ head: chain.head, writer });
-      capacity += writer.remaining;
+      held.push({ head: chain.head, writer });
+      live.heldCapacity += writer.remaining;
     }
-    if (capacity < frame.length) {
+    if (live.heldCapacity < frame.length) {
       // Larger than any buffer set the guest offers: drop it, keep the buffers.
-      rx.undoPop(parts.length);
       this.stats.rxDropped++;
-      this.log.debug({ length: frame.length - VNET_HDR_SIZE, capacity }, 'RX frame larger than the guest buffers; dropped');
+      this.log.debug(
+        { length: frame.length - VNET_HDR_SIZE, capacity: live.heldCapacity },
+        'RX frame larger than the guest buffers; dropped',
+      );
       return 'dropped';
     }
+    const parts = this.takeParts(live, frame.length);
     new DataView(frame.buffer, frame.byteOffset).setUint16(VNET_HDR_NUM_BUFFERS, parts.length, true);
     const used: UsedElement[] = [];
     let offset = 0;
@@ -381,6 +433,18 @@ export class NetDevice implements VirtioDevice {
     this.stats.rxPackets++;
     this.stats.rxBytes += frame.length - VNET_HDR_SIZE;
     return 'delivered';
+  }
+
+  /**
+   * Takes from `held`, in ring order, the fewest chains that hold `length`
+   * bytes (all of them fit: the caller checked the capacity).
+   */
+  private takeParts(live: Live, length: number): RxBuffer[] {
+    let capacity = 0;
+    let n = 0;
+    while (capacity < length) capacity += live.held[n++]!.writer.remaining;
+    live.heldCapacity -= capacity;
+    return live.held.splice(0, n);
   }
 
   private signal(live: Live, queue: Queue, index: number): void {
@@ -398,11 +462,17 @@ export class NetDevice implements VirtioDevice {
     else this.tap.stopReadable();
   }
 
+  /** A warning the guest (or the host's traffic) can repeat: rate-limited per kind. */
+  private warn(kind: string, obj: object, msg: string): void {
+    this.events.warn(kind, obj, msg);
+    this.stats.unloggedEvents = this.events.suppressed;
+  }
+
   private fail(live: Live, err: unknown): void {
     live.failed = true;
     this.setWatching(false);
     const reason = err instanceof QueueError ? `${err.kind}: ${err.message}` : `internal error: ${(err as Error)?.message ?? err}`;
-    this.log.warn({ err }, 'virtio-net queue broken');
+    this.warn('queue-broken', { err }, 'virtio-net queue broken');
     live.interrupt.needsReset(reason);
   }
 }
