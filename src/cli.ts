@@ -72,9 +72,17 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void): () => void {
   const raw = stdin.isTTY === true;
   if (raw) stdin.setRawMode(true);
   let escaped = false;
+  // Back-pressure: stop reading the terminal (or pipe) while the guest is behind.
+  let connected = true;
+  const send = (bytes: Buffer) => {
+    if (!vm.console.write(bytes)) {
+      stdin.pause();
+      vm.console.once('drain', () => connected && stdin.resume());
+    }
+  };
   const onData = (chunk: Buffer) => {
     if (!raw) {
-      vm.console.write(chunk);
+      send(chunk);
       return;
     }
     const out: number[] = [];
@@ -92,11 +100,12 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void): () => void {
       if (b === ESCAPE) escaped = true;
       else out.push(b);
     }
-    if (out.length > 0) vm.console.write(Buffer.from(out));
+    if (out.length > 0) send(Buffer.from(out));
   };
   stdin.on('data', onData);
   vm.console.on('data', (chunk: Buffer) => process.stdout.write(chunk));
   return () => {
+    connected = false;
     stdin.off('data', onData);
     if (raw) stdin.setRawMode(false);
     stdin.pause();

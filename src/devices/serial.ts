@@ -163,6 +163,12 @@ export interface Serial16550Options {
   out2GatesIrq?: boolean;
   /** Host input enters the RX FIFO only while MCR.RTS is set. Default true. */
   rtsGatesInput?: boolean;
+  /**
+   * Called when the guest took host bytes into the RX FIFO: the host-side
+   * queue shrank. A writer that stopped at a limit of
+   * {@link Serial16550.pendingInput} resumes here.
+   */
+  onInputTaken?: () => void;
 }
 
 /** Counters; read them, do not write them. */
@@ -181,7 +187,7 @@ export interface SerialStats {
   oddAccesses: number;
 }
 
-/** An unbounded byte queue made of chunks, so that shifting is O(1). */
+/** A byte queue made of chunks, so that shifting is O(1); its writer bounds it. */
 class ByteQueue {
   private chunks: Uint8Array[] = [];
   private head = 0;
@@ -230,6 +236,7 @@ export class Serial16550 implements BusDevice {
   private readonly log: Logger;
   private readonly out2GatesIrq: boolean;
   private readonly rtsGatesInput: boolean;
+  private readonly onInputTaken: (() => void) | undefined;
 
   private ier = 0;
   private lcr = 0;
@@ -264,11 +271,14 @@ export class Serial16550 implements BusDevice {
     this.log = (options.logger ?? silentLogger).child({ device: 'serial16550' });
     this.out2GatesIrq = options.out2GatesIrq ?? true;
     this.rtsGatesInput = options.rtsGatesInput ?? true;
+    this.onInputTaken = options.onInputTaken;
   }
 
   /**
    * Queues bytes typed on the host. They reach the guest in order as it
-   * drains the RX FIFO; none are dropped. The bytes are copied.
+   * drains the RX FIFO; none are dropped. The bytes are copied. The queue
+   * has no limit of its own: the writer watches {@link pendingInput} (the
+   * console stream stops taking input above CONSOLE_INPUT_LIMIT).
    */
   enqueueInput(bytes: Uint8Array): void {
     this.hostInput.push(bytes.slice());
@@ -516,10 +526,12 @@ export class Serial16550 implements BusDevice {
     if (this.loopback) return;
     if (this.rtsGatesInput && !(this.mcr & MCR.RTS)) return;
     const capacity = this.rxCapacity;
+    const before = this.hostInput.length;
     while (this.rxCount < capacity && this.hostInput.length > 0) {
       this.receive(this.hostInput.shift());
       this.stats.bytesIn++;
     }
+    if (this.hostInput.length !== before) this.onInputTaken?.();
   }
 
   /** The highest-priority pending, enabled interrupt as an IIR id (datasheet table 4). */

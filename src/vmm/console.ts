@@ -11,6 +11,13 @@ import { Duplex } from 'node:stream';
  */
 export const CONSOLE_FLUSH_MS = 2;
 const CONSOLE_BATCH_BYTES = 4096;
+/**
+ * Host input waiting for the guest beyond which the console stops taking
+ * more: a write's callback waits until the guest has read below it, so a
+ * writer that respects back-pressure (a pipe, `stream.pipeline`) is held
+ * and the VMM holds at most this plus one chunk.
+ */
+export const CONSOLE_INPUT_LIMIT = 64 * 1024;
 
 /**
  * A duplex stream over the serial port: what the guest prints is readable,
@@ -22,9 +29,27 @@ export class ConsoleStream extends Duplex {
   private batch = Buffer.allocUnsafe(CONSOLE_BATCH_BYTES);
   private batched = 0;
   private timer: NodeJS.Timeout | undefined;
+  /** The callback of a write held until the guest reads below the limit. */
+  private heldWrite: (() => void) | undefined;
 
-  constructor(private readonly sendToGuest: (bytes: Uint8Array) => void) {
+  /**
+   * `sendToGuest` queues bytes for the guest; `pendingInput` says how many
+   * still wait there. Call {@link inputTaken} when the guest takes some.
+   */
+  constructor(
+    private readonly sendToGuest: (bytes: Uint8Array) => void,
+    private readonly pendingInput: () => number = () => 0,
+  ) {
     super({ allowHalfOpen: true });
+  }
+
+  /** The guest took queued input: a held write completes once it is below the limit. */
+  inputTaken(): void {
+    const held = this.heldWrite;
+    if (held && this.pendingInput() < CONSOLE_INPUT_LIMIT) {
+      this.heldWrite = undefined;
+      held();
+    }
   }
 
   /** Called by the serial device for each byte the guest transmits. */
@@ -64,7 +89,8 @@ export class ConsoleStream extends Duplex {
 
   override _write(chunk: Buffer, _enc: BufferEncoding, cb: (err?: Error | null) => void): void {
     this.sendToGuest(chunk);
-    cb();
+    if (this.pendingInput() < CONSOLE_INPUT_LIMIT) cb();
+    else this.heldWrite = () => cb();
   }
 }
 

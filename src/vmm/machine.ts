@@ -304,7 +304,10 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       const mmioBus = new Bus('mmio');
       let vmRef: VirtualMachine | undefined;
       const signals = { acpi: false, pvpanic: false };
-      const consoleStream = new ConsoleStream((bytes) => serial.enqueueInput(bytes));
+      const consoleStream = new ConsoleStream(
+        (bytes) => serial.enqueueInput(bytes),
+        () => serial.pendingInput,
+      );
       const watcher = new ConsoleWatcher((event, line) => vmRef?.onConsoleEvent(event, line), (line) => vmRef?.profiler?.consoleLine(line));
       const serial = new Serial16550({
         irq: irq(layout.COM1_IRQ),
@@ -312,6 +315,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
           consoleStream.guestOutput(bytes);
           watcher.feed(bytes);
         },
+        onInputTaken: () => consoleStream.inputTaken(),
         logger: log.child({ dev: 'serial' }),
       });
       pio.insert(serial, layout.COM1_PORT, 8, 'com1');

@@ -10,7 +10,11 @@ import type { NativeLayout } from '../../src/native.js';
 import { Bus, BusError, type BusDevice } from '../../src/vmm/bus.js';
 import { decodeRegs, decodeSregs, encodeMsrs, encodeRegs, encodeSregs } from '../../src/vmm/cpu.js';
 import { cpuidForVcpu } from '../../src/vmm/cpuid.js';
-import { CONSOLE_FLUSH_MS, ConsoleStream, ConsoleWatcher } from '../../src/vmm/console.js';
+import { CONSOLE_FLUSH_MS, CONSOLE_INPUT_LIMIT, ConsoleStream, ConsoleWatcher } from '../../src/vmm/console.js';
+import { FakeIrqLine } from '../../src/devices/irq.js';
+import { LSR, MCR, Serial16550, UART_LSR, UART_MCR, UART_RBR } from '../../src/devices/serial.js';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import { decodeExit, ExitDecoder, ExitReason, handleExit, type ExitContext, type VcpuExit } from '../../src/vmm/exits.js';
 import { GuestMemory, GuestMemoryError } from '../../src/vmm/memory.js';
 import { mpTableSize, writeMpTable } from '../../src/vmm/mptable.js';
@@ -338,6 +342,37 @@ describe('ConsoleWatcher', () => {
     expect(chunks.slice(1).join('')).toBe(big.toString());
     c.write('ls\n');
     expect(sent).toEqual(['ls\n']);
+  });
+
+  it('holds a writer while the guest is behind on console input, and lets it go as the guest reads', async () => {
+    let c: ConsoleStream | undefined;
+    const uart = new Serial16550({ irq: new FakeIrqLine(), output: () => {}, onInputTaken: () => c?.inputTaken() });
+    c = new ConsoleStream((b) => uart.enqueueInput(b), () => uart.pendingInput);
+    uart.write(UART_MCR, Uint8Array.of(MCR.RTS | MCR.DTR));
+    // 512 KiB through a pipeline that respects back-pressure, into a guest that is not reading.
+    const total = 512 << 10;
+    const done = pipeline(Readable.from((function* () {
+      for (let i = 0; i < total / 4096; i++) yield Buffer.alloc(4096, i & 0xff);
+    })()), c);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(uart.pendingInput).toBeLessThanOrEqual(CONSOLE_INPUT_LIMIT + 4096);
+    // The guest reads everything, byte by byte from RBR, as its driver does.
+    const byte = new Uint8Array(1);
+    let read = 0;
+    while (read < total) {
+      const lsr = new Uint8Array(1);
+      uart.read(UART_LSR, lsr);
+      if (lsr[0]! & LSR.DATA_READY) {
+        uart.read(UART_RBR, byte);
+        if (byte[0] !== (Math.floor(read / 4096) & 0xff)) throw new Error(`byte ${read} is ${byte[0]}: out of order`);
+        read++;
+      } else {
+        expect(uart.pendingInput).toBeLessThanOrEqual(CONSOLE_INPUT_LIMIT + 4096);
+        await new Promise((r) => setImmediate(r));
+      }
+    }
+    await done;
+    expect(uart.stats.bytesIn).toBe(total);
   });
 });
 
