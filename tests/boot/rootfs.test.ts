@@ -38,7 +38,10 @@ describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` 
               await until(out, /@@SYNCED/);
               guestSum = /([0-9a-f]{32})\s+\/crash\.bin/.exec(out())?.[1] ?? '';
               child.kill('SIGKILL');
-            })().catch(() => child.kill('SIGKILL'));
+            })().catch((err: unknown) => {
+              console.error(String(err)); // the console so far: what the guest did instead
+              child.kill('SIGKILL');
+            });
           },
         },
       );

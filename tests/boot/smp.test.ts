@@ -36,7 +36,10 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
               await until(out, /@@BUSY/);
               stopAsked = performance.now();
               type('reboot -f');
-            })().catch(() => child.kill('SIGKILL'));
+            })().catch((err: unknown) => {
+              console.error(String(err)); // the console so far: what the guest did instead
+              child.kill('SIGKILL');
+            });
           },
         },
       );
@@ -69,7 +72,10 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
               await new Promise((resolve) => setTimeout(resolve, 3000));
               killedAt = performance.now();
               child.kill('SIGTERM');
-            })().catch(() => child.kill('SIGKILL'));
+            })().catch((err: unknown) => {
+              console.error(String(err)); // the console so far: what the guest did instead
+              child.kill('SIGKILL');
+            });
           },
         },
       );

@@ -129,7 +129,8 @@ export interface CliResult {
 
 /**
  * Runs `tsvmm` with `args` (optionally wrapped, e.g. in `ip netns exec`),
- * and lets `drive` talk to it while it runs.
+ * and lets `drive` talk to it while it runs. A child still running after
+ * `timeoutMs` is killed, with its console's last lines on stderr.
  */
 export function runCli(
   args: string[],
@@ -150,7 +151,12 @@ export function runCli(
     stderr += d.toString('latin1');
   });
   opts.drive?.(child, () => stdout);
-  const timeout = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? BOOT_TIMEOUT_MS);
+  // Below the test's own timeout, so a hung guest fails the test with its console, not a bare timeout.
+  const timeoutMs = opts.timeoutMs ?? BOOT_TIMEOUT_MS - 60_000;
+  const timeout = setTimeout(() => {
+    console.error(`runCli: killed tsvmm after ${timeoutMs} ms; console tail:\n${stdout.slice(-3000)}\nstderr tail:\n${stderr.slice(-2000)}`);
+    child.kill('SIGKILL');
+  }, timeoutMs);
   return new Promise((resolve, reject) => {
     child.on('error', reject);
     child.on('close', (code, signal) => {
