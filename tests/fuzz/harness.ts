@@ -1,0 +1,688 @@
+/**
+ * Seeded fuzz targets for the virtio layer, driven by a hostile model
+ * driver. Each case is a pure function of its seed: a failure names the
+ * seed, and `npm run fuzz -- --target T --seed S` replays it.
+ *
+ * What every case checks:
+ *  - no exception escapes a register access, a notification or a completion;
+ *  - no access outside guest RAM: RAM sits between two guard areas filled
+ *    with a canary, and every buffer handed to a backend must be a view
+ *    inside RAM;
+ *  - no used length larger than the writable bytes of the chain it reports;
+ *  - no host I/O outside the image (blk) and no frame larger than the
+ *    largest a TAP takes (net);
+ *  - nothing left in flight once the driver resets the device and waits
+ *    for status 0.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { FakeIrqLine } from '../../src/devices/irq.js';
+import { BlkDevice } from '../../src/virtio/blk/device.js';
+import type { BlockBackend, IoCallback } from '../../src/virtio/blk/backend.js';
+import { openDiskImage } from '../../src/virtio/blk/image.js';
+import type { VirtioDevice } from '../../src/virtio/device.js';
+import {
+  STATUS_ACKNOWLEDGE,
+  STATUS_DRIVER,
+  STATUS_DRIVER_OK,
+  STATUS_FEATURES_OK,
+} from '../../src/virtio/features.js';
+import {
+  MMIO_QUEUE_DESC_HIGH,
+  MMIO_QUEUE_DESC_LOW,
+  MMIO_QUEUE_DEVICE_HIGH,
+  MMIO_QUEUE_DEVICE_LOW,
+  MMIO_QUEUE_DRIVER_HIGH,
+  MMIO_QUEUE_DRIVER_LOW,
+  MMIO_QUEUE_NOTIFY,
+  MMIO_QUEUE_NUM,
+  MMIO_QUEUE_READY,
+  MMIO_QUEUE_SEL,
+  MMIO_STATUS,
+  MmioTransport,
+} from '../../src/virtio/mmio.js';
+import { EAGAIN, type TapBackend } from '../../src/virtio/net/tap.js';
+import { MAX_FRAME_SIZE, NetDevice, VNET_HDR_SIZE } from '../../src/virtio/net/device.js';
+import { DESCRIPTOR_SIZE, Queue, QueueError, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtio/queue.js';
+import { GuestMemory, GuestMemoryError } from '../../src/vmm/memory.js';
+
+/** A small, fast, seedable PRNG (mulberry32). */
+export class Rng {
+  private state: number;
+
+  constructor(seed: number) {
+    this.state = seed >>> 0;
+  }
+
+  /** A uniform 32-bit unsigned integer. */
+  u32(): number {
+    let t = (this.state = (this.state + 0x6d2b79f5) >>> 0);
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return (t ^ (t >>> 14)) >>> 0;
+  }
+
+  /** An integer in [0, n). */
+  below(n: number): number {
+    return n <= 0 ? 0 : this.u32() % n;
+  }
+
+  chance(p: number): boolean {
+    return this.u32() / 0x1_0000_0000 < p;
+  }
+
+  pick<T>(items: readonly T[]): T {
+    return items[this.below(items.length)]!;
+  }
+
+  /** Mostly plausible values, sometimes the edges hostile drivers like. */
+  interesting(plausible: number): number {
+    switch (this.below(8)) {
+      case 0:
+        return 0;
+      case 1:
+        return 0xffff_ffff;
+      case 2:
+        return this.u32();
+      case 3:
+        return 1 << this.below(32);
+      default:
+        return plausible >>> 0;
+    }
+  }
+}
+
+export const RAM_SIZE = 256 * 1024;
+const GUARD_SIZE = 4096;
+const CANARY = 0x5a;
+
+/** Guest RAM between two canary-filled guard areas. */
+export class GuardedRam {
+  readonly backing = new Uint8Array(GUARD_SIZE + RAM_SIZE + GUARD_SIZE).fill(CANARY);
+  readonly ram = this.backing.subarray(GUARD_SIZE, GUARD_SIZE + RAM_SIZE);
+  readonly mem: GuestMemory;
+
+  constructor(rng: Rng) {
+    for (let i = 0; i < this.ram.length; i += 4) this.ram[i] = rng.u32() & 0xff;
+    this.mem = GuestMemory.fromBuffer(this.ram);
+  }
+
+  /** Throws when a guard byte changed. */
+  checkGuards(): void {
+    for (let i = 0; i < GUARD_SIZE; i++) {
+      if (this.backing[i] !== CANARY || this.backing[GUARD_SIZE + RAM_SIZE + i] !== CANARY) {
+        throw new Error(`a guard byte outside guest RAM changed (offset ${i})`);
+      }
+    }
+  }
+
+  /** Throws unless `view` lies inside guest RAM. */
+  checkView(view: Uint8Array, what: string): void {
+    const start = view.byteOffset - GUARD_SIZE;
+    if (view.buffer !== this.backing.buffer || start < 0 || start + view.length > RAM_SIZE) {
+      throw new Error(`${what}: a buffer outside guest RAM (offset ${start}, ${view.length} bytes)`);
+    }
+  }
+}
+
+/**
+ * Wraps a queue so that every used element is checked against the chain
+ * it answers: known head, length within the chain's writable bytes.
+ */
+function instrumentQueue(queue: Queue, where: string): void {
+  const writable = new Map<number, number>();
+  const pop = queue.pop.bind(queue);
+  const addUsedMany = queue.addUsedMany.bind(queue);
+  queue.pop = (mem) => {
+    const chain = pop(mem);
+    if (chain) writable.set(chain.head, chain.writableLength);
+    return chain;
+  };
+  queue.addUsedMany = (mem, elements) => {
+    for (const e of elements) {
+      const max = writable.get(e.head);
+      if (max === undefined) throw new Error(`${where}: used element for head ${e.head}, which was not popped`);
+      if (e.len > max) throw new Error(`${where}: used length ${e.len} > ${max} writable bytes (head ${e.head})`);
+      writable.delete(e.head);
+    }
+    addUsedMany(mem, elements);
+    const counted = queue as Queue & { fuzzUsed?: number };
+    counted.fuzzUsed = (counted.fuzzUsed ?? 0) + elements.length;
+  };
+  const reset = queue.reset.bind(queue);
+  queue.reset = () => {
+    writable.clear();
+    reset();
+  };
+}
+
+/** The hostile driver's half of a ring: areas it may fill with anything. */
+interface RingArea {
+  size: number;
+  desc: number;
+  avail: number;
+  used: number;
+  availIdx: number;
+}
+
+/** Random bytes at a random (mostly aligned) place in RAM, or in a ring area. */
+function scribble(rng: Rng, mem: GuestMemory, area?: RingArea): void {
+  const len = 1 + rng.below(64);
+  let at: number;
+  if (area && rng.chance(0.7)) {
+    at = rng.pick([area.desc, area.avail, area.used]) + rng.below(16 * area.size);
+  } else {
+    at = rng.below(RAM_SIZE);
+  }
+  at = Math.min(at, RAM_SIZE - len);
+  for (let i = 0; i < len; i++) mem.writeU8(at + i, rng.u32() & 0xff);
+}
+
+/** A descriptor with a plausible or a hostile address, length, flags and next. */
+function writeDescriptor(rng: Rng, mem: GuestMemory, table: number, index: number, size: number): void {
+  const at = table + DESCRIPTOR_SIZE * index;
+  if (at + DESCRIPTOR_SIZE > RAM_SIZE) return;
+  const addr = rng.chance(0.9) ? BigInt(rng.below(RAM_SIZE)) : (BigInt(rng.u32()) << 32n) | BigInt(rng.u32());
+  const len = rng.chance(0.8) ? rng.below(4096) : rng.interesting(rng.below(RAM_SIZE));
+  let flags = 0;
+  if (rng.chance(0.5)) flags |= VIRTQ_DESC_F_NEXT;
+  if (rng.chance(0.5)) flags |= VIRTQ_DESC_F_WRITE;
+  if (rng.chance(0.1)) flags |= VIRTQ_DESC_F_INDIRECT;
+  if (rng.chance(0.02)) flags = rng.u32() & 0xffff;
+  const next = rng.chance(0.9) ? rng.below(size) : rng.u32() & 0xffff;
+  mem.writeU64(at, addr);
+  mem.writeU32(at + 8, len >>> 0);
+  mem.writeU16(at + 12, flags);
+  mem.writeU16(at + 14, next);
+}
+
+/** Publishes a random head (or moves avail.idx in a hostile way). */
+function publish(rng: Rng, mem: GuestMemory, area: RingArea): void {
+  const head = rng.chance(0.95) ? rng.below(area.size) : rng.u32() & 0xffff;
+  if (area.avail + 4 + 2 * area.size + 2 > RAM_SIZE) return;
+  mem.writeU16(area.avail + 4 + 2 * (area.availIdx % area.size), head);
+  area.availIdx = rng.chance(0.97) ? (area.availIdx + 1) & 0xffff : rng.u32() & 0xffff;
+  mem.writeU16(area.avail + 2, area.availIdx);
+}
+
+/** A well-formed chain of `buffers` at random places (for blk and net to get past the ring checks). */
+function plausibleChain(rng: Rng, mem: GuestMemory, area: RingArea, buffers: Array<{ len: number; writable: boolean; data?: Uint8Array }>): void {
+  const n = buffers.length;
+  if (n === 0 || n > area.size) return;
+  const indirect = rng.chance(0.3);
+  const first = rng.below(area.size);
+  const table = indirect ? (BUFFER_BASE + rng.below(RAM_SIZE - BUFFER_BASE - DESCRIPTOR_SIZE * n)) & ~15 : area.desc;
+  buffers.forEach((b, i) => {
+    const len = Math.min(b.len, RAM_SIZE - BUFFER_BASE);
+    const addr = BUFFER_BASE + rng.below(RAM_SIZE - BUFFER_BASE - len + 1);
+    if (b.data) mem.write(addr, b.data.subarray(0, len));
+    const index = indirect ? i : (first + i) % area.size;
+    const next = indirect ? i + 1 : (first + i + 1) % area.size;
+    const at = table + DESCRIPTOR_SIZE * index;
+    mem.writeU64(at, BigInt(addr));
+    mem.writeU32(at + 8, len);
+    mem.writeU16(at + 12, (b.writable ? VIRTQ_DESC_F_WRITE : 0) | (i < n - 1 ? VIRTQ_DESC_F_NEXT : 0));
+    mem.writeU16(at + 14, next);
+  });
+  if (indirect) {
+    const at = area.desc + DESCRIPTOR_SIZE * first;
+    mem.writeU64(at, BigInt(table));
+    mem.writeU32(at + 8, DESCRIPTOR_SIZE * n);
+    mem.writeU16(at + 12, VIRTQ_DESC_F_INDIRECT);
+    mem.writeU16(at + 14, 0);
+  }
+  mem.writeU16(area.avail + 4 + 2 * (area.availIdx % area.size), first);
+  area.availIdx = (area.availIdx + 1) & 0xffff;
+  mem.writeU16(area.avail + 2, area.availIdx);
+}
+
+/** Ring areas at random but mostly valid places. */
+/**
+ * Ring areas: usually in their own slot of the ring region (queue `slot`),
+ * the way a driver allocates them; sometimes anywhere, overlapping or
+ * outside RAM.
+ */
+function layoutRing(rng: Rng, maxSize: number, slot = 0): RingArea {
+  const size = rng.chance(0.9) ? 1 << rng.below(Math.log2(maxSize) + 1) : rng.interesting(maxSize);
+  if (rng.chance(0.9)) {
+    // 64 entries at most: 1 KiB + 134 + 518 bytes, in a 4 KiB slot.
+    const base = slot * 4096;
+    return { size: size >>> 0, desc: base, avail: base + 1024, used: base + 2048, availIdx: 0 };
+  }
+  const s = Math.max(1, Math.min(size, maxSize));
+  const align = (n: number, a: number) => n - (n % a);
+  const place = (len: number, a: number) => (rng.chance(0.8) ? align(rng.below(Math.max(1, RAM_SIZE - len)), a) : rng.u32());
+  return { size: size >>> 0, desc: place(16 * s, 16), avail: place(6 + 2 * s, 2), used: place(6 + 8 * s, 4), availIdx: 0 };
+}
+
+/** Buffers and indirect tables live above the ring region. */
+const BUFFER_BASE = 64 * 1024;
+
+/** What a case reached, summed over a run: shows the cases get past the first checks. */
+export interface Coverage {
+  /** Chains popped (queue) or devices that reached DRIVER_OK (blk, net). */
+  reached: number;
+  /** Used elements the device published. */
+  used: number;
+  /** Fatal ring errors: DEVICE_NEEDS_RESET (or a fatal QueueError for the queue target). */
+  broken: number;
+}
+
+function emptyCoverage(): Coverage {
+  return { reached: 0, used: 0, broken: 0 };
+}
+
+// ---------------------------------------------------------------- queue
+
+/** The split queue alone: random tables and rings, pops and used elements. */
+export function fuzzQueueCase(seed: number, cov: Coverage = emptyCoverage()): void {
+  const rng = new Rng(seed);
+  const ram = new GuardedRam(rng);
+  const { mem } = ram;
+  const queue = new Queue(64);
+  const area = layoutRing(rng, 64);
+  if (rng.chance(0.9)) area.size = 1 << rng.below(7);
+  const size = area.size;
+  queue.size = rng.chance(0.95) ? size : rng.u32() & 0xffff;
+  queue.descTable = area.desc;
+  queue.availRing = area.avail;
+  queue.usedRing = area.used;
+  if (queue.validate(mem) !== undefined) return; // the transport would refuse DRIVER_OK
+  queue.ready = true;
+  queue.setNegotiatedFeatures(BigInt(rng.u32()) | (BigInt(rng.u32()) << 32n));
+  instrumentQueue(queue, 'queue');
+  const popped: Array<{ head: number; writable: number }> = [];
+  const hostility = rng.pick([0.02, 0.1, 0.3, 0.7]);
+  for (let step = 0, steps = 20 + rng.below(60); step < steps; step++) {
+    // Ordinary steps (post, pop, use) most of the time; hostile ones at the case's rate.
+    const op = rng.chance(hostility) ? rng.below(10) : rng.pick([0, 6, 7, 8, 9]);
+    try {
+      if (op < 2 && rng.chance(0.8)) {
+        const n = 1 + rng.below(4);
+        driverWrites(() =>
+          plausibleChain(rng, mem, area, Array.from({ length: n }, () => ({ len: rng.below(5000), writable: rng.chance(0.5) }))),
+        );
+      } else if (op < 3) driverWrites(() => writeDescriptor(rng, mem, rng.chance(0.8) ? area.desc : rng.below(RAM_SIZE) & ~15, rng.below(size), size));
+      else if (op < 5) driverWrites(() => publish(rng, mem, area));
+      else if (op === 5) driverWrites(() => scribble(rng, mem, area));
+      else if (op < 8) {
+        const chain = queue.pop(mem);
+        if (chain) {
+          for (const d of chain.descriptors) {
+            if (d.len > 0 && !mem.checkRange(d.addr, d.len)) throw new Error(`popped a buffer outside RAM at 0x${d.addr.toString(16)}`);
+          }
+          popped.push({ head: chain.head, writable: chain.writableLength });
+          cov.reached++;
+        }
+      } else if (op === 8 && popped.length > 0) {
+        const p = popped.splice(rng.below(popped.length), 1)[0]!;
+        queue.addUsed(mem, p.head, rng.below(p.writable + 1));
+        cov.used++;
+      } else {
+        if (rng.chance(0.5)) queue.enableNotification(mem);
+        else queue.needsNotification(mem);
+      }
+    } catch (err) {
+      if (!(err instanceof QueueError)) throw err;
+      if (err.fatal) {
+        cov.broken++;
+        break; // the device would now set DEVICE_NEEDS_RESET
+      }
+    }
+    if (queue.inFlight > size) throw new Error(`${queue.inFlight} chains in flight on a queue of ${size}`);
+  }
+  ram.checkGuards();
+}
+
+// ---------------------------------------------------------------- transport + devices
+
+/** The register sequence of a driver, with hostile detours. */
+class ModelDriver {
+  readonly rings: RingArea[] = [];
+  /** How often a step is hostile rather than what a driver does: per case. */
+  readonly hostility: number;
+
+  constructor(
+    readonly rng: Rng,
+    readonly ram: GuardedRam,
+    readonly transport: MmioTransport,
+    readonly device: VirtioDevice,
+  ) {
+    this.hostility = rng.pick([0.02, 0.1, 0.3, 0.7]);
+  }
+
+  w32(offset: number, value: number): void {
+    const b = new Uint8Array(4);
+    new DataView(b.buffer).setUint32(0, value >>> 0, true);
+    this.transport.write(offset, b);
+  }
+
+  r32(offset: number): number {
+    const b = new Uint8Array(4);
+    this.transport.read(offset, b);
+    return new DataView(b.buffer).getUint32(0, true);
+  }
+
+  /** A full initialization with random (often valid) features and rings. */
+  initialize(): void {
+    const rng = this.rng;
+    this.w32(MMIO_STATUS, 0);
+    this.w32(MMIO_STATUS, STATUS_ACKNOWLEDGE);
+    this.w32(MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    const offered = this.device.offeredFeatures;
+    const pick = rng.chance(0.5) ? offered : rng.chance(0.8) ? offered & (BigInt(rng.u32()) | (BigInt(rng.u32()) << 32n) | (1n << 32n)) : BigInt(rng.u32()) << BigInt(rng.below(40));
+    this.w32(0x024, 0);
+    this.w32(0x020, Number(pick & 0xffff_ffffn));
+    this.w32(0x024, 1);
+    this.w32(0x020, Number((pick >> 32n) & 0xffff_ffffn));
+    this.w32(MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    this.rings.length = 0;
+    this.device.queueMaxSizes.forEach((max, i) => {
+      const ring = layoutRing(rng, Math.min(max, 64), i);
+      this.rings.push(ring);
+      const split = (a: number): [number, number] => [a % 0x1_0000_0000, Math.floor(a / 0x1_0000_0000)];
+      this.w32(MMIO_QUEUE_SEL, i);
+      this.w32(MMIO_QUEUE_NUM, ring.size);
+      const [dl, dh] = split(ring.desc);
+      const [al, ah] = split(ring.avail);
+      const [ul, uh] = split(ring.used);
+      this.w32(MMIO_QUEUE_DESC_LOW, dl);
+      this.w32(MMIO_QUEUE_DESC_HIGH, dh);
+      this.w32(MMIO_QUEUE_DRIVER_LOW, al);
+      this.w32(MMIO_QUEUE_DRIVER_HIGH, ah);
+      this.w32(MMIO_QUEUE_DEVICE_LOW, ul);
+      this.w32(MMIO_QUEUE_DEVICE_HIGH, uh);
+      if (rng.chance(0.95)) this.w32(MMIO_QUEUE_READY, 1);
+    });
+    this.w32(MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+  }
+
+  /** One hostile or ordinary step. */
+  step(plausible: (ring: RingArea, index: number) => void): void {
+    const rng = this.rng;
+    const { mem } = this.ram;
+    const q = rng.below(Math.max(1, this.rings.length));
+    const ring = this.rings[q];
+    if (!rng.chance(this.hostility)) {
+      // An ordinary driver step: post a request, or notify.
+      if (ring && rng.chance(0.7)) driverWrites(() => plausible(ring, q));
+      else this.w32(MMIO_QUEUE_NOTIFY, q);
+      return;
+    }
+    const op = rng.below(20);
+    if (op < 12) {
+      // The driver's own memory writes: rings it placed outside RAM simply miss.
+      driverWrites(() => {
+        if (op < 6 && ring) plausible(ring, q);
+        else if (op < 9 && ring) writeDescriptor(this.rng, mem, ring.desc, rng.below(ring.size), ring.size);
+        else if (op < 11 && ring) publish(rng, mem, ring);
+        else scribble(rng, mem, ring);
+      });
+    } else if (op < 16) this.w32(MMIO_QUEUE_NOTIFY, rng.chance(0.95) ? q : rng.u32());
+    else if (op === 16) this.transport.write(rng.below(0x200), new Uint8Array(rng.pick([1, 2, 4, 8])).fill(rng.u32() & 0xff));
+    else if (op === 17) this.w32(rng.below(0x80) & ~3, rng.interesting(rng.below(16)));
+    else if (op === 18) this.transport.read(rng.below(0x200), new Uint8Array(rng.pick([1, 2, 4, 8])));
+    else if (rng.chance(0.3)) this.w32(MMIO_STATUS, 0);
+    else if (rng.chance(0.2)) this.initialize();
+    else this.w32(MMIO_QUEUE_SEL, q), this.w32(MMIO_QUEUE_READY, 0);
+  }
+
+  /** What Linux does at the end: status 0, then wait for status 0. */
+  async resetAndWait(): Promise<void> {
+    this.w32(MMIO_STATUS, 0);
+    for (let i = 0; this.r32(MMIO_STATUS) !== 0; i++) {
+      if (i > 10_000) throw new Error('reset never completed: status stays non-zero');
+      await new Promise((r) => setImmediate(r));
+    }
+  }
+}
+
+/** Runs driver-side memory writes; one that falls outside RAM is the driver's problem, not a finding. */
+function driverWrites(fn: () => void): void {
+  try {
+    fn();
+  } catch (err) {
+    if (!(err instanceof GuestMemoryError)) throw err;
+  }
+}
+
+function addCoverage(cov: Coverage, transport: MmioTransport): void {
+  cov.reached += transport.stats.activations;
+  cov.broken += transport.stats.needsReset;
+  cov.used += transport.queues.reduce((n, q) => n + usedCount(q), 0);
+}
+
+/** Used elements a queue published over the case (counted by instrumentQueue). */
+function usedCount(q: Queue): number {
+  return (q as Queue & { fuzzUsed?: number }).fuzzUsed ?? 0;
+}
+
+function transportFor(device: VirtioDevice, ram: GuardedRam): MmioTransport {
+  const transport = new MmioTransport(device, { memory: ram.mem, irq: new FakeIrqLine() });
+  transport.queues.forEach((q, i) => instrumentQueue(q, `${device.name} queue ${i}`));
+  return transport;
+}
+
+/** Checks each host I/O against the image and guest RAM before passing it on. */
+class CheckedBackend implements BlockBackend {
+  constructor(
+    private readonly inner: BlockBackend,
+    private readonly ram: GuardedRam,
+  ) {}
+  get size() {
+    return this.inner.size;
+  }
+  get readonly() {
+    return this.inner.readonly;
+  }
+  private range(position: number, length: number, what: string): void {
+    if (!Number.isSafeInteger(position) || position < 0 || position + length > this.inner.size) {
+      throw new Error(`${what} outside the image: ${length} bytes at ${position} (image ${this.inner.size})`);
+    }
+  }
+  private views(buffers: readonly Uint8Array[], position: number, what: string): void {
+    for (const b of buffers) this.ram.checkView(b, what);
+    this.range(position, buffers.reduce((n, b) => n + b.length, 0), what);
+  }
+  readv(b: readonly Uint8Array[], p: number, done: IoCallback) {
+    this.views(b, p, 'read');
+    this.inner.readv(b, p, done);
+  }
+  writev(b: readonly Uint8Array[], p: number, done: IoCallback) {
+    this.views(b, p, 'write');
+    if (this.inner.readonly) throw new Error('a write reached a read-only image');
+    this.inner.writev(b, p, done);
+  }
+  flush(done: IoCallback) {
+    this.inner.flush(done);
+  }
+  writeZeroes(p: number, l: number, done: IoCallback) {
+    this.range(p, l, 'write zeroes');
+    this.inner.writeZeroes(p, l, done);
+  }
+  discard(p: number, l: number, done: IoCallback) {
+    this.range(p, l, 'discard');
+    this.inner.discard(p, l, done);
+  }
+  close() {
+    this.inner.close();
+  }
+}
+
+/** A real raw image for the blk target, made once per process. */
+export function fuzzImage(dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tsvmm-fuzz-'))): { path: string; remove: () => void } {
+  const file = path.join(dir, 'fuzz.img');
+  const bytes = Buffer.alloc(128 * 1024);
+  for (let i = 0; i < bytes.length; i++) bytes[i] = (i * 31) & 0xff;
+  fs.writeFileSync(file, bytes);
+  return { path: file, remove: () => fs.rmSync(dir, { recursive: true, force: true }) };
+}
+
+function blkHeader(rng: Rng): Uint8Array {
+  const h = new Uint8Array(16);
+  const v = new DataView(h.buffer);
+  v.setUint32(0, rng.chance(0.9) ? rng.pick([0, 1, 4, 8, 11, 13]) : rng.u32(), true);
+  const sector = rng.chance(0.9) ? rng.below(300) : rng.u32() * 0x1_0000 + rng.below(0x1_0000);
+  v.setBigUint64(8, BigInt(sector), true);
+  return h;
+}
+
+/** virtio-blk over virtio-mmio, on a real raw image. */
+export async function fuzzBlkCase(seed: number, imagePath: string, cov: Coverage = emptyCoverage()): Promise<void> {
+  const rng = new Rng(seed);
+  const ram = new GuardedRam(rng);
+  const readonly = rng.chance(0.2);
+  const image = openDiskImage(imagePath, { readonly, locker: () => {} });
+  const device = new BlkDevice({ backend: new CheckedBackend(image, ram), queueSize: rng.pick([4, 16, 64]) });
+  try {
+    const transport = transportFor(device, ram);
+    const driver = new ModelDriver(rng, ram, transport, device);
+    driver.initialize();
+    for (let step = 0, steps = 10 + rng.below(40); step < steps; step++) {
+      driver.step((ring) => {
+        const middle = Array.from({ length: rng.below(4) }, () => ({
+          len: rng.chance(0.8) ? 512 * rng.below(9) : rng.below(2000),
+          writable: rng.chance(0.6),
+        }));
+        plausibleChain(rng, ram.mem, ring, [
+          { len: rng.chance(0.9) ? 16 : rng.below(32), writable: false, data: blkHeader(rng) },
+          ...middle,
+          { len: rng.chance(0.9) ? 1 : rng.below(4), writable: rng.chance(0.95) },
+        ]);
+      });
+      if (rng.chance(0.2)) await new Promise((r) => setImmediate(r));
+    }
+    await driver.resetAndWait();
+    addCoverage(cov, transport);
+    if (device.stats.inFlight !== 0) throw new Error(`${device.stats.inFlight} requests in flight after the reset completed`);
+    await device.drain();
+    ram.checkGuards();
+  } finally {
+    await device.drain();
+    device.close();
+  }
+}
+
+/** A TAP whose kernel queue is filled with random frames. */
+class FuzzTap implements TapBackend {
+  readonly name = 'tap-fuzz';
+  readonly queued: Uint8Array[] = [];
+  private onReadable: (() => void) | undefined;
+  written = 0;
+
+  constructor(
+    private readonly rng: Rng,
+    private readonly ram: GuardedRam,
+  ) {}
+
+  read(buf: Uint8Array): number {
+    const frame = this.queued.shift();
+    if (!frame) return -EAGAIN;
+    buf.set(frame.subarray(0, buf.length));
+    return Math.min(frame.length, buf.length);
+  }
+  writev(pieces: Uint8Array[]): number {
+    let n = 0;
+    for (const p of pieces) {
+      this.ram.checkView(p, 'TAP write');
+      n += p.length;
+    }
+    if (n > VNET_HDR_SIZE + MAX_FRAME_SIZE) throw new Error(`a ${n}-byte frame reached the TAP`);
+    this.written++;
+    return this.rng.chance(0.1) ? -EAGAIN : n;
+  }
+  startReadable(cb: () => void): void {
+    this.onReadable = cb;
+  }
+  stopReadable(): void {
+    this.onReadable = undefined;
+  }
+  setOffload(): void {}
+  setVnetHdrSize(): void {}
+  close(): void {}
+  /** Frames arrive; the device reads while it watches. */
+  arrive(): void {
+    const n = 1 + this.rng.below(4);
+    for (let i = 0; i < n; i++) {
+      const len = this.rng.chance(0.9) ? VNET_HDR_SIZE + this.rng.below(1600) : this.rng.below(VNET_HDR_SIZE + MAX_FRAME_SIZE + 1);
+      const f = new Uint8Array(len);
+      for (let j = 0; j < Math.min(len, 64); j++) f[j] = this.rng.u32() & 0xff;
+      this.queued.push(f);
+    }
+    for (let i = 0; i < 8 && this.onReadable && this.queued.length > 0; i++) this.onReadable();
+  }
+}
+
+/** virtio-net over virtio-mmio, on a TAP fake that delivers random frames. */
+export async function fuzzNetCase(seed: number, cov: Coverage = emptyCoverage()): Promise<void> {
+  const rng = new Rng(seed);
+  const ram = new GuardedRam(rng);
+  const tap = new FuzzTap(rng, ram);
+  const device = new NetDevice({ tap, mac: Uint8Array.of(0x52, 0x54, 0, 1, 2, 3), queueSize: rng.pick([4, 16, 64]) });
+  const transport = transportFor(device, ram);
+  const driver = new ModelDriver(rng, ram, transport, device);
+  driver.initialize();
+  for (let step = 0, steps = 10 + rng.below(40); step < steps; step++) {
+    driver.step((ring, index) => {
+      const buffers = Array.from({ length: 1 + rng.below(3) }, () => ({
+        len: rng.chance(0.8) ? rng.pick([0, 12, 60, 1526, 4096]) : rng.below(70_000),
+        writable: index === 0 ? rng.chance(0.95) : rng.chance(0.05),
+      }));
+      plausibleChain(rng, ram.mem, ring, buffers);
+    });
+    if (rng.chance(0.3)) tap.arrive();
+    if (rng.chance(0.2)) await new Promise((r) => setImmediate(r));
+  }
+  await driver.resetAndWait();
+  addCoverage(cov, transport);
+  device.close();
+  ram.checkGuards();
+}
+
+export type FuzzTarget = 'queue' | 'blk' | 'net';
+export const FUZZ_TARGETS: readonly FuzzTarget[] = ['queue', 'blk', 'net'];
+
+export interface FuzzReport {
+  target: FuzzTarget;
+  cases: number;
+  firstSeed: number;
+  ms: number;
+  /** The slowest case and its time: a case that runs long is a finding too. */
+  slowestSeed: number;
+  slowestMs: number;
+  coverage: Coverage;
+}
+
+/**
+ * Runs `cases` cases of `target` from `firstSeed` on. Throws on the first
+ * failure, naming the seed that replays it.
+ */
+export async function runFuzz(target: FuzzTarget, cases: number, firstSeed: number, imagePath?: string): Promise<FuzzReport> {
+  const start = performance.now();
+  let slowestSeed = firstSeed;
+  let slowestMs = 0;
+  const coverage = emptyCoverage();
+  for (let i = 0; i < cases; i++) {
+    const seed = (firstSeed + i) >>> 0;
+    const t0 = performance.now();
+    try {
+      if (target === 'queue') fuzzQueueCase(seed, coverage);
+      else if (target === 'blk') await fuzzBlkCase(seed, imagePath ?? missingImage(), coverage);
+      else await fuzzNetCase(seed, coverage);
+    } catch (err) {
+      const e = err as Error;
+      throw new Error(`fuzz ${target} failed at seed ${seed} (replay: npm run fuzz -- --target ${target} --seed ${seed} --cases 1): ${e.stack ?? e.message}`);
+    }
+    const ms = performance.now() - t0;
+    if (ms > slowestMs) {
+      slowestMs = ms;
+      slowestSeed = seed;
+    }
+  }
+  return { target, cases, firstSeed, ms: performance.now() - start, slowestSeed, slowestMs, coverage };
+}
+
+function missingImage(): never {
+  throw new Error('the blk target needs an image path (fuzzImage())');
+}
