@@ -7,13 +7,14 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
+import { retryPvmFault } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 
 describe.skipIf(noKvm !== undefined)(`ACPI and pvpanic${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   it(
     'keeps running when a guest process prints "reboot: Power down" and "Kernel panic - not syncing"; poweroff -f ends it through ACPI',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       const guest = await GuestSession.boot({ kernel: fx.bzImage, initrd: fx.initramfs, cmdline: testCmdline(), cpus: 2 });
       await guest.waitFor(/TSVMM-INIT-OK/);
@@ -33,13 +34,13 @@ describe.skipIf(noKvm !== undefined)(`ACPI and pvpanic${noKvm ? ` (skipped: ${no
       expect(outcome.kind).toBe('poweroff');
       expect(outcome.exitCode).toBe(0);
       expect(outcome.message).toMatch(/ACPI/);
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 
   it(
     'reports a kernel panic through pvpanic (exit code 3)',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       const guest = await GuestSession.boot({ kernel: fx.bzImage, initrd: fx.initramfs, cmdline: testCmdline() });
       await guest.waitFor(PROMPT);
@@ -48,7 +49,7 @@ describe.skipIf(noKvm !== undefined)(`ACPI and pvpanic${noKvm ? ` (skipped: ${no
       expect(outcome.exitCode).toBe(3);
       expect(outcome.message).toMatch(/pvpanic/);
       expect(guest.output).toContain('Kernel panic - not syncing');
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 });

@@ -11,6 +11,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { debugfsCat, makeExt4 } from '../helpers/disk.js';
 import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
+import { retryPvmFault } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 const md5 = (b: Uint8Array) => createHash('md5').update(b).digest('hex');
@@ -21,7 +22,7 @@ describe.skipIf(noKvm !== undefined)(`virtio-blk${noKvm ? ` (skipped: ${noKvm})`
 
   it(
     'reads, writes and flushes an ext4 disk; a read-only disk refuses writes and stays unchanged',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       const random = randomBytes(300 * 1024);
       const data = makeExt4(dir, 'data', { 'random.bin': random });
@@ -73,7 +74,7 @@ describe.skipIf(noKvm !== undefined)(`virtio-blk${noKvm ? ` (skipped: ${noKvm})`
       // The host reads what the guest wrote.
       expect(md5(debugfsCat(data, '/new.bin'))).toBe(guestSum);
       expect(md5(readFileSync(ro))).toBe(roBefore);
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 });

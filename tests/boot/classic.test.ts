@@ -6,13 +6,14 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { retryPvmFault } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 
 describe.skipIf(noKvm !== undefined)(`classic bzImage boot${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   it(
     'boots a bzImage the classic way (the kernel decompresses itself) and reboots',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       const r = await runCli([
         'run',
@@ -27,7 +28,7 @@ describe.skipIf(noKvm !== undefined)(`classic bzImage boot${noKvm ? ` (skipped: 
       expect(r.stdout).toContain('TSVMM-INIT-OK');
       expect(r.stdout).toContain('reboot: Restarting system');
       expect(r.code).toBe(0);
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 });

@@ -5,13 +5,14 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { retryPvmFault } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 
 describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   it(
     'boots a host-decompressed bzImage to the initramfs shell, talks to it, and ends with reboot -f',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       const guest = await GuestSession.boot({
         kernel: fx.bzImage,
@@ -47,13 +48,13 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
       const outcome = await guest.finish('reboot -f');
       expect(outcome.kind).toBe('reboot');
       expect(outcome.exitCode).toBe(0);
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 
   it(
     'boots an ELF vmlinux from the CLI; poweroff -f ends it with exit code 0',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       const r = await runCli([
         'run',
@@ -67,13 +68,13 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
       expect(r.code).toBe(0);
       // Logs go to stderr, never into the console stream.
       expect(r.stdout).not.toContain('"level"');
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 
   it(
     'reports a guest panic with exit code 3 (xz bzImage, host-decompressed)',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       const r = await runCli([
         'run',
@@ -87,7 +88,7 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
       expect(r.stdout).toContain('Kernel panic - not syncing');
       expect(r.stderr).toMatch(/tsvmm: guest kernel panic/);
       expect(r.code).toBe(3);
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 });

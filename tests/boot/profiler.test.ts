@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ProfileReport } from '../../src/vmm/profiler.js';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { retryPvmFault } from '../helpers/host.js';
 import { oneLine } from '../helpers/assert.js';
 
 let dir: string;
@@ -58,7 +59,7 @@ const noKvm = kvmUnavailable();
 describe.skipIf(noKvm !== undefined)(`profiling a Linux boot${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   it(
     'samples the boot and names kernel functions from System.map, with the console timeline',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       const out = join(dir, 'boot-profile.json');
       // No --system-map: the fixture's System.map sits next to its vmlinux.
@@ -106,7 +107,7 @@ describe.skipIf(noKvm !== undefined)(`profiling a Linux boot${noKvm ? ` (skipped
       expect(initOk!.ms).toBeLessThanOrEqual(report.durationMs);
       for (let i = 1; i < report.timeline.length; i++) expect(report.timeline[i]!.ms).toBeGreaterThanOrEqual(report.timeline[i - 1]!.ms);
       expect(report.gaps.length).toBeGreaterThan(0);
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 });

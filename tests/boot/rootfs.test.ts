@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { retryPvmFault } from '../helpers/host.js';
 import { debugfsCat } from '../helpers/disk.js';
 
 const noKvm = kvmUnavailable();
@@ -20,7 +21,7 @@ describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` 
 
   it(
     'boots root=/dev/vda from an ext4 image, and a synced file survives SIGKILL of the VMM',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       const image = join(dir, 'rootfs.ext4');
       copyFileSync(fx.rootfs, image);
@@ -52,7 +53,7 @@ describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` 
       expect(guestSum).toMatch(/^[0-9a-f]{32}$/);
       const onDisk = createHash('md5').update(debugfsCat(image, '/crash.bin')).digest('hex');
       expect(onDisk).toBe(guestSum);
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 

@@ -6,6 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { retryPvmFault } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 /** A hang guard for shutdown, not a speed check: stopping must not hang. */
@@ -14,7 +15,7 @@ const STOP_GUARD_MS = 60_000;
 describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   it(
     'runs 2 vCPUs, a job on each, and reboots while both are busy',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       let stopAsked = 0;
       const r = await runCli(
@@ -50,13 +51,13 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
       expect(r.code).toBe(0);
       expect(stopAsked).toBeGreaterThan(0);
       expect(performance.now() - stopAsked).toBeLessThan(STOP_GUARD_MS);
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 
   it(
     'boots 4 vCPUs on a 2-core host and stops on SIGTERM while idle',
-    async () => {
+    retryPvmFault(async () => {
       const fx = fixtures();
       let killedAt = 0;
       const r = await runCli(
@@ -84,7 +85,7 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
       expect(r.code).toBe(143);
       expect(r.stderr).toContain('stopped by SIGTERM');
       expect(performance.now() - killedAt).toBeLessThan(STOP_GUARD_MS);
-    },
+    }),
     BOOT_TIMEOUT_MS,
   );
 });

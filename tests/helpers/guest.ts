@@ -12,6 +12,9 @@ import { createVm, type VmConfig, type VmOutcome } from '../../src/index.js';
 import type { VirtualMachine } from '../../src/vmm/machine.js';
 
 export const REPO = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/** Every guest console the helpers saw, in order: a failed test's consoles are read back (see host.ts). */
+export const consolesSeen: Array<() => string> = [];
 export const CLI = join(REPO, 'bin', 'tsvmm.js');
 
 /**
@@ -50,6 +53,7 @@ export class GuestSession {
   readonly outcome: Promise<VmOutcome>;
 
   private constructor(readonly vm: VirtualMachine) {
+    consolesSeen.push(() => this.output);
     vm.console.on('data', (chunk: Buffer) => {
       this.output += chunk.toString('latin1');
       for (const w of this.waiters.splice(0)) w();
@@ -120,6 +124,9 @@ export class GuestSession {
   }
 }
 
+/** A CLI child's console so far; `ended` once the process has exited. */
+export type ConsoleOutput = (() => string) & { ended: boolean };
+
 export interface CliResult {
   code: number | null;
   signal: NodeJS.Signals | null;
@@ -137,20 +144,22 @@ export function runCli(
   opts: {
     wrap?: string[];
     timeoutMs?: number;
-    drive?: (child: import('node:child_process').ChildProcessWithoutNullStreams, out: () => string) => void;
+    drive?: (child: import('node:child_process').ChildProcessWithoutNullStreams, out: ConsoleOutput) => void;
   } = {},
 ): Promise<CliResult> {
   const argv = [...(opts.wrap ?? []), process.execPath, CLI, ...args];
   const child = spawn(argv[0]!, argv.slice(1), { stdio: 'pipe' });
   let stdout = '';
   let stderr = '';
+  const out: ConsoleOutput = Object.assign(() => stdout, { ended: false });
+  consolesSeen.push(out);
   child.stdout.on('data', (d: Buffer) => {
     stdout += d.toString('latin1');
   });
   child.stderr.on('data', (d: Buffer) => {
     stderr += d.toString('latin1');
   });
-  opts.drive?.(child, () => stdout);
+  opts.drive?.(child, out);
   // Below the test's own timeout, so a hung guest fails the test with its console, not a bare timeout.
   const timeoutMs = opts.timeoutMs ?? BOOT_TIMEOUT_MS - 60_000;
   const timeout = setTimeout(() => {
@@ -160,6 +169,7 @@ export function runCli(
   return new Promise((resolve, reject) => {
     child.on('error', reject);
     child.on('close', (code, signal) => {
+      out.ended = true;
       clearTimeout(timeout);
       resolve({ code, signal, stdout, stderr });
     });
@@ -170,6 +180,7 @@ export function runCli(
 export async function until(out: () => string, pattern: RegExp, timeoutMs = BOOT_TIMEOUT_MS): Promise<void> {
   const deadline = performance.now() + timeoutMs;
   while (!pattern.test(out())) {
+    if ((out as Partial<ConsoleOutput>).ended) throw new Error(`tsvmm ended while waiting for ${pattern}; output:\n${out().slice(-2000)}`);
     if (performance.now() > deadline) throw new Error(`timed out waiting for ${pattern}; output so far:\n${out().slice(-2000)}`);
     await new Promise((r) => setTimeout(r, 200));
   }
