@@ -16,15 +16,10 @@ import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createVm } from '../src/index.js';
-import { buildElfKernel } from '../src/vmm/boot/synthetic.js';
+import { buildPrintAndHaltKernel } from '../src/vmm/boot/synthetic.js';
 import type { Benchmark, BenchContext, BenchResult } from './lib/benchmark.js';
 import { round } from './lib/stats.js';
 
-/** mov dx, 0x3f8; mov al, 'o'; out dx, al; mov al, 'k'; out dx, al; mov al, 10; out dx, al; 1: hlt; jmp 1b */
-const PRINT_OK_AND_HALT = Uint8Array.from([
-  0x66, 0xba, 0xf8, 0x03, 0xb0, 0x6f, 0xee, 0xb0, 0x6b, 0xee, 0xb0, 0x0a, 0xee, 0xf4, 0xeb, 0xfd,
-]);
-const ENTRY = 0x100_0000;
 
 interface Sample {
   vms: number;
@@ -73,7 +68,7 @@ export const lifecycle: Benchmark = {
     const dir = mkdtempSync(join(tmpdir(), 'tsvmm-bench-lifecycle-'));
     try {
       const kernel = join(dir, 'print-ok.elf');
-      writeFileSync(kernel, buildElfKernel({ segments: [{ paddr: ENTRY, vaddr: BigInt(ENTRY), data: PRINT_OK_AND_HALT }], entry: ENTRY }));
+      writeFileSync(kernel, buildPrintAndHaltKernel('ok\n'));
       const disk = join(dir, 'disk.img');
       writeFileSync(disk, Buffer.alloc(1 << 20));
       const t0 = performance.now();

@@ -481,14 +481,15 @@ describe('virtio-net: TAP over the native addon', () => {
   });
 
   it.each([
-    ['ENOENT', 'NO_TUN', /modprobe tun/],
-    ['EPERM', 'PERMISSION', /ip tuntap add dev tap0 mode tap user .* or run as root/],
-    ['EBUSY', 'BUSY', /in use by another process/],
-    ['EINVAL', 'NOT_TAP', /not a TAP device/],
-    ['EMFILE', 'TAP_FAILED', /cannot open TAP tap0/],
-  ])('turns %s from tapOpen into a one-line %s error', (code, netCode, message) => {
+    ['ENOENT', 'TUNSETIFF', 'NO_TUN', /modprobe tun/],
+    ['EPERM', 'TUNSETIFF', 'PERMISSION', /ip tuntap add dev tap0 mode tap user .* or run as root/],
+    ['EACCES', 'open /dev/net/tun', 'PERMISSION', /no permission on \/dev\/net\/tun; give your user read-write access/],
+    ['EBUSY', 'TUNSETIFF', 'BUSY', /in use by another process/],
+    ['EINVAL', 'TUNSETIFF', 'NOT_TAP', /not a TAP device/],
+    ['EMFILE', 'TUNSETIFF', 'TAP_FAILED', /cannot open TAP tap0/],
+  ])('turns %s from tapOpen (%s) into a one-line %s error', (code, syscall, netCode, message) => {
     const { addon } = fakeAddon(() => {
-      throw Object.assign(new Error(`${code}: tap open failed`), { code, syscall: 'TUNSETIFF' });
+      throw Object.assign(new Error(`${code}: tap open failed`), { code, syscall });
     });
     let caught: unknown;
     try {

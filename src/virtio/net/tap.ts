@@ -110,7 +110,16 @@ export function openTap(name: string, addon?: TapNative): TapBackend {
 
 function tapOpenError(name: string, err: unknown): NetError {
   const code = (err as { code?: unknown } | null)?.code;
+  const syscall = (err as { syscall?: unknown } | null)?.syscall;
   const options = { cause: err };
+  if ((code === 'EACCES' || code === 'EPERM') && syscall === 'open /dev/net/tun') {
+    // Debian makes it 0666; some hosts keep it root-only.
+    return new NetError(
+      'PERMISSION',
+      `cannot open TAP ${name}: no permission on /dev/net/tun; give your user read-write access to it (\`sudo chmod 0666 /dev/net/tun\`, its usual mode), or run as root`,
+      options,
+    );
+  }
   switch (code) {
     case 'ENOENT':
     case 'ENODEV':

@@ -151,3 +151,21 @@ export function buildBzImage(opts: SyntheticBzImageOptions = {}): Uint8Array {
   }
   return out;
 }
+
+/** Where {@link buildPrintAndHaltKernel} loads and enters its code. */
+export const PRINT_AND_HALT_ENTRY = 0x100_0000;
+
+/**
+ * A 64-bit ELF "kernel" of a few instructions that writes `text` (ASCII)
+ * to COM1's THR and then halts forever: a guest for tests and benchmarks
+ * of VM lifetimes, which need a VM to come up and say so, not Linux.
+ */
+export function buildPrintAndHaltKernel(text = 'ok\n'): Uint8Array {
+  const code: number[] = [0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+  for (const ch of Buffer.from(text, 'latin1')) code.push(0xb0, ch, 0xee); // mov al, ch; out dx, al
+  code.push(0xf4, 0xeb, 0xfd); // 1: hlt; jmp 1b
+  return buildElfKernel({
+    segments: [{ paddr: PRINT_AND_HALT_ENTRY, vaddr: BigInt(PRINT_AND_HALT_ENTRY), data: Uint8Array.from(code) }],
+    entry: PRINT_AND_HALT_ENTRY,
+  });
+}
