@@ -26,6 +26,7 @@ export {
   parseMemorySize,
   type VmConfig,
   type VmStats,
+  type StartupTimes,
   type BootMode,
   type ExitPath,
 } from './vmm/machine.js';

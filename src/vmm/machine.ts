@@ -196,6 +196,57 @@ export interface VmStats {
   irqsInjected: number;
   emulationFallback: Record<string, number>;
   devices: Record<string, unknown>;
+  /** Where the time before the first guest instruction went. */
+  startup: StartupTimes;
+}
+
+/**
+ * The start-up of a VM, in milliseconds: `processToCreate` from the
+ * process's start to {@link VirtualMachine.create} (Node's own start and
+ * module loading), then each phase of create(), then `toStart` from the
+ * end of create() to start() (the first KVM_RUN follows at once). 0 for a
+ * phase not reached yet.
+ */
+export interface StartupTimes {
+  processToCreate: number;
+  /** Reading the kernel and initrd, inflating a gzip initramfs. */
+  inputs: number;
+  /** Opening KVM and probing what it emulates. */
+  probe: number;
+  /** The VM, its interrupt controller and guest RAM. */
+  vm: number;
+  /** Legacy devices, PCI, virtio devices (disk images, TAP devices), ACPI tables. */
+  devices: number;
+  /** Parsing the kernel, decompressing it on the host, placing it, the initrd and boot_params. */
+  kernel: number;
+  /** Creating and setting up the vCPUs. */
+  vcpus: number;
+  toStart: number;
+  /** From the process's start to start(). */
+  total: number;
+}
+
+/** Marks phase boundaries on the process clock (performance.now(): ms since the process started). */
+class StartupClock {
+  readonly times: StartupTimes = { processToCreate: 0, inputs: 0, probe: 0, vm: 0, devices: 0, kernel: 0, vcpus: 0, toStart: 0, total: 0 };
+  private last: number;
+
+  constructor() {
+    this.last = performance.now();
+    this.times.processToCreate = round3(this.last);
+  }
+
+  /** Ends `phase` now. */
+  mark(phase: Exclude<keyof StartupTimes, 'processToCreate' | 'total'>): void {
+    const now = performance.now();
+    this.times[phase] = round3(now - this.last);
+    this.last = now;
+    if (phase === 'toStart') this.times.total = round3(now);
+  }
+}
+
+function round3(ms: number): number {
+  return Math.round(ms * 1000) / 1000;
 }
 
 export interface VirtualMachineEvents {
@@ -221,6 +272,8 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private profiler: Profiler | undefined;
   /** Which device paths the guest has shown it uses: then its console text ends nothing. */
   private signals = { acpi: false, pvpanic: false };
+  /** The start-up phases create() measured; start() closes the last one. */
+  private startupClock: StartupClock | undefined;
 
   private constructor(
     readonly config: Readonly<VmConfig>,
@@ -255,6 +308,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
    * KvmError, BootError, or a device's error).
    */
   static async create(config: VmConfig): Promise<VirtualMachine> {
+    const clock = new StartupClock();
     const log = config.logger ?? silentLogger;
     const memSize = parseMemorySize(config.memory ?? DEFAULT_MEMORY);
     if (memSize < MIN_MEMORY) throw new VmConfigError('bad-memory', `guest memory ${memSize >> 20} MiB is too small: pass --memory 64M or more`);
@@ -275,6 +329,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       if (prepared.inflated) log.debug({ from: initrd.length, to: prepared.data.length }, 'initramfs inflated on the host');
       initrd = prepared.data;
     }
+    clock.mark('inputs');
 
     const kvm = Kvm.open(config.kvmDevice);
     const host: HostProbe =
@@ -285,6 +340,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
           : probeHost(kvm, log);
     const fallbackOn = host.emulationGaps.length > 0;
     if (fallbackOn) log.info({ gaps: host.emulationGaps }, 'host KVM emulates guest kernel code: emulation fallback on');
+    clock.mark('probe');
 
     const vm = kvm.createVm();
     try {
@@ -296,6 +352,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       disableGuestPmu(kvm, vm, log);
 
       const mem = new GuestMemory(VmFd.allocateRam(vm, layout.ramRegions(memory)));
+      clock.mark('vm');
       const irqCounter = { irqs: 0 };
       const irq = (gsi: number): IrqLine => new KvmIrqLine(vm, gsi, irqCounter);
 
@@ -392,6 +449,8 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
         ).rsdpAddress;
       }
 
+      clock.mark('devices');
+
       // --- command line and kernel ---
       const parts = [config.cmdline ?? DEFAULT_CMDLINE, ...virtio.cmdlineFragments];
       if (fallbackOn) parts.push(EMULATED_HOST_CMDLINE);
@@ -406,6 +465,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       });
       // Also for one CPU: the MP table is how a kernel without ACPI finds the IOAPIC.
       writeMpTable(mem, cpus);
+      clock.mark('kernel');
 
       // --- vCPUs ---
       const supported = parseCpuid(addon.getSupportedCpuid(kvm.fd), addon.layout);
@@ -422,12 +482,14 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
         }
         vcpus.push(vcpu);
       }
+      clock.mark('vcpus');
       log.info({ kind: boot.kind, entry: `0x${boot.entry.toString(16)}`, cmdline, memory, cpus }, 'kernel loaded');
 
       const machine = new VirtualMachine(config, kvm, vm, mem, vcpus, boot, host, cmdline, pio, mmioBus, serial, pit, virtio, irqCounter, consoleStream, log);
       vmRef = machine;
       machine.profiler = profiler;
       machine.signals = signals;
+      machine.startupClock = clock;
       return machine;
     } catch (err) {
       vm.close();
@@ -440,6 +502,8 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   start(): void {
     if (this.started) throw new Error('VM already started');
     this.started = true;
+    this.startupClock?.mark('toStart');
+    if (this.startupClock) this.log.info({ startupMs: this.startupClock.times }, 'start-up');
     this.vcpus.forEach((vcpu) => {
       const fallback = this.host.emulationGaps.length > 0 ? new EmulationFallback(vcpu, this.memory, this.log.child({ vcpu: vcpu.id })) : undefined;
       if (fallback) this.fallbacks.push(fallback);
@@ -497,6 +561,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       unhandledMmio: hexKeys(this.mmio.unhandled),
       irqsInjected: this.irqCounter.irqs,
       emulationFallback: fallback,
+      startup: { ...(this.startupClock?.times ?? new StartupClock().times) },
       devices: {
         serial: { ...this.serial.stats },
         ...(this.pit ? { pit: { ...this.pit.stats } } : {}),

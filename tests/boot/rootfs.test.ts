@@ -1,9 +1,12 @@
 /**
  * A root file system on virtio-blk, no initramfs: the guest runs /sbin/init
- * from the disk. Then crash safety: the guest writes and syncs a file, the
- * VMM is killed with SIGKILL, and the file is intact in the image.
+ * from the disk. Then crash safety: the guest writes and syncs files while
+ * four other writers keep writing, the VMM is killed with SIGKILL in the
+ * middle of it, and after a journal replay (e2fsck, as after a power cut)
+ * every synced file is intact in the image.
  */
 import { createHash } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,12 +23,13 @@ describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` 
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
   it(
-    'boots root=/dev/vda from an ext4 image, and a synced file survives SIGKILL of the VMM',
+    'boots root=/dev/vda from an ext4 image, and synced files survive SIGKILL of the VMM during concurrent writes',
     retryPvmFault(async () => {
       const fx = fixtures();
       const image = join(dir, 'rootfs.ext4');
       copyFileSync(fx.rootfs, image);
       let guestSum = '';
+      const synced = new Map<string, string>();
       const r = await runCli(
         ['run', '--kernel', fx.bzImage, '--memory', '128M', '--disk', image, '--cmdline', testCmdline('root=/dev/vda rw rootfstype=ext4')],
         {
@@ -38,7 +42,14 @@ describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` 
               );
               await until(out, /@@SYNCED/);
               guestSum = /([0-9a-f]{32})\s+\/crash\.bin/.exec(out())?.[1] ?? '';
-              child.kill('SIGKILL');
+              // Four writers that never stop, and files written and synced one after another beside them.
+              child.stdin.write(
+                'for w in 1 2 3 4; do (while :; do dd if=/dev/zero of=/junk$w bs=64k count=4 2>/dev/null; done) & done; ' +
+                  'for k in 1 2 3 4; do dd if=/dev/urandom of=/s$k.bin bs=4096 count=4 2>/dev/null; sync; echo "@@S""YNC $(md5sum /s$k.bin)"; done\n',
+              );
+              await until(out, /@@SYNC [0-9a-f]{32}\s+\/s4\.bin/);
+              for (const m of out().matchAll(/@@SYNC ([0-9a-f]{32})\s+\/(s\d\.bin)/g)) synced.set(m[2]!, m[1]!);
+              child.kill('SIGKILL'); // while the writers still write
             })().catch((err: unknown) => {
               console.error(String(err)); // the console so far: what the guest did instead
               child.kill('SIGKILL');
@@ -51,8 +62,13 @@ describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` 
       expect(r.stdout).toContain('/sbin/init');
       expect(r.signal).toBe('SIGKILL');
       expect(guestSum).toMatch(/^[0-9a-f]{32}$/);
+      // As after a power cut: the journal is replayed, and nothing is left to repair.
+      const fsck = spawnSync('e2fsck', ['-fy', image], { encoding: 'utf8' });
+      expect(fsck.status, fsck.stdout).toBeLessThan(4);
       const onDisk = createHash('md5').update(debugfsCat(image, '/crash.bin')).digest('hex');
       expect(onDisk).toBe(guestSum);
+      expect([...synced.keys()].sort()).toEqual(['s1.bin', 's2.bin', 's3.bin', 's4.bin']);
+      for (const [file, sum] of synced) expect(createHash('md5').update(debugfsCat(image, `/${file}`)).digest('hex'), file).toBe(sum);
     }),
     BOOT_TIMEOUT_MS,
   );
