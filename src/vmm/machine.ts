@@ -25,8 +25,8 @@ import { outcome, type VmOutcome } from './outcome.js';
 import { probeHost, type HostProbe } from './probe.js';
 import { Vcpu } from './vcpu.js';
 import { Profiler, type ProfileConfig } from './profiler.js';
-import { loadLinux, type BootInfo } from './boot/loader.js';
-import { prepareInitrd } from './boot/initrd.js';
+import { loadLinux, prepareKernel, type BootInfo } from './boot/loader.js';
+import { prepareInitrdAsync } from './boot/initrd.js';
 import { writeMpTable } from './mptable.js';
 import { VirtioDevices, type DiskConfig, type NetConfig, type VirtioTransportKind } from './virtio-devices.js';
 import { AcpiPm } from '../devices/acpi-pm.js';
@@ -321,14 +321,13 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     }
 
     // Inputs first: a bad path fails before KVM is touched.
-    const kernel = await readInput('kernel', config.kernel);
+    const kernelBytes = await readInput('kernel', config.kernel);
     const profiler = config.profile ? await Profiler.prepare(config.profile, config.kernel, log.child({ part: 'profiler' })) : undefined;
-    let initrd = config.initrd !== undefined ? await readInput('initrd', config.initrd) : undefined;
-    if (initrd && config.initrdInflate !== false) {
-      const prepared = prepareInitrd(initrd);
-      if (prepared.inflated) log.debug({ from: initrd.length, to: prepared.data.length }, 'initramfs inflated on the host');
-      initrd = prepared.data;
-    }
+    const initrdBytes = config.initrd !== undefined ? await readInput('initrd', config.initrd) : undefined;
+    // Decompressing the kernel and inflating the initramfs run on other
+    // threads while the VM and its devices are built; loadLinux waits.
+    const kernel = prepareKernel(kernelBytes, config.bootMode ?? 'auto');
+    const initrdReady = initrdBytes && config.initrdInflate !== false ? prepareInitrdAsync(initrdBytes) : undefined;
     clock.mark('inputs');
 
     const kvm = Kvm.open(config.kvmDevice);
@@ -456,6 +455,12 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       if (fallbackOn) parts.push(EMULATED_HOST_CMDLINE);
       if (fallbackOn && cpus > 1) parts.push(EMULATED_HOST_SMP_CMDLINE);
       const cmdline = parts.filter((p) => p.length > 0).join(' ');
+      let initrd = initrdBytes;
+      if (initrdReady) {
+        const prepared = await initrdReady;
+        if (prepared.inflated) log.debug({ from: initrdBytes?.length, to: prepared.data.length }, 'initramfs inflated on the host');
+        initrd = prepared.data;
+      }
       const boot = await loadLinux(mem, {
         kernel,
         initrd,

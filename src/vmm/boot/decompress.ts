@@ -52,7 +52,18 @@ export function detectCompression(data: Uint8Array): CompressionFormat | undefin
 }
 
 interface XzDecoder {
-  unxzSync(buffer: Buffer): Buffer;
+  unxz(buffer: Buffer, callback: (err: Error | null, result?: Buffer) => void): void;
+}
+
+/** zlib's gunzip on the libuv thread pool, so a VM can be built meanwhile. */
+function gunzipAsync(data: Uint8Array, maxOutputLength: number): Promise<Buffer> {
+  return new Promise((resolve, reject) =>
+    // One output chunk of the whole size: the default 16 KiB chunks cost a
+    // main-thread turn each.
+    zlib.gunzip(data, { maxOutputLength, chunkSize: Math.max(zlib.constants.Z_MIN_CHUNK, Math.min(maxOutputLength, 1 << 30)) }, (err, out) =>
+      err ? reject(err) : resolve(out),
+    ),
+  );
 }
 
 let xzDecoder: Promise<XzDecoder | Error> | undefined;
@@ -140,10 +151,14 @@ async function decode(data: Uint8Array, format: CompressionFormat, expectedSize:
   switch (format) {
     case 'gzip':
       // Capped, so a damaged or hostile stream cannot inflate without bound.
-      return zlib.gunzipSync(data, { maxOutputLength: expectedSize + 1 });
+      return gunzipAsync(data, expectedSize + 1);
     case 'xz': {
+      // On liblzma's own worker thread, like gzip on the thread pool.
       const decoder = (await loadXzDecoder()) as XzDecoder;
-      return decoder.unxzSync(Buffer.from(data.buffer, data.byteOffset, data.byteLength));
+      const input = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+      return new Promise((resolve, reject) =>
+        decoder.unxz(input, (err, out) => (err || !out ? reject(err ?? new Error('no output')) : resolve(out))),
+      );
     }
     case 'zstd': {
       // One-shot ZSTD_decompress into a buffer of exactly the expected size:

@@ -6,7 +6,7 @@
  * initramfs is inflated on the host when the result is a plain cpio
  * archive; anything else is passed through unchanged.
  */
-import { crc32, gunzipSync } from 'node:zlib';
+import { crc32, gunzip, gunzipSync } from 'node:zlib';
 
 const GZIP_MAGIC = [0x1f, 0x8b];
 /** cpio "newc" and "crc" magics (Documentation/driver-api/early-userspace/buffer-format.rst). */
@@ -30,21 +30,40 @@ function isCpio(data: Uint8Array): boolean {
  * initrd disk images go to the kernel as they are.
  */
 export function prepareInitrd(data: Uint8Array): PreparedInitrd {
-  if (data[0] !== GZIP_MAGIC[0] || data[1] !== GZIP_MAGIC[1]) return { data, inflated: false };
+  if (!isGzip(data)) return { data, inflated: false };
+  let out: Buffer;
   try {
-    const out = gunzipSync(data);
-    // gunzipSync returns what it could for a truncated stream: trust the
-    // result only when the trailer (CRC32, then size mod 2^32) vouches for it.
-    if (data.length < 18) return { data, inflated: false };
-    const trailer = new DataView(data.buffer, data.byteOffset + data.length - 8, 8);
-    if (trailer.getUint32(4, true) !== out.length % 2 ** 32 || trailer.getUint32(0, true) !== crc32(out)) {
-      return { data, inflated: false };
-    }
-    if (!isCpio(out)) return { data, inflated: false };
-    return { data: out, inflated: true };
+    out = gunzipSync(data);
   } catch {
-    // Not a clean gzip stream (trailing data, corruption): the kernel's own
-    // unpacker decides what to make of it.
     return { data, inflated: false };
   }
+  return accept(data, out);
+}
+
+/** {@link prepareInitrd} with the inflation on the libuv thread pool, so a VM can be built meanwhile. */
+export function prepareInitrdAsync(data: Uint8Array): Promise<PreparedInitrd> {
+  if (!isGzip(data)) return Promise.resolve({ data, inflated: false });
+  return new Promise((resolve) =>
+    // Not a clean gzip stream (trailing data, corruption): the kernel's own
+    // unpacker decides what to make of it.
+    // 4 MiB output chunks: the default 16 KiB ones cost a main-thread turn each.
+    gunzip(data, { chunkSize: 4 << 20 }, (err, out) => resolve(err ? { data, inflated: false } : accept(data, out))),
+  );
+}
+
+function isGzip(data: Uint8Array): boolean {
+  return data[0] === GZIP_MAGIC[0] && data[1] === GZIP_MAGIC[1];
+}
+
+/** The inflated archive, when the gzip trailer vouches for it and it is a cpio archive. */
+function accept(data: Uint8Array, out: Buffer): PreparedInitrd {
+  // gunzip returns what it could for a truncated stream: trust the result
+  // only when the trailer (CRC32, then size mod 2^32) vouches for it.
+  if (data.length < 18) return { data, inflated: false };
+  const trailer = new DataView(data.buffer, data.byteOffset + data.length - 8, 8);
+  if (trailer.getUint32(4, true) !== out.length % 2 ** 32 || trailer.getUint32(0, true) !== crc32(out)) {
+    return { data, inflated: false };
+  }
+  if (!isCpio(out)) return { data, inflated: false };
+  return { data: out, inflated: true };
 }

@@ -58,8 +58,11 @@ export interface AddressRange {
 }
 
 export interface LoadLinuxOptions {
-  /** A bzImage or an ELF vmlinux. */
-  kernel: Uint8Array;
+  /**
+   * A bzImage or an ELF vmlinux, or one already {@link prepareKernel}d
+   * (whose mode then wins over `mode`).
+   */
+  kernel: Uint8Array | PreparedKernel;
   /** An initramfs/initrd image, placed as high in low RAM as the kernel allows. */
   initrd?: Uint8Array;
   cmdline: string;
@@ -126,7 +129,7 @@ export async function loadLinux(mem: GuestMemory, opts: LoadLinuxOptions): Promi
     throw memoryTooSmall(HIMEM_START + PAGE_SIZE, mem.size, 'the boot structures need');
   }
 
-  const plan = await planKernel(opts.kernel, mode);
+  const plan = await (opts.kernel instanceof Uint8Array ? planKernel(opts.kernel, mode) : opts.kernel.plan);
   if (plan.range.start < HIMEM_START) {
     throw new BootError('corrupt', `kernel loads at ${hex(plan.range.start)}, below 1 MiB where the boot structures live: pass a kernel linked for a normal PC`);
   }
@@ -184,6 +187,23 @@ export async function loadLinux(mem: GuestMemory, opts: LoadLinuxOptions): Promi
   if (plan.compression) info.compression = plan.compression;
   if (plan.setupHeader) info.setupHeader = plan.setupHeader;
   return info;
+}
+
+/** A kernel being parsed and, where it boots that way, decompressed: see {@link prepareKernel}. */
+export interface PreparedKernel {
+  readonly plan: Promise<KernelPlan>;
+}
+
+/**
+ * Starts the work {@link loadLinux} does on a kernel before it touches
+ * guest memory: parsing it and decompressing a bzImage's payload on the
+ * host (gzip on the libuv thread pool, xz on liblzma's thread), so the VM
+ * can be built meanwhile. An error waits for loadLinux to report it.
+ */
+export function prepareKernel(kernel: Uint8Array, mode: BootMode = 'auto'): PreparedKernel {
+  const plan = planKernel(kernel, mode);
+  plan.catch(() => {}); // reported by loadLinux, which awaits it
+  return { plan };
 }
 
 async function planKernel(kernel: Uint8Array, mode: BootMode): Promise<KernelPlan> {
