@@ -26,6 +26,7 @@ const MODULES: ReadonlyArray<{ name: string; file: string; load: () => Promise<B
   { name: 'profiler', file: 'bench/profiler.ts', load: async () => (await import('./profiler.js')).profilerOverhead },
   { name: 'idle', file: 'bench/idle.ts', load: async () => (await import('./idle.js')).idle },
   { name: 'lifecycle', file: 'bench/lifecycle.ts', load: async () => (await import('./lifecycle.js')).lifecycle },
+  { name: 'startup', file: 'bench/startup.ts', load: async () => (await import('./startup.js')).startup },
 ];
 
 /** Modules that failed to load: each takes only itself down (and is reported), not the whole runner. */
