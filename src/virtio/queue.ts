@@ -56,6 +56,30 @@ export const DESCRIPTOR_SIZE = 16;
  */
 export const CHAINS_PER_TURN = 64;
 export const DESCRIPTORS_PER_TURN = 2048;
+
+/**
+ * A device's work continued in a later event-loop turn (setImmediate),
+ * once: scheduling it again before it ran does nothing.
+ */
+export class LaterTurn {
+  private pending = false;
+
+  constructor(private readonly run: () => void) {}
+
+  /** True between schedule() and the run. */
+  get scheduled(): boolean {
+    return this.pending;
+  }
+
+  schedule(): void {
+    if (this.pending) return;
+    this.pending = true;
+    setImmediate(() => {
+      this.pending = false;
+      this.run();
+    });
+  }
+}
 /** The largest split queue (virtio 1.2 section 2.7). */
 export const MAX_QUEUE_SIZE = 32768;
 

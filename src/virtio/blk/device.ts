@@ -25,7 +25,7 @@ import {
   featureMask,
   hasFeature,
 } from '../features.js';
-import { CHAINS_PER_TURN, DESCRIPTORS_PER_TURN, QueueError, type DescriptorChain, type Queue } from '../queue.js';
+import { CHAINS_PER_TURN, DESCRIPTORS_PER_TURN, LaterTurn, QueueError, type DescriptorChain, type Queue } from '../queue.js';
 import type { BlockBackend } from './backend.js';
 import { SECTOR_SIZE } from './image.js';
 import {
@@ -129,7 +129,7 @@ export class BlkDevice implements VirtioDevice {
   private live: Live | undefined;
   private notifyScheduled = false;
   /** The rest of a notification's chains is waiting for the next event-loop turn. */
-  private processScheduled = false;
+  private readonly processLater = new LaterTurn(() => this.processQueue());
   private idleWaiters: Array<() => void> = [];
 
   constructor(options: BlkDeviceOptions) {
@@ -243,7 +243,7 @@ export class BlkDevice implements VirtioDevice {
 
   private processQueue(): void {
     const live = this.live;
-    if (!live || live.failed || live.stopped || this.processScheduled) return;
+    if (!live || live.failed || live.stopped || this.processLater.scheduled) return;
     const { memory, queue } = live;
     let chains = 0;
     let descriptors = 0;
@@ -255,11 +255,7 @@ export class BlkDevice implements VirtioDevice {
           descriptors += chain.descriptors.length;
           if (++chains >= CHAINS_PER_TURN || descriptors >= DESCRIPTORS_PER_TURN) {
             // Enough for one turn: the console, timers and other devices go first.
-            this.processScheduled = true;
-            setImmediate(() => {
-              this.processScheduled = false;
-              this.processQueue(); // whatever is live now
-            });
+            this.processLater.schedule();
             return;
           }
         }

@@ -20,7 +20,7 @@ import {
   featureMask,
   hasFeature,
 } from '../features.js';
-import { CHAINS_PER_TURN, DESCRIPTORS_PER_TURN, QueueError, type ChainWriter, type DescriptorChain, type Queue, type UsedElement } from '../queue.js';
+import { CHAINS_PER_TURN, DESCRIPTORS_PER_TURN, LaterTurn, QueueError, type ChainWriter, type DescriptorChain, type Queue, type UsedElement } from '../queue.js';
 import { MAC_LENGTH } from './options.js';
 import { EAGAIN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapBackend } from './tap.js';
 
@@ -170,8 +170,8 @@ export class NetDevice implements VirtioDevice {
   private watching = false;
   private live: Live | undefined;
   /** Work left over from a turn that reached its budget, queued for the next one. */
-  private rxScheduled = false;
-  private txScheduled = false;
+  private readonly rxLater = new LaterTurn(() => this.processRx());
+  private readonly txLater = new LaterTurn(() => this.processTx());
 
   constructor(options: NetDeviceOptions) {
     if (options.mac.length !== MAC_LENGTH) throw new RangeError(`MAC address must be ${MAC_LENGTH} bytes`);
@@ -263,7 +263,7 @@ export class NetDevice implements VirtioDevice {
       this.setWatching(false);
       return;
     }
-    if (this.rxScheduled) return;
+    if (this.rxLater.scheduled) return;
     const { memory, rx } = live;
     let delivered = false;
     let frames = 0;
@@ -271,11 +271,7 @@ export class NetDevice implements VirtioDevice {
       for (;;) {
         if (frames++ >= CHAINS_PER_TURN) {
           this.setWatching(false);
-          this.rxScheduled = true;
-          setImmediate(() => {
-            this.rxScheduled = false;
-            this.processRx(); // whatever is live now
-          });
+          this.rxLater.schedule();
           break;
         }
         if (!this.pendingFrame) {
@@ -316,7 +312,7 @@ export class NetDevice implements VirtioDevice {
    */
   processTx(): void {
     const live = this.live;
-    if (!live || live.failed || this.txScheduled) return;
+    if (!live || live.failed || this.txLater.scheduled) return;
     const { memory, tx } = live;
     let sent = false;
     let chains = 0;
@@ -330,11 +326,7 @@ export class NetDevice implements VirtioDevice {
           sent = true;
           descriptors += chain.descriptors.length;
           if (++chains >= CHAINS_PER_TURN || descriptors >= DESCRIPTORS_PER_TURN) {
-            this.txScheduled = true;
-            setImmediate(() => {
-              this.txScheduled = false;
-              this.processTx(); // whatever is live now
-            });
+            this.txLater.schedule();
             break txLoop;
           }
         }
