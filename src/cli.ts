@@ -103,7 +103,14 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void): () => void {
     if (out.length > 0) send(Buffer.from(out));
   };
   stdin.on('data', onData);
-  vm.console.on('data', (chunk: Buffer) => process.stdout.write(chunk));
+  // Back-pressure the other way: a terminal or pipe that does not keep up
+  // pauses the console stream, which then holds up to CONSOLE_OUTPUT_LIMIT.
+  vm.console.on('data', (chunk: Buffer) => {
+    if (!process.stdout.write(chunk)) {
+      vm.console.pause();
+      process.stdout.once('drain', () => vm.console.resume());
+    }
+  });
   return () => {
     connected = false;
     stdin.off('data', onData);

@@ -18,6 +18,13 @@ const CONSOLE_BATCH_BYTES = 4096;
  * and the VMM holds at most this plus one chunk.
  */
 export const CONSOLE_INPUT_LIMIT = 64 * 1024;
+/**
+ * Guest output waiting for its reader beyond which new output is dropped
+ * (and counted): a reader that stopped (a paused stream, a stdout that
+ * does not drain) must not grow the VMM without bound, and a UART has no
+ * flow control that would not stall the guest's printk.
+ */
+export const CONSOLE_OUTPUT_LIMIT = 16 * 1024 * 1024;
 
 /**
  * A duplex stream over the serial port: what the guest prints is readable,
@@ -31,6 +38,8 @@ export class ConsoleStream extends Duplex {
   private timer: NodeJS.Timeout | undefined;
   /** The callback of a write held until the guest reads below the limit. */
   private heldWrite: (() => void) | undefined;
+  /** Guest output bytes dropped because the reader was {@link CONSOLE_OUTPUT_LIMIT} behind. */
+  droppedOutput = 0;
 
   /**
    * `sendToGuest` queues bytes for the guest; `pendingInput` says how many
@@ -72,8 +81,13 @@ export class ConsoleStream extends Duplex {
     if (this.batched === 0) return;
     const chunk = Buffer.from(this.batch.subarray(0, this.batched));
     this.batched = 0;
-    // Readable back-pressure is not applied to the guest: a UART has no
-    // flow control we could use, and dropping console output loses data.
+    // Readable back-pressure is not applied to the guest (a UART has no
+    // flow control that would not stall it); output waits for the reader
+    // up to a bound, and is dropped beyond it.
+    if (this.readableLength + chunk.length > CONSOLE_OUTPUT_LIMIT) {
+      this.droppedOutput += chunk.length;
+      return;
+    }
     this.push(chunk);
   }
 

@@ -568,7 +568,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       emulationFallback: fallback,
       startup: { ...(this.startupClock?.times ?? new StartupClock().times) },
       devices: {
-        serial: { ...this.serial.stats },
+        serial: { ...this.serial.stats, consoleOutputDropped: this.console.droppedOutput },
         ...(this.pit ? { pit: { ...this.pit.stats } } : {}),
         ...this.virtio.stats(),
       },

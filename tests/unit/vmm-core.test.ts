@@ -10,7 +10,7 @@ import type { NativeLayout } from '../../src/native.js';
 import { Bus, BusError, type BusDevice } from '../../src/vmm/bus.js';
 import { decodeRegs, decodeSregs, encodeMsrs, encodeRegs, encodeSregs } from '../../src/vmm/cpu.js';
 import { cpuidForVcpu } from '../../src/vmm/cpuid.js';
-import { CONSOLE_FLUSH_MS, CONSOLE_INPUT_LIMIT, ConsoleStream, ConsoleWatcher } from '../../src/vmm/console.js';
+import { CONSOLE_FLUSH_MS, CONSOLE_INPUT_LIMIT, CONSOLE_OUTPUT_LIMIT, ConsoleStream, ConsoleWatcher } from '../../src/vmm/console.js';
 import { FakeIrqLine } from '../../src/devices/irq.js';
 import { LSR, MCR, Serial16550, UART_LSR, UART_MCR, UART_RBR } from '../../src/devices/serial.js';
 import { Readable } from 'node:stream';
@@ -342,6 +342,16 @@ describe('ConsoleWatcher', () => {
     expect(chunks.slice(1).join('')).toBe(big.toString());
     c.write('ls\n');
     expect(sent).toEqual(['ls\n']);
+  });
+
+  it('holds guest output for a reader that stopped, up to a bound, and counts what it drops beyond', () => {
+    const c = new ConsoleStream(() => {});
+    const chunk = Buffer.alloc(1 << 20, 0x41);
+    for (let i = 0; i < 20; i++) c.guestOutput(chunk);
+    c.flush();
+    expect(c.readableLength).toBeLessThanOrEqual(CONSOLE_OUTPUT_LIMIT);
+    expect(c.readableLength + c.droppedOutput).toBe(20 << 20);
+    expect(c.droppedOutput).toBeGreaterThan(0);
   });
 
   it('holds a writer while the guest is behind on console input, and lets it go as the guest reads', async () => {
