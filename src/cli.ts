@@ -72,10 +72,11 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void): () => void {
   const raw = stdin.isTTY === true;
   if (raw) stdin.setRawMode(true);
   let escaped = false;
-  // Back-pressure: stop reading the terminal (or pipe) while the guest is behind.
+  // Back-pressure for piped input: stop reading while the guest is behind.
+  // Not for a terminal, typed at human speed, whose Ctrl-A x must always work.
   let connected = true;
   const send = (bytes: Buffer) => {
-    if (!vm.console.write(bytes)) {
+    if (!vm.console.write(bytes) && !raw) {
       stdin.pause();
       vm.console.once('drain', () => connected && stdin.resume());
     }

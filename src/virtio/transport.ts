@@ -260,13 +260,15 @@ export class VirtioTransportCore implements VirtioInterrupt {
         this.stopping[index] = true;
         this.stats.resetsDrained++;
         const epoch = this.epoch;
-        void pending.then(
-          () => this.queueStopped(epoch, index),
-          (err: unknown) => {
-            this.log.error({ err, queue: index }, 'device failed to stop a queue');
-            this.queueStopped(epoch, index);
-          },
-        );
+        void pending
+          .then(
+            () => this.queueStopped(epoch, index),
+            (err: unknown) => {
+              this.log.error({ err, queue: index }, 'device failed to stop a queue');
+              this.queueStopped(epoch, index);
+            },
+          )
+          .catch((err: unknown) => this.log.error({ err }, 'completing a queue stop failed'));
       }
       return;
     }
@@ -335,7 +337,7 @@ export class VirtioTransportCore implements VirtioInterrupt {
 
   signalConfigChange(): void {
     this.generation = (this.generation + 1) >>> 0;
-    if (!(this.deviceStatus & STATUS_DRIVER_OK)) return;
+    if (!(this.deviceStatus & STATUS_DRIVER_OK) || this.resetting) return;
     this.stats.configInterrupts++;
     this.interrupts.configChange();
   }
@@ -478,13 +480,15 @@ export class VirtioTransportCore implements VirtioInterrupt {
     this.resetting = true;
     this.stats.resetsDrained++;
     this.log.debug('reset waits for in-flight requests');
-    void pending.then(
-      () => this.completeReset(),
-      (err: unknown) => {
-        this.log.error({ err }, 'device reset failed');
-        this.completeReset();
-      },
-    );
+    void pending
+      .then(
+        () => this.completeReset(),
+        (err: unknown) => {
+          this.log.error({ err }, 'device reset failed');
+          this.completeReset();
+        },
+      )
+      .catch((err: unknown) => this.log.error({ err }, 'completing a reset failed'));
   }
 
   private completeReset(): void {

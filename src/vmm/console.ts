@@ -40,6 +40,8 @@ export class ConsoleStream extends Duplex {
   private heldWrite: (() => void) | undefined;
   /** Guest output bytes dropped because the reader was {@link CONSOLE_OUTPUT_LIMIT} behind. */
   droppedOutput = 0;
+  /** The VM ended (finish()). */
+  private vmEnded = false;
 
   /**
    * `sendToGuest` queues bytes for the guest; `pendingInput` says how many
@@ -91,10 +93,18 @@ export class ConsoleStream extends Duplex {
     this.push(chunk);
   }
 
-  /** Ends the readable side after the last output. */
+  /**
+   * Ends the readable side after the last output. Input written from now
+   * on goes nowhere: a write held for the guest completes, so no writer
+   * waits for a VM that ended.
+   */
   finish(): void {
     this.flush();
     this.push(null);
+    this.vmEnded = true;
+    const held = this.heldWrite;
+    this.heldWrite = undefined;
+    held?.();
   }
 
   override _read(): void {
@@ -102,6 +112,10 @@ export class ConsoleStream extends Duplex {
   }
 
   override _write(chunk: Buffer, _enc: BufferEncoding, cb: (err?: Error | null) => void): void {
+    if (this.vmEnded) {
+      cb();
+      return;
+    }
     this.sendToGuest(chunk);
     if (this.pendingInput() < CONSOLE_INPUT_LIMIT) cb();
     else this.heldWrite = () => cb();

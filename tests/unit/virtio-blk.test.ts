@@ -617,6 +617,26 @@ describe('virtio-blk: a hostile driver', () => {
     expect(q.takeUsed()).toHaveLength(200);
   });
 
+  it('drains chains left for a later turn before it counts as idle, and touches no image once closed', async () => {
+    const backend = new HeldBackend(openDiskImage(imagePath, { locker: noLock }));
+    const device = new BlkDevice({ backend, queueSize: 256 });
+    const rig = startDevice(device, { features: device.offeredFeatures, queueSize: 256, memSize: 8 << 20 });
+    const q = rig.queues[0]!;
+    for (let i = 0; i < 100; i++) send(q, header(VIRTIO_BLK_T_GET_ID, 0), [{ len: 20, writable: true }], { indirect: true });
+    rig.driver.notify(0);
+    // 64 answered at once; drain also waits for the 36 of the next turn.
+    await device.drain();
+    expect(q.takeUsed()).toHaveLength(100);
+    // Chains left for a later turn when the device is closed are never submitted.
+    for (let i = 0; i < 100; i++) send(q, header(VIRTIO_BLK_T_FLUSH, 0), [], { indirect: true });
+    rig.driver.notify(0);
+    const submitted = device.stats.flushes;
+    device.close();
+    await new Promise((r) => setImmediate(r));
+    expect(device.stats.flushes).toBe(submitted);
+    expect(submitted).toBe(CHAINS_PER_TURN);
+  });
+
   it('logs a refused status write a few times, then only counts it', () => {
     const lines: string[] = [];
     const logger = pino({ level: 'info' }, { write: (line: string) => void lines.push(line) });

@@ -1,6 +1,7 @@
 import { describe, expect, it, vi } from 'vitest';
 import {
   EAGAIN,
+  EBADF,
   MAX_FRAME_SIZE,
   NET_CONFIG_MAX_VIRTQUEUE_PAIRS,
   NET_CONFIG_SIZE,
@@ -39,7 +40,7 @@ import {
   featureMask,
   hasFeature,
 } from '../../src/virtio/features.js';
-import { MMIO_STATUS } from '../../src/virtio/mmio.js';
+import { MMIO_QUEUE_READY, MMIO_QUEUE_SEL, MMIO_STATUS } from '../../src/virtio/mmio.js';
 import { CHAINS_PER_TURN, VIRTQ_DESC_F_NEXT } from '../../src/virtio/queue.js';
 import { FakeMmioDriver, startDevice, type FakeVirtqueue, type TestRig } from '../../src/virtio/testing.js';
 import { FakeIrqLine } from '../../src/devices/irq.js';
@@ -358,6 +359,36 @@ describe('virtio-net: receive', () => {
     expect(device.stats.rxPackets).toBe(100);
   });
 
+  it('writes nothing more into held RX buffers once the driver stops the queue', () => {
+    // A ring of two: a frame too big for both is dropped, and the device keeps both buffers.
+    const { tap, device, rig, rx } = setup(BASE | featureMask(VIRTIO_NET_F_MRG_RXBUF), 2);
+    const bufs = postRx(rx, [20, 20]);
+    rig.driver.notify(RX);
+    tap.queued.push(tapFrame(200, 1));
+    tap.pump();
+    expect(device.stats.rxDropped).toBe(1);
+    for (const b of bufs) rig.mem.slice(b.addrs[0]!, 20).fill(0xa5);
+    rig.driver.write32(MMIO_QUEUE_SEL, RX);
+    rig.driver.write32(MMIO_QUEUE_READY, 0);
+    expect(rig.driver.read32(MMIO_QUEUE_READY)).toBe(0);
+    // A frame that would fit the held buffers arrives.
+    tap.queued.push(tapFrame(10, 2));
+    tap.startReadable(() => device.processRx());
+    tap.pump();
+    for (const b of bufs) expect(rig.mem.slice(b.addrs[0]!, 20).every((x) => x === 0xa5)).toBe(true);
+    expect(device.stats.rxPackets).toBe(0);
+  });
+
+  it('touches no TAP once closed, even with transmit work left for a later turn', async () => {
+    const { tap, device, rig, tx } = setup(BASE, 128);
+    for (let i = 0; i < 100; i++) tx.addChain([{ len: 60, data: new Uint8Array(60) }]);
+    rig.driver.notify(TX);
+    expect(tap.written).toHaveLength(CHAINS_PER_TURN);
+    device.close();
+    await new Promise((r) => setImmediate(r));
+    expect(tap.written).toHaveLength(CHAINS_PER_TURN);
+  });
+
   it('treats an RX head posted again while the device holds it as a driver error', () => {
     const { tap, rig, rx } = setup(BASE | featureMask(VIRTIO_NET_F_MRG_RXBUF));
     const [buf] = postRx(rx, [100]);
@@ -477,7 +508,9 @@ describe('virtio-net: TAP over the native addon', () => {
     tap.startReadable(() => {});
     tap.close();
     expect(calls).toEqual(['hdr 9 12', `offload 9 ${TUN_F_CSUM}`, 'pollStart 9', 'pollClose 77', 'pollStart 9', 'pollClose 77', 'close 9']);
-    expect(tap.read(new Uint8Array(10))).toBe(-EAGAIN);
+    // Closed: the fd number may be someone else's now, so nothing reaches it.
+    expect(tap.read(new Uint8Array(10))).toBe(-EBADF);
+    expect(tap.writev([new Uint8Array(1)])).toBe(-EBADF);
   });
 
   it.each([

@@ -344,6 +344,17 @@ describe('ConsoleWatcher', () => {
     expect(sent).toEqual(['ls\n']);
   });
 
+  it('lets a held console writer go when the VM ends', async () => {
+    const c = new ConsoleStream(() => {}, () => CONSOLE_INPUT_LIMIT);
+    const written = new Promise<void>((resolve) => c.write(Buffer.from('x'), () => resolve()));
+    let done = false;
+    void written.then(() => (done = true));
+    await new Promise((r) => setImmediate(r));
+    expect(done).toBe(false);
+    c.finish();
+    await written;
+  });
+
   it('holds guest output for a reader that stopped, up to a bound, and counts what it drops beyond', () => {
     const c = new ConsoleStream(() => {});
     const chunk = Buffer.alloc(1 << 20, 0x41);

@@ -129,7 +129,11 @@ export class BlkDevice implements VirtioDevice {
   private live: Live | undefined;
   private notifyScheduled = false;
   /** The rest of a notification's chains is waiting for the next event-loop turn. */
-  private readonly processLater = new LaterTurn(() => this.processQueue());
+  private readonly processLater = new LaterTurn(() => {
+    this.processQueue();
+    this.maybeIdle();
+  });
+  private closed = false;
   private idleWaiters: Array<() => void> = [];
 
   constructor(options: BlkDeviceOptions) {
@@ -230,20 +234,26 @@ export class BlkDevice implements VirtioDevice {
     return this.stats.inFlight > 0 ? this.drain() : undefined;
   }
 
-  /** Resolves when no request is in flight and completed ones have been signalled. */
+  /**
+   * Resolves when no request is in flight, completed ones have been
+   * signalled, and no chains wait for a later turn.
+   */
   drain(): Promise<void> {
-    if (this.stats.inFlight === 0 && !this.notifyScheduled) return Promise.resolve();
+    if (this.idle) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   /** Closes the backing store (after the VM stops). */
   close(): void {
+    // Nothing may reach the image's fd after this, not even a later turn's chains.
+    this.closed = true;
+    this.live = undefined;
     this.backend.close();
   }
 
   private processQueue(): void {
     const live = this.live;
-    if (!live || live.failed || live.stopped || this.processLater.scheduled) return;
+    if (!live || live.failed || live.stopped || this.closed || this.processLater.scheduled) return;
     const { memory, queue } = live;
     let chains = 0;
     let descriptors = 0;
@@ -372,8 +382,12 @@ export class BlkDevice implements VirtioDevice {
     });
   }
 
+  private get idle(): boolean {
+    return this.stats.inFlight === 0 && !this.notifyScheduled && !this.processLater.scheduled;
+  }
+
   private maybeIdle(): void {
-    if (this.stats.inFlight > 0 || this.notifyScheduled) return;
+    if (!this.idle) return;
     const waiters = this.idleWaiters;
     this.idleWaiters = [];
     for (const resolve of waiters) resolve();

@@ -248,8 +248,29 @@ export class NetDevice implements VirtioDevice {
 
   /** Stops RX and closes the TAP (after the VM stops). */
   close(): void {
+    // Nothing may reach the TAP's fd after this, not even a later turn's work.
     this.setWatching(false);
+    this.live = undefined;
     this.tap.close();
+  }
+
+  /**
+   * The driver stopped queue `index`: the receive chains the device holds
+   * go back to the driver unused (nothing more is written to them), and
+   * the device takes nothing more from that queue.
+   */
+  stopQueue(index: number): void {
+    const live = this.live;
+    if (!live) return;
+    if (index === RX_QUEUE) {
+      live.held.length = 0;
+      live.heldCapacity = 0;
+      if (this.pendingFrame) {
+        this.stats.rxDropped++;
+        this.pendingFrame = undefined;
+      }
+      this.setWatching(false);
+    }
   }
 
   /**
@@ -265,6 +286,10 @@ export class NetDevice implements VirtioDevice {
     }
     if (this.rxLater.scheduled) return;
     const { memory, rx } = live;
+    if (!rx.ready) {
+      this.setWatching(false); // stopped by the driver
+      return;
+    }
     let delivered = false;
     let frames = 0;
     try {
@@ -314,6 +339,7 @@ export class NetDevice implements VirtioDevice {
     const live = this.live;
     if (!live || live.failed || this.txLater.scheduled) return;
     const { memory, tx } = live;
+    if (!tx.ready) return; // stopped by the driver
     let sent = false;
     let chains = 0;
     let descriptors = 0;

@@ -16,6 +16,7 @@ export const TUN_F_TSO_ECN = 0x08;
 
 /** The errno `read`/`writev` return (negated) when the TAP has nothing or is full. */
 export const EAGAIN = osConstants.errno.EAGAIN;
+export const EBADF = osConstants.errno.EBADF;
 
 /** What the virtio-net device needs from its TAP; tests use a fake. */
 export interface TapBackend {
@@ -67,11 +68,12 @@ export class Tap implements TapBackend {
   }
 
   read(buf: Uint8Array): number {
-    return this.addon.read(this.fd, buf);
+    // Once closed, the fd number may belong to someone else.
+    return this.closed ? -EBADF : this.addon.read(this.fd, buf);
   }
 
   writev(pieces: Uint8Array[]): number {
-    return this.addon.writev(this.fd, pieces);
+    return this.closed ? -EBADF : this.addon.writev(this.fd, pieces);
   }
 
   startReadable(onReadable: () => void): void {

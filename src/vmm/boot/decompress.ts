@@ -60,7 +60,8 @@ function gunzipAsync(data: Uint8Array, maxOutputLength: number): Promise<Buffer>
   return new Promise((resolve, reject) =>
     // One output chunk of the whole size: the default 16 KiB chunks cost a
     // main-thread turn each.
-    zlib.gunzip(data, { maxOutputLength, chunkSize: Math.max(zlib.constants.Z_MIN_CHUNK, Math.min(maxOutputLength, 1 << 30)) }, (err, out) =>
+    // Capped by a generous ratio too: the size a damaged image claims is not worth a 1 GiB allocation.
+    zlib.gunzip(data, { maxOutputLength, chunkSize: Math.max(zlib.constants.Z_MIN_CHUNK, Math.min(maxOutputLength, 16 * data.length, 1 << 30)) }, (err, out) =>
       err ? reject(err) : resolve(out),
     ),
   );
