@@ -425,7 +425,8 @@ Napi::Value AllocGuestMemory(const Napi::CallbackInfo& info) {
   // MAP_NORESERVE: guest RAM is touched lazily, like a real VMM's.
   void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) ThrowErrno(info.Env(), "mmap guest memory", errno);
-  madvise(p, size, MADV_MERGEABLE);
+  // KSM only when asked: merging pages across VMs is a timing side channel between them.
+  if (info.Length() > 1 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value()) madvise(p, size, MADV_MERGEABLE);
   return ExternalMapping(info.Env(), p, size);
 }
 

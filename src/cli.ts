@@ -27,6 +27,7 @@ interface RunOptions {
   exitPath: 'thread' | 'loop';
   transport: 'pci' | 'mmio';
   acpi: boolean;
+  mergeable?: boolean;
   emulationFallback: 'auto' | 'on' | 'off';
   logLevel: LogLevel;
   stats: boolean;
@@ -138,6 +139,7 @@ async function run(opts: RunOptions): Promise<number> {
     exitPath: opts.exitPath,
     transport: opts.transport,
     acpi: opts.acpi,
+    ...(opts.mergeable ? { mergeable: true } : {}),
     emulationFallback: opts.emulationFallback,
     name: opts.name,
     kvmDevice: opts.kvmDevice,
@@ -195,6 +197,7 @@ export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Comman
     .option('--disk <spec>', 'virtio-blk disk: <path>[,readonly][,serial=<id>][,transport=pci|mmio] (repeatable)', collect(parseDiskOption), [])
     .option('--net <spec>', 'virtio-net over a TAP device: tap=<name>[,mac=<mac>][,transport=pci|mmio] (repeatable)', collect(parseNetOption), [])
     .addOption(new Option('--transport <kind>', 'virtio transport for devices that do not choose one').choices(['pci', 'mmio']).default('pci'))
+    .option('--mergeable', 'let the host\'s KSM merge identical guest pages across VMs (saves memory; a timing side channel between guests)')
     .option('--no-acpi', 'no ACPI tables: MP table only, virtio-mmio on the command line, the guest\'s end read from its console')
     .addOption(new Option('--boot-mode <mode>', 'bzImage boot: host-decompressed, or the kernel\'s own decompressor').choices(['auto', 'host', 'guest']).default('auto'))
     .addOption(new Option('--pit <impl>', 'i8254 PIT implementation').choices(['emulated', 'kernel']).default('emulated'))

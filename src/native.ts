@@ -210,7 +210,8 @@ export interface NativeAddon {
   createVcpu(vmFd: number, id: number): number;
 
   /** Anonymous private mapping for guest RAM; unmapped when the ArrayBuffer is collected. */
-  allocGuestMemory(size: number): ArrayBuffer;
+  /** `mergeable`: madvise(MADV_MERGEABLE), so the host's KSM may share identical pages. */
+  allocGuestMemory(size: number, mergeable?: boolean): ArrayBuffer;
   /** mmap of the vCPU's kvm_run area; unmapped when collected. */
   mapVcpuRun(vcpuFd: number, size: number): ArrayBuffer;
   /**

@@ -122,10 +122,14 @@ export class VmFd {
    * Allocates host memory for each guest RAM region, registers each as a
    * KVM memory slot, and returns the guest memory view.
    */
-  static allocateRam(vm: VmFd, regions: ReadonlyArray<{ guestAddr: number; size: number }>): GuestMemoryInit {
+  static allocateRam(
+    vm: VmFd,
+    regions: ReadonlyArray<{ guestAddr: number; size: number }>,
+    options: { mergeable?: boolean } = {},
+  ): GuestMemoryInit {
     const out: GuestMemoryInit = [];
     for (const r of regions) {
-      const ab = vm.addon.allocGuestMemory(r.size);
+      const ab = vm.addon.allocGuestMemory(r.size, options.mergeable === true);
       vm.backing.push(ab);
       vm.addon.setUserMemoryRegion(vm.fd, vm.nextSlot++, 0, r.guestAddr, ab, 0, r.size);
       out.push({ guestAddr: r.guestAddr, bytes: new Uint8Array(ab) });

@@ -73,6 +73,14 @@ export interface VmConfig {
   exitPath?: ExitPath;
   /** 'emulated' (default): the TypeScript i8254. 'kernel': KVM's in-kernel PIT. */
   pit?: 'emulated' | 'kernel';
+  /**
+   * Marks guest RAM mergeable (MADV_MERGEABLE), so the host's kernel
+   * same-page merging (KSM, where enabled) may share identical pages
+   * between VMs. Saves memory with many similar guests, but the time a
+   * write to a merged page takes tells one guest what another holds: off
+   * by default, as in Cloud Hypervisor.
+   */
+  mergeable?: boolean;
   /** The emulation-failure fallback: 'auto' (default) probes the host. */
   emulationFallback?: 'auto' | 'on' | 'off';
   disks?: DiskConfig[];
@@ -350,7 +358,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       if (config.pit === 'kernel') addon.createPit2(vm.fd, addon.constants.KVM_PIT_SPEAKER_DUMMY!);
       disableGuestPmu(kvm, vm, log);
 
-      const mem = new GuestMemory(VmFd.allocateRam(vm, layout.ramRegions(memory)));
+      const mem = new GuestMemory(VmFd.allocateRam(vm, layout.ramRegions(memory), { mergeable: config.mergeable === true }));
       clock.mark('vm');
       const irqCounter = { irqs: 0 };
       const irq = (gsi: number): IrqLine => new KvmIrqLine(vm, gsi, irqCounter);

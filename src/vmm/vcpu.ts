@@ -130,10 +130,6 @@ export class Vcpu {
 
   /** The MSR values Linux expects at entry (as Firecracker sets them). Returns how many KVM took. */
   setBootMsrs(): number {
-    if (process.env.TSVMM_NO_BOOT_MSRS) return 0;
-    if (process.env.TSVMM_STAR) {
-      return this.addon.setMsrs(this.fd, encodeMsrs(this.addon.layout, [[MSR.STAR, BigInt(process.env.TSVMM_STAR)]]));
-    }
     const entries: Array<[number, bigint]> = [
       [MSR.IA32_SYSENTER_CS, 0n],
       [MSR.IA32_SYSENTER_ESP, 0n],
