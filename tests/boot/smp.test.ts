@@ -44,7 +44,9 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
           },
         },
       );
-      expect(r.stdout).toMatch(/@@ONLINE 0-1 2/);
+      // How tsvmm ended, in every failure message below.
+      const how = `exit ${r.code} signal ${r.signal}; stderr: ${r.stderr.slice(-1500)}`;
+      expect(r.stdout, how).toMatch(/@@ONLINE 0-1 2/);
       expect(r.stdout).toMatch(/@@JOB 0 ran-on 0/);
       expect(r.stdout).toMatch(/@@JOB 1 ran-on 1/);
       expect(r.stdout).toContain('smpboot: Total of 2 processors activated');
@@ -80,7 +82,8 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
           },
         },
       );
-      expect(r.stdout).toMatch(/@@ONLINE 0-3 4/);
+      const how = `exit ${r.code} signal ${r.signal}; stderr: ${r.stderr.slice(-1500)}`;
+      expect(r.stdout, how).toMatch(/@@ONLINE 0-3 4/);
       expect(r.signal).toBeNull();
       expect(r.code).toBe(143);
       expect(r.stderr).toContain('stopped by SIGTERM');
