@@ -7,7 +7,7 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
-import { retryPvmFault } from '../helpers/host.js';
+import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 
@@ -35,7 +35,7 @@ describe.skipIf(noKvm !== undefined)(`ACPI and pvpanic${noKvm ? ` (skipped: ${no
       expect(outcome.exitCode).toBe(0);
       expect(outcome.message).toMatch(/ACPI/);
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 
   it(
@@ -50,6 +50,6 @@ describe.skipIf(noKvm !== undefined)(`ACPI and pvpanic${noKvm ? ` (skipped: ${no
       expect(outcome.message).toMatch(/pvpanic/);
       expect(guest.output).toContain('Kernel panic - not syncing');
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 });

@@ -11,7 +11,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { debugfsCat, makeExt4 } from '../helpers/disk.js';
 import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
-import { retryPvmFault } from '../helpers/host.js';
+import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 const md5 = (b: Uint8Array) => createHash('md5').update(b).digest('hex');
@@ -75,6 +75,6 @@ describe.skipIf(noKvm !== undefined)(`virtio-blk${noKvm ? ` (skipped: ${noKvm})`
       expect(md5(debugfsCat(data, '/new.bin'))).toBe(guestSum);
       expect(md5(readFileSync(ro))).toBe(roBefore);
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 });

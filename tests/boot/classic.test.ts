@@ -6,7 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
-import { retryPvmFault } from '../helpers/host.js';
+import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 
@@ -29,6 +29,6 @@ describe.skipIf(noKvm !== undefined)(`classic bzImage boot${noKvm ? ` (skipped: 
       expect(r.stdout).toContain('reboot: Restarting system');
       expect(r.code).toBe(0);
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 });

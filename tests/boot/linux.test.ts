@@ -5,7 +5,7 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
-import { retryPvmFault } from '../helpers/host.js';
+import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 
@@ -49,7 +49,7 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
       expect(outcome.kind).toBe('reboot');
       expect(outcome.exitCode).toBe(0);
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 
   it(
@@ -69,7 +69,7 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
       // Logs go to stderr, never into the console stream.
       expect(r.stdout).not.toContain('"level"');
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 
   it(
@@ -89,6 +89,6 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
       expect(r.stderr).toMatch(/tsvmm: guest kernel panic/);
       expect(r.code).toBe(3);
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 });

@@ -13,7 +13,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { probeHostOnce } from '../../src/vmm/probe.js';
 import { fixtures, type Fixtures } from '../helpers/fixtures.js';
-import { hardwareVirtUnavailable, retryPvmFault } from '../helpers/host.js';
+import { hardwareVirtUnavailable, retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
@@ -161,6 +161,6 @@ describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (
       expect(stats.devices.net0.txBytes).toBeGreaterThan(size);
       expect(stats.devices.net0.rxBytes).toBeGreaterThan(size);
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 });

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ProfileReport } from '../../src/vmm/profiler.js';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
-import { retryPvmFault } from '../helpers/host.js';
+import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { oneLine } from '../helpers/assert.js';
 
 let dir: string;
@@ -108,6 +108,6 @@ describe.skipIf(noKvm !== undefined)(`profiling a Linux boot${noKvm ? ` (skipped
       for (let i = 1; i < report.timeline.length; i++) expect(report.timeline[i]!.ms).toBeGreaterThanOrEqual(report.timeline[i - 1]!.ms);
       expect(report.gaps.length).toBeGreaterThan(0);
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 });

@@ -6,7 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
-import { retryPvmFault } from '../helpers/host.js';
+import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 /** A hang guard for shutdown, not a speed check: stopping must not hang. */
@@ -54,7 +54,7 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
       expect(stopAsked).toBeGreaterThan(0);
       expect(performance.now() - stopAsked).toBeLessThan(STOP_GUARD_MS);
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 
   it(
@@ -89,6 +89,6 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
       expect(r.stderr).toContain('stopped by SIGTERM');
       expect(performance.now() - killedAt).toBeLessThan(STOP_GUARD_MS);
     }),
-    BOOT_TIMEOUT_MS,
+    RETRY_TIMEOUT_MS,
   );
 });

@@ -5,7 +5,10 @@
  * again inside the emulated AMD-V host (tests/hosts/amdv/), where they run.
  */
 import { probeHostOnce } from '../../src/vmm/probe.js';
-import { consolesSeen, kvmUnavailable } from './guest.js';
+import { BOOT_TIMEOUT_MS, consolesSeen, kvmUnavailable } from './guest.js';
+
+/** The timeout of a boot test wrapped in {@link retryPvmFault}: room for the retry. */
+export const RETRY_TIMEOUT_MS = 2 * BOOT_TIMEOUT_MS + 60_000;
 
 export type HostKind = 'hardware' | 'pvm' | 'none';
 
