@@ -34,10 +34,12 @@ type EventLevel = 'error' | 'warn' | 'info';
 export class GuestEventLog {
   /** Events counted but not logged. */
   suppressed = 0;
-  private readonly counts = new Map<string, number>();
+  private readonly seen = new Map<string, number>();
 
+  /** `counts`: the owner's stats, whose `unloggedEvents` follows `suppressed`. */
   constructor(
     private readonly log: Logger,
+    private readonly counts?: { unloggedEvents: number },
     private readonly limit = GUEST_EVENT_LOG_LIMIT,
   ) {}
 
@@ -54,13 +56,14 @@ export class GuestEventLog {
   }
 
   private event(level: EventLevel, kind: string, obj: object, msg: string): void {
-    const n = (this.counts.get(kind) ?? 0) + 1;
-    this.counts.set(kind, n);
+    const n = (this.seen.get(kind) ?? 0) + 1;
+    this.seen.set(kind, n);
     if (n <= this.limit) {
       this.log[level](obj, msg);
       if (n === this.limit) this.log[level]({ kind }, `${kind}: logged ${n} times; further ones are only counted`);
       return;
     }
     this.suppressed++;
+    if (this.counts) this.counts.unloggedEvents = this.suppressed;
   }
 }

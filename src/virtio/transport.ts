@@ -147,7 +147,7 @@ export class VirtioTransportCore implements VirtioInterrupt {
   ) {
     this.memory = options.memory;
     this.log = options.logger;
-    this.events = new GuestEventLog(options.logger);
+    this.events = new GuestEventLog(options.logger, this.stats);
     this.transportName = options.transportName;
     this.interrupts = options.interrupts;
     this.queues = device.queueMaxSizes.map((max) => new Queue(max));
@@ -161,11 +161,6 @@ export class VirtioTransportCore implements VirtioInterrupt {
    */
   get status(): number {
     return this.deviceStatus;
-  }
-
-  /** True while a reset waits for in-flight I/O. */
-  get resetInProgress(): boolean {
-    return this.resetting;
   }
 
   /** QueueReady / queue_enable as the driver reads it: still 1 while a stop waits for in-flight I/O. */
@@ -260,15 +255,7 @@ export class VirtioTransportCore implements VirtioInterrupt {
         this.stopping[index] = true;
         this.stats.resetsDrained++;
         const epoch = this.epoch;
-        void pending
-          .then(
-            () => this.queueStopped(epoch, index),
-            (err: unknown) => {
-              this.log.error({ err, queue: index }, 'device failed to stop a queue');
-              this.queueStopped(epoch, index);
-            },
-          )
-          .catch((err: unknown) => this.log.error({ err }, 'completing a queue stop failed'));
+        this.whenDrained(pending, `stopping queue ${index}`, () => this.queueStopped(epoch, index));
       }
       return;
     }
@@ -444,7 +431,6 @@ export class VirtioTransportCore implements VirtioInterrupt {
    */
   private guestEvent(kind: string, obj: object, msg: string, level: 'error' | 'warn' | 'info' = 'warn'): void {
     this.events[level](kind, obj, msg);
-    this.stats.unloggedEvents = this.events.suppressed;
   }
 
   /** True (and counted) when a reset is still completing: the driver must wait for status 0 first. */
@@ -454,6 +440,20 @@ export class VirtioTransportCore implements VirtioInterrupt {
     this.stats.badAccesses++;
     this.log.debug(`${what} written before the reset completed (status still reads non-zero)`);
     return true;
+  }
+
+  /**
+   * Runs `done` once the device's drain settles, also when it fails (the
+   * failure is logged): the driver must not wait for ever. An exception in
+   * `done` is logged, never left as an unhandled rejection.
+   */
+  private whenDrained(pending: Promise<void>, what: string, done: () => void): void {
+    void pending
+      .then(done, (err: unknown) => {
+        this.log.error({ err }, `device failed to drain for ${what}`);
+        done();
+      })
+      .catch((err: unknown) => this.log.error({ err }, `completing ${what} failed`));
   }
 
   private queueStopped(epoch: number, index: number): void {
@@ -480,15 +480,7 @@ export class VirtioTransportCore implements VirtioInterrupt {
     this.resetting = true;
     this.stats.resetsDrained++;
     this.log.debug('reset waits for in-flight requests');
-    void pending
-      .then(
-        () => this.completeReset(),
-        (err: unknown) => {
-          this.log.error({ err }, 'device reset failed');
-          this.completeReset();
-        },
-      )
-      .catch((err: unknown) => this.log.error({ err }, 'completing a reset failed'));
+    this.whenDrained(pending, 'reset', () => this.completeReset());
   }
 
   private completeReset(): void {

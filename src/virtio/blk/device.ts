@@ -139,7 +139,7 @@ export class BlkDevice implements VirtioDevice {
   constructor(options: BlkDeviceOptions) {
     this.backend = options.backend;
     this.log = (options.logger ?? silentLogger).child({ device: 'virtio-blk' });
-    this.events = new GuestEventLog(this.log);
+    this.events = new GuestEventLog(this.log, this.stats);
     if (this.backend.size % SECTOR_SIZE !== 0) {
       throw new RangeError(`disk size ${this.backend.size} is not a multiple of ${SECTOR_SIZE}`);
     }
@@ -397,7 +397,6 @@ export class BlkDevice implements VirtioDevice {
     live.failed = true;
     const reason = err instanceof QueueError ? `${err.kind}: ${err.message}` : `internal error: ${(err as Error)?.message ?? err}`;
     this.events.warn('queue-broken', { err }, 'request queue broken');
-    this.stats.unloggedEvents = this.events.suppressed;
     live.interrupt.needsReset(reason);
   }
 }

@@ -180,7 +180,7 @@ export class NetDevice implements VirtioDevice {
     const queueSize = options.queueSize ?? NET_DEFAULT_QUEUE_SIZE;
     this.queueMaxSizes = [queueSize, queueSize];
     this.log = (options.logger ?? silentLogger).child({ device: 'virtio-net', tap: this.tap.name });
-    this.events = new GuestEventLog(this.log);
+    this.events = new GuestEventLog(this.log, this.stats);
     this.config.set(this.mac, NET_CONFIG_MAC);
     const v = new DataView(this.config.buffer);
     v.setUint16(NET_CONFIG_STATUS, VIRTIO_NET_S_LINK_UP, true);
@@ -377,14 +377,14 @@ export class NetDevice implements VirtioDevice {
       written = this.tap.writev(reader.views(length));
     } catch (err) {
       this.stats.txErrors++;
-      this.warn('tap-write', { err }, 'TAP write failed');
+      this.events.warn('tap-write', { err }, 'TAP write failed');
       return;
     }
     if (written === -EAGAIN) {
       this.stats.txDropped++;
     } else if (written < 0) {
       this.stats.txErrors++;
-      this.warn('tap-write', { errno: -written }, 'TAP write failed');
+      this.events.warn('tap-write', { errno: -written }, 'TAP write failed');
     } else {
       this.stats.txPackets++;
       this.stats.txBytes += length - VNET_HDR_SIZE;
@@ -399,13 +399,13 @@ export class NetDevice implements VirtioDevice {
         n = this.tap.read(this.rxBuffer);
       } catch (err) {
         this.stats.rxErrors++;
-        this.warn('tap-read', { err }, 'TAP read failed');
+        this.events.warn('tap-read', { err }, 'TAP read failed');
         return undefined;
       }
       if (n === -EAGAIN) return undefined;
       if (n < 0) {
         this.stats.rxErrors++;
-        this.warn('tap-read', { errno: -n }, 'TAP read failed');
+        this.events.warn('tap-read', { errno: -n }, 'TAP read failed');
         return undefined;
       }
       if (n >= VNET_HDR_SIZE) return this.rxBuffer.subarray(0, n);
@@ -480,17 +480,11 @@ export class NetDevice implements VirtioDevice {
     else this.tap.stopReadable();
   }
 
-  /** A warning the guest (or the host's traffic) can repeat: rate-limited per kind. */
-  private warn(kind: string, obj: object, msg: string): void {
-    this.events.warn(kind, obj, msg);
-    this.stats.unloggedEvents = this.events.suppressed;
-  }
-
   private fail(live: Live, err: unknown): void {
     live.failed = true;
     this.setWatching(false);
     const reason = err instanceof QueueError ? `${err.kind}: ${err.message}` : `internal error: ${(err as Error)?.message ?? err}`;
-    this.warn('queue-broken', { err }, 'virtio-net queue broken');
+    this.events.warn('queue-broken', { err }, 'virtio-net queue broken');
     live.interrupt.needsReset(reason);
   }
 }
