@@ -19,7 +19,7 @@ import { decodeExit, ExitDecoder, ExitReason, handleExit, type ExitContext, type
 import { GuestMemory, GuestMemoryError } from '../../src/vmm/memory.js';
 import { mpTableSize, writeMpTable } from '../../src/vmm/mptable.js';
 import { parseMemorySize, VmConfigError } from '../../src/vmm/machine.js';
-import { prepareInitrd } from '../../src/vmm/boot/initrd.js';
+import { prepareInitrdAsync } from '../../src/vmm/boot/initrd.js';
 import type { CpuidEntry } from '../../src/vmm/vcpu.js';
 
 /** The x86-64 kvm_run offsets, as the addon reports them from linux/kvm.h. */
@@ -412,18 +412,18 @@ describe('memory sizes', () => {
 describe('initramfs preparation', () => {
   const cpio = Buffer.concat([Buffer.from('070701'), randomBytes(4000)]);
 
-  it('inflates a gzip cpio archive on the host', () => {
-    const r = prepareInitrd(gzipSync(cpio));
+  it('inflates a gzip cpio archive on the host', async () => {
+    const r = await prepareInitrdAsync(gzipSync(cpio));
     expect(r.inflated).toBe(true);
     expect(Buffer.from(r.data).equals(cpio)).toBe(true);
   });
 
-  it('passes through what is not a whole gzip cpio', () => {
-    expect(prepareInitrd(cpio).inflated).toBe(false);
+  it('passes through what is not a whole gzip cpio', async () => {
+    expect((await prepareInitrdAsync(cpio)).inflated).toBe(false);
     const notCpio = gzipSync(Buffer.from('an ext2 image, say'));
-    expect(prepareInitrd(notCpio).data).toBe(notCpio);
+    expect((await prepareInitrdAsync(notCpio)).data).toBe(notCpio);
     const whole = gzipSync(cpio);
     const damaged = whole.subarray(0, whole.length - 100);
-    expect(prepareInitrd(damaged).inflated).toBe(false);
+    expect((await prepareInitrdAsync(damaged)).inflated).toBe(false);
   });
 });

@@ -6,7 +6,7 @@
  * initramfs is inflated on the host when the result is a plain cpio
  * archive; anything else is passed through unchanged.
  */
-import { crc32, gunzip, gunzipSync } from 'node:zlib';
+import { crc32, gunzip } from 'node:zlib';
 
 const GZIP_MAGIC = [0x1f, 0x8b];
 /** cpio "newc" and "crc" magics (Documentation/driver-api/early-userspace/buffer-format.rst). */
@@ -27,20 +27,9 @@ function isCpio(data: Uint8Array): boolean {
  * Returns the initramfs as the guest should get it. Only a whole-file gzip
  * stream that inflates to a cpio archive is inflated: concatenated
  * archives that start uncompressed (early microcode), other compressors and
- * initrd disk images go to the kernel as they are.
+ * initrd disk images go to the kernel as they are. The inflation runs on
+ * the libuv thread pool, so a VM can be built meanwhile.
  */
-export function prepareInitrd(data: Uint8Array): PreparedInitrd {
-  if (!isGzip(data)) return { data, inflated: false };
-  let out: Buffer;
-  try {
-    out = gunzipSync(data);
-  } catch {
-    return { data, inflated: false };
-  }
-  return accept(data, out);
-}
-
-/** {@link prepareInitrd} with the inflation on the libuv thread pool, so a VM can be built meanwhile. */
 export function prepareInitrdAsync(data: Uint8Array): Promise<PreparedInitrd> {
   if (!isGzip(data)) return Promise.resolve({ data, inflated: false });
   return new Promise((resolve) =>
