@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "tsvmm",
-      "sources": ["native/kvm.cc"],
+      "sources": ["native/kvm.cc", "native/sandbox.cc"],
       "dependencies": [
         "<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"
       ],

@@ -9,6 +9,8 @@
 #include <napi.h>
 #include <uv.h>
 
+#include "sandbox.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if.h>
@@ -449,7 +451,7 @@ Napi::Value MapVcpuRun(const Napi::CallbackInfo& info) {
 // the same event loop. A kick is immediate_exit plus a signal, so a vCPU
 // sleeping in the guest's HLT leaves KVM_RUN at once.
 
-enum Report { kExit = 0, kKicked = 1, kStopped = 2, kError = 3 };
+enum Report { kExit = 0, kKicked = 1, kStopped = 2, kError = 3, kFilterError = 4 };
 enum Action { kContinue = 0, kStop = 1 };
 
 int KickSignal() { return SIGRTMIN; }
@@ -494,6 +496,10 @@ struct VcpuThread {
   Napi::FunctionReference cb;
   napi_async_context asyncContext = nullptr;
   struct LoopWatcher* watcher = nullptr;
+
+  // A seccomp program (struct sock_filter[]) the thread installs on itself
+  // before its first KVM_RUN; empty: none.
+  std::vector<uint8_t> filter;
 };
 
 std::map<int, VcpuThread*> g_vcpus;
@@ -555,11 +561,22 @@ int ReportAndWait(VcpuThread* v, int report, int err) {
 
 void VcpuLoop(VcpuThread* v) {
   v->tid = pthread_self();
-  // Block nothing: the kick signal must reach this thread inside KVM_RUN.
+  // Only the kick signal (and the sandbox's confinement signal, and faults)
+  // reach this thread: signals sent to the process (SIGINT, SIGTERM, ...)
+  // are taken by the main thread, whose handlers are JavaScript's.
   sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, KickSignal());
-  pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+  sigfillset(&set);
+  for (int sig : {KickSignal(), SIGRTMIN + 1, SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGSYS, SIGABRT, SIGTRAP}) sigdelset(&set, sig);
+  pthread_sigmask(SIG_SETMASK, &set, nullptr);
+  if (!v->filter.empty()) {
+    int err = tsvmm::InstallSeccompFilter(v->filter);
+    if (err != 0) {
+      // Refuse to run unconfined when confinement was asked for.
+      v->started.store(true);
+      ReportAndWait(v, kFilterError, err);
+      v->stopRequested.store(true);
+    }
+  }
   v->started.store(true);
 
   while (!v->stopRequested.load()) {
@@ -618,12 +635,21 @@ void Kick(VcpuThread* v) {
 Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = ArgInt(info, 0);
-  if (info.Length() < 3 || !info[1].IsArrayBuffer() || !info[2].IsFunction()) ThrowType(env, "startVcpu(fd, run, onReport)");
+  if (info.Length() < 3 || !info[1].IsArrayBuffer() || !info[2].IsFunction()) ThrowType(env, "startVcpu(fd, run, onReport[, filter])");
   Napi::ArrayBuffer run = info[1].As<Napi::ArrayBuffer>();
   if (run.ByteLength() < sizeof(kvm_run)) ThrowType(env, "run must be the vCPU's kvm_run mapping");
+  std::vector<uint8_t> filter;
+  if (info.Length() > 3 && !info[3].IsUndefined()) {
+    if (!info[3].IsBuffer()) ThrowType(env, "filter must be a Buffer of struct sock_filter");
+    auto b = info[3].As<Napi::Buffer<uint8_t>>();
+    filter.assign(b.Data(), b.Data() + b.Length());
+    if (filter.empty() || filter.size() % 8 != 0) ThrowType(env, "filter must hold whole struct sock_filter entries");
+    tsvmm::InstallSigsysHandler();
+  }
   InstallKickHandler();
 
   auto* v = new VcpuThread();
+  v->filter = std::move(filter);
   v->id = g_nextVcpu++;
   v->fd = fd;
   // Safe: the buffer is the kvm_run mmap (size checked); runRef keeps it mapped.
@@ -1409,7 +1435,9 @@ Napi::Object Constants(Napi::Env env) {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("layout", Layout(env));
-  exports.Set("constants", Constants(env));
+  Napi::Object constants = Constants(env);
+  exports.Set("constants", constants);
+  tsvmm::RegisterSandbox(env, exports, constants);
 #define F(name, fn) exports.Set(name, Napi::Function::New(env, fn, name));
   F("open", Open)
   F("close", Close)

@@ -28,6 +28,7 @@ interface RunOptions {
   transport: 'pci' | 'mmio';
   acpi: boolean;
   mergeable?: boolean;
+  sandbox: boolean;
   emulationFallback: 'auto' | 'on' | 'off';
   logLevel: LogLevel;
   stats: boolean;
@@ -140,6 +141,7 @@ async function run(opts: RunOptions): Promise<number> {
     transport: opts.transport,
     acpi: opts.acpi,
     ...(opts.mergeable ? { mergeable: true } : {}),
+    sandbox: opts.sandbox,
     emulationFallback: opts.emulationFallback,
     name: opts.name,
     kvmDevice: opts.kvmDevice,
@@ -170,7 +172,14 @@ async function run(opts: RunOptions): Promise<number> {
   process.on('SIGTERM', onSignal);
   process.on('SIGHUP', onSignal);
 
-  vm.start();
+  try {
+    vm.start();
+  } catch (err) {
+    process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    disconnect();
+    await vm.stop('could not start');
+    return EXIT_CODES.error;
+  }
   const result: VmOutcome = await vm.wait();
   disconnect();
   process.off('SIGINT', onSignal);
@@ -198,6 +207,7 @@ export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Comman
     .option('--net <spec>', 'virtio-net over a TAP device: tap=<name>[,mac=<mac>][,transport=pci|mmio] (repeatable)', collect(parseNetOption), [])
     .addOption(new Option('--transport <kind>', 'virtio transport for devices that do not choose one').choices(['pci', 'mmio']).default('pci'))
     .option('--mergeable', 'let the host\'s KSM merge identical guest pages across VMs (saves memory; a timing side channel between guests)')
+    .option('--no-sandbox', 'do not confine tsvmm once the VM starts (by default: Landlock for the process where the kernel has it, seccomp on the vCPU threads)')
     .option('--no-acpi', 'no ACPI tables: MP table only, virtio-mmio on the command line, the guest\'s end read from its console')
     .addOption(new Option('--boot-mode <mode>', 'bzImage boot: host-decompressed, or the kernel\'s own decompressor').choices(['auto', 'host', 'guest']).default('auto'))
     .addOption(new Option('--pit <impl>', 'i8254 PIT implementation').choices(['emulated', 'kernel']).default('emulated'))

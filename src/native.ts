@@ -155,6 +155,8 @@ export const VcpuReport = {
   Stopped: 2,
   /** KVM_RUN failed; the second argument is the errno. */
   Error: 3,
+  /** The thread could not install its seccomp filter (errno); it runs nothing. */
+  FilterError: 4,
 } as const;
 export type VcpuReport = (typeof VcpuReport)[keyof typeof VcpuReport];
 
@@ -263,12 +265,16 @@ export interface NativeAddon {
    * return it calls `onReport(report, errno)` on the main thread and waits
    * for it; the callback's return value (a VcpuAction) says whether to go
    * on. `run` is the vCPU's mapped kvm_run (its immediate_exit is used for
-   * kicks). Returns a handle for kickVcpu.
+   * kicks). With `filter` (a struct sock_filter program), the thread
+   * installs it as its seccomp filter before the first KVM_RUN, and a call
+   * the filter traps ends the process with a message (status 159).
+   * Returns a handle for kickVcpu.
    */
   startVcpu(
     vcpuFd: number,
     run: ArrayBuffer,
     onReport: (report: VcpuReport, errno: number) => VcpuAction,
+    filter?: Buffer,
   ): number;
   /**
    * Runs the vCPU on the calling JavaScript thread instead of a thread of
@@ -339,6 +345,22 @@ export interface NativeAddon {
    * another process holds a conflicting lock.
    */
   lockFile(fd: number, exclusive: boolean): void;
+
+  /** The kernel's Landlock ABI version, or -errno (-ENOSYS, -EOPNOTSUPP) when it has none. */
+  landlockAbi(): number;
+  /**
+   * Confines every thread of the process with one Landlock ruleset that
+   * handles these access masks and allows `rules` ([path, access mask]).
+   * Irreversible. A thread that blocks every signal cannot be reached and
+   * is left out (`skipped`, "tid (name)"). Returns how many were confined.
+   */
+  landlockRestrictProcess(handledFs: number, handledNet: number, scoped: number, rules: [string, number][]): { confined: number; skipped: string[] };
+  /**
+   * For tests: on a new thread, installs `filter` as a vCPU thread would,
+   * makes a vCPU thread's calls, then a forbidden one. A working filter
+   * ends the process (status 159); returns the call's errno otherwise.
+   */
+  seccompSelfTest(filter: Buffer, vcpuFd: number, forbidden: 'openat' | 'ioctl'): number;
 }
 
 function findAddon(): string {

@@ -221,11 +221,14 @@ export class Vcpu {
     onKick?: () => ExitResult;
     onError: (err: VcpuError) => void;
     on?: 'loop' | 'thread';
+    /** On a thread of its own: the seccomp filter the thread installs before its first KVM_RUN. */
+    filter?: Buffer;
   }): void {
     if (this.handle !== undefined) throw new VcpuError(this.id, 'already started');
     this.running = true;
-    const start = (handlers.on ?? 'loop') === 'loop' ? this.addon.startVcpuOnLoop : this.addon.startVcpu;
-    this.handle = start.call(this.addon, this.fd, this.run, (report, errno) => {
+    const onLoop = (handlers.on ?? 'loop') === 'loop';
+    if (onLoop && handlers.filter) throw new VcpuError(this.id, 'a seccomp filter needs a vCPU thread of its own');
+    const onReport = (report: VcpuReport, errno: number): VcpuAction => {
       try {
         switch (report) {
           case VcpuReport.Exit:
@@ -234,6 +237,9 @@ export class Vcpu {
             return (handlers.onKick?.() ?? 'continue') === 'stop' ? VcpuAction.Stop : VcpuAction.Continue;
           case VcpuReport.Error:
             handlers.onError(new VcpuError(this.id, `KVM_RUN failed with errno ${errno}`));
+            return VcpuAction.Stop;
+          case VcpuReport.FilterError:
+            handlers.onError(new VcpuError(this.id, `its thread could not install the sandbox's seccomp filter (errno ${errno}); run with the sandbox off`));
             return VcpuAction.Stop;
           case VcpuReport.Stopped:
             this.running = false;
@@ -245,7 +251,10 @@ export class Vcpu {
         return VcpuAction.Stop;
       }
       return VcpuAction.Stop;
-    });
+    };
+    this.handle = onLoop
+      ? this.addon.startVcpuOnLoop(this.fd, this.run, onReport)
+      : this.addon.startVcpu(this.fd, this.run, onReport, handlers.filter);
   }
 
   /** Interrupts KVM_RUN: reported to onKick, or with `sample`, records RIP silently. */
