@@ -12,26 +12,21 @@
  * VM and vCPU, guest RAM, devices, the disk and its lock, eventfds and
  * ioeventfds, the console) is built and torn down each time.
  */
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createVm } from '../src/index.js';
 import { buildPrintAndHaltKernel } from '../src/vmm/boot/synthetic.js';
 import type { Benchmark, BenchContext, BenchResult } from './lib/benchmark.js';
+import { processUsage, type ProcessUsage } from './lib/process-usage.js';
 import { round } from './lib/stats.js';
 
-
-interface Sample {
+interface Sample extends ProcessUsage {
   vms: number;
-  rssMiB: number;
-  heapMiB: number;
-  fds: number;
 }
 
 function sample(vms: number): Sample {
-  (globalThis as { gc?: () => void }).gc?.();
-  const m = process.memoryUsage();
-  return { vms, rssMiB: round(m.rss / 2 ** 20, 1), heapMiB: round(m.heapUsed / 2 ** 20, 1), fds: readdirSync('/proc/self/fd').length };
+  return { vms, ...processUsage() };
 }
 
 /** Creates, starts and stops one VM; resolves once it printed "ok" and was stopped. */

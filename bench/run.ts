@@ -27,6 +27,7 @@ const MODULES: ReadonlyArray<{ name: string; file: string; load: () => Promise<B
   { name: 'idle', file: 'bench/idle.ts', load: async () => (await import('./idle.js')).idle },
   { name: 'lifecycle', file: 'bench/lifecycle.ts', load: async () => (await import('./lifecycle.js')).lifecycle },
   { name: 'startup', file: 'bench/startup.ts', load: async () => (await import('./startup.js')).startup },
+  { name: 'load', file: 'bench/load.ts', load: async () => (await import('./load.js')).load },
 ];
 
 /** Modules that failed to load: each takes only itself down (and is reported), not the whole runner. */
