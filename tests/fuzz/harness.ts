@@ -46,6 +46,28 @@ import { EAGAIN, type TapBackend } from '../../src/virtio/net/tap.js';
 import { MAX_FRAME_SIZE, NetDevice, VNET_HDR_SIZE } from '../../src/virtio/net/device.js';
 import { DESCRIPTOR_SIZE, Queue, QueueError, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtio/queue.js';
 import { GuestMemory, GuestMemoryError } from '../../src/vmm/memory.js';
+import { PCI_CAP_ID_MSIX, PCI_CAPABILITY_LIST, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY } from '../../src/devices/pci/config-space.js';
+import { MSIX_CAP_MESSAGE_CONTROL, MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK, MSIX_ENTRY_SIZE, type MsiMessage, type MsiSink } from '../../src/devices/pci/msix.js';
+import {
+  VIRTIO_PCI_BAR_SIZE,
+  VIRTIO_PCI_COMMON_DF,
+  VIRTIO_PCI_COMMON_DFSELECT,
+  VIRTIO_PCI_COMMON_GF,
+  VIRTIO_PCI_COMMON_GFSELECT,
+  VIRTIO_PCI_COMMON_MSIX,
+  VIRTIO_PCI_COMMON_Q_AVAILLO,
+  VIRTIO_PCI_COMMON_Q_DESCLO,
+  VIRTIO_PCI_COMMON_Q_ENABLE,
+  VIRTIO_PCI_COMMON_Q_MSIX,
+  VIRTIO_PCI_COMMON_Q_SELECT,
+  VIRTIO_PCI_COMMON_Q_SIZE,
+  VIRTIO_PCI_COMMON_Q_USEDLO,
+  VIRTIO_PCI_COMMON_STATUS,
+  VIRTIO_PCI_ISR_OFFSET,
+  VIRTIO_PCI_MSIX_TABLE_OFFSET,
+  VirtioPciTransport,
+} from '../../src/virtio/pci.js';
+import type { VirtioTransport } from '../../src/virtio/transport.js';
 
 /** A small, fast, seedable PRNG (mulberry32). */
 export class Rng {
@@ -453,7 +475,7 @@ function driverWrites(fn: () => void): void {
   }
 }
 
-function addCoverage(cov: Coverage, transport: MmioTransport): void {
+function addCoverage(cov: Coverage, transport: VirtioTransport): void {
   cov.reached += transport.stats.activations;
   cov.broken += transport.stats.needsReset;
   cov.used += transport.queues.reduce((n, q) => n + usedCount(q), 0);
@@ -646,8 +668,230 @@ export async function fuzzNetCase(seed: number, cov: Coverage = emptyCoverage())
   ram.checkGuards();
 }
 
-export type FuzzTarget = 'queue' | 'blk' | 'net';
-export const FUZZ_TARGETS: readonly FuzzTarget[] = ['queue', 'blk', 'net'];
+/** An MSI sink that holds the transport to the MSI-X contract: a message only for a deliverable vector, and the one last announced for it. */
+class CheckedMsi implements MsiSink {
+  private readonly live = new Map<number, MsiMessage>();
+  fired = 0;
+  update(vector: number, message: MsiMessage | undefined): void {
+    if (message) this.live.set(vector, message);
+    else this.live.delete(vector);
+  }
+  fire(vector: number, message: MsiMessage): void {
+    const live = this.live.get(vector);
+    if (!live) throw new Error(`MSI-X vector ${vector} fired while masked or disabled`);
+    if (live.address !== message.address || live.data !== message.data) throw new Error(`MSI-X vector ${vector} fired a message other than the one announced`);
+    this.fired++;
+  }
+}
+
+/**
+ * The driver of a virtio-pci function: configuration space (command,
+ * capabilities, MSI-X control) and BAR 0 (common configuration, ISR,
+ * device configuration, doorbells, MSI-X table and PBA), in Linux's order
+ * with hostile detours: accesses of any size anywhere in the BAR and the
+ * configuration space, MSI-X enabled, masked and reprogrammed under
+ * traffic, queue vectors and doorbells out of range, resets mid-flight.
+ */
+class PciModelDriver {
+  readonly rings: RingArea[] = [];
+  readonly hostility: number;
+  private msixCap = 0;
+
+  constructor(
+    readonly rng: Rng,
+    readonly ram: GuardedRam,
+    readonly transport: VirtioPciTransport,
+    readonly device: VirtioDevice,
+  ) {
+    this.hostility = rng.pick([0.02, 0.1, 0.3, 0.7]);
+    for (let cap = transport.config.getBytes(PCI_CAPABILITY_LIST, 1)[0]!, hops = 0; cap !== 0 && hops < 48; hops++) {
+      const [id, next] = transport.config.getBytes(cap, 2);
+      if (id === PCI_CAP_ID_MSIX) this.msixCap = cap;
+      cap = next!;
+    }
+    if (this.msixCap === 0) throw new Error('virtio-pci function without an MSI-X capability');
+  }
+
+  private bar(offset: number, size: number, value?: number): number {
+    const b = new Uint8Array(size);
+    const dev = this.transport.bars[0]!.device;
+    if (value === undefined) {
+      dev.read(offset, b);
+      return b.reduce((v, byte, i) => v + byte * 2 ** (8 * i), 0);
+    }
+    for (let i = 0; i < size; i++) b[i] = Math.floor(value / 2 ** (8 * i)) & 0xff;
+    dev.write(offset, b);
+    return 0;
+  }
+
+  private cfg(offset: number, size: number, value?: number): number {
+    const b = new Uint8Array(size);
+    if (value === undefined) {
+      this.transport.config.read(offset, b);
+      return b.reduce((v, byte, i) => v + byte * 2 ** (8 * i), 0);
+    }
+    for (let i = 0; i < size; i++) b[i] = (value >>> (8 * i)) & 0xff;
+    this.transport.config.write(offset, b);
+    return 0;
+  }
+
+  private setMsix(enable: boolean, functionMask: boolean): void {
+    this.cfg(this.msixCap + MSIX_CAP_MESSAGE_CONTROL, 2, (enable ? MSIX_CONTROL_ENABLE : 0) | (functionMask ? MSIX_CONTROL_FUNCTION_MASK : 0));
+  }
+
+  private programVector(v: number): void {
+    const rng = this.rng;
+    const entry = VIRTIO_PCI_MSIX_TABLE_OFFSET + v * MSIX_ENTRY_SIZE;
+    this.bar(entry, 4, rng.chance(0.9) ? 0xfee0_0000 : rng.u32());
+    this.bar(entry + 4, 4, rng.chance(0.9) ? 0 : rng.u32());
+    this.bar(entry + 8, 4, rng.chance(0.9) ? 0x4020 + v : rng.u32());
+    this.bar(entry + 12, 4, rng.chance(0.85) ? 0 : 1);
+  }
+
+  /** What Linux's virtio_pci_modern probe and find_vqs do, with random features, rings and vectors. */
+  initialize(): void {
+    const rng = this.rng;
+    const vectors = this.transport.msix.vectors;
+    this.cfg(PCI_COMMAND, 2, PCI_COMMAND_MEMORY | (rng.chance(0.95) ? PCI_COMMAND_MASTER : 0));
+    const msix = rng.chance(0.8);
+    if (msix) {
+      this.setMsix(true, true);
+      for (let v = 0; v < vectors; v++) this.programVector(v);
+      this.setMsix(true, false);
+    }
+    this.bar(VIRTIO_PCI_COMMON_STATUS, 1, 0);
+    this.bar(VIRTIO_PCI_COMMON_STATUS, 1, STATUS_ACKNOWLEDGE);
+    this.bar(VIRTIO_PCI_COMMON_STATUS, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    const offered = this.device.offeredFeatures;
+    const pick = rng.chance(0.5) ? offered : rng.chance(0.8) ? offered & (BigInt(rng.u32()) | (BigInt(rng.u32()) << 32n) | (1n << 32n)) : BigInt(rng.u32()) << BigInt(rng.below(40));
+    this.bar(VIRTIO_PCI_COMMON_DFSELECT, 4, rng.below(3));
+    this.bar(VIRTIO_PCI_COMMON_DF, 4);
+    this.bar(VIRTIO_PCI_COMMON_GFSELECT, 4, 0);
+    this.bar(VIRTIO_PCI_COMMON_GF, 4, Number(pick & 0xffff_ffffn));
+    this.bar(VIRTIO_PCI_COMMON_GFSELECT, 4, 1);
+    this.bar(VIRTIO_PCI_COMMON_GF, 4, Number((pick >> 32n) & 0xffff_ffffn));
+    this.bar(VIRTIO_PCI_COMMON_STATUS, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    if (msix) this.bar(VIRTIO_PCI_COMMON_MSIX, 2, rng.chance(0.9) ? 0 : rng.below(0x10000));
+    this.rings.length = 0;
+    this.device.queueMaxSizes.forEach((max, i) => {
+      const ring = layoutRing(rng, Math.min(max, 64), i);
+      this.rings.push(ring);
+      this.bar(VIRTIO_PCI_COMMON_Q_SELECT, 2, i);
+      this.bar(VIRTIO_PCI_COMMON_Q_SIZE, 2, ring.size);
+      if (msix) this.bar(VIRTIO_PCI_COMMON_Q_MSIX, 2, rng.chance(0.9) ? (i + 1) % vectors : rng.below(0x10000));
+      // The 64-bit addresses as Linux writes them: two 32-bit halves each, or one 8-byte access.
+      for (const [reg, addr] of [
+        [VIRTIO_PCI_COMMON_Q_DESCLO, ring.desc],
+        [VIRTIO_PCI_COMMON_Q_AVAILLO, ring.avail],
+        [VIRTIO_PCI_COMMON_Q_USEDLO, ring.used],
+      ] as const) {
+        if (rng.chance(0.8)) {
+          this.bar(reg, 4, addr % 0x1_0000_0000);
+          this.bar(reg + 4, 4, Math.floor(addr / 0x1_0000_0000));
+        } else this.bar(reg, 8, addr);
+      }
+      if (rng.chance(0.95)) this.bar(VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1);
+    });
+    this.bar(VIRTIO_PCI_COMMON_STATUS, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+  }
+
+  private notify(q: number): void {
+    this.bar(this.transport.notifyOffset(q), this.rng.chance(0.9) ? 2 : 4, q);
+  }
+
+  step(plausible: (ring: RingArea, index: number) => void): void {
+    const rng = this.rng;
+    const { mem } = this.ram;
+    const q = rng.below(Math.max(1, this.rings.length));
+    const ring = this.rings[q];
+    if (!rng.chance(this.hostility)) {
+      if (ring && rng.chance(0.7)) driverWrites(() => plausible(ring, q));
+      else if (rng.chance(0.9)) this.notify(q);
+      else this.bar(VIRTIO_PCI_ISR_OFFSET, 1);
+      return;
+    }
+    const op = rng.below(24);
+    if (op < 10) {
+      driverWrites(() => {
+        if (op < 5 && ring) plausible(ring, q);
+        else if (op < 7 && ring) writeDescriptor(this.rng, mem, ring.desc, rng.below(ring.size), ring.size);
+        else if (op < 9 && ring) publish(rng, mem, ring);
+        else scribble(rng, mem, ring);
+      });
+    } else if (op < 13) this.notify(rng.chance(0.8) ? q : rng.below(0x10000));
+    else if (op === 13) this.bar(rng.below(VIRTIO_PCI_BAR_SIZE), rng.pick([1, 2, 4, 8]), rng.u32());
+    else if (op === 14) this.bar(rng.below(VIRTIO_PCI_BAR_SIZE), rng.pick([1, 2, 4, 8]));
+    else if (op === 15) this.bar(rng.below(0x40) & ~1, rng.pick([1, 2, 4]), rng.interesting(rng.below(0x10000)));
+    else if (op === 16) this.cfg(rng.below(0x100), rng.pick([1, 2, 4]), rng.u32());
+    else if (op === 17) this.cfg(rng.below(0x100), rng.pick([1, 2, 4]));
+    else if (op === 18) this.setMsix(rng.chance(0.7), rng.chance(0.5));
+    else if (op === 19) this.programVector(rng.below(this.transport.msix.vectors + 1) % this.transport.msix.vectors);
+    else if (op === 20) this.cfg(PCI_COMMAND, 2, rng.below(0x10000));
+    else if (op === 21) (this.bar(VIRTIO_PCI_COMMON_Q_SELECT, 2, q), this.bar(VIRTIO_PCI_COMMON_Q_MSIX, 2, rng.below(0x10000)));
+    else if (rng.chance(0.3)) this.bar(VIRTIO_PCI_COMMON_STATUS, 1, 0);
+    else if (rng.chance(0.3)) this.initialize();
+    else (this.bar(VIRTIO_PCI_COMMON_Q_SELECT, 2, q), this.bar(VIRTIO_PCI_COMMON_Q_ENABLE, 2, 0));
+  }
+
+  async resetAndWait(): Promise<void> {
+    this.bar(VIRTIO_PCI_COMMON_STATUS, 1, 0);
+    const deadline = performance.now() + RESET_GUARD_MS;
+    while (this.bar(VIRTIO_PCI_COMMON_STATUS, 1) !== 0) {
+      if (performance.now() > deadline) throw new Error(`reset never completed: status stays non-zero after ${RESET_GUARD_MS} ms`);
+      await new Promise((r) => setImmediate(r));
+    }
+  }
+}
+
+/**
+ * The virtio-pci transport: virtio-blk on a real raw image or virtio-net on
+ * the TAP fake, driven through configuration space and BAR 0.
+ */
+export async function fuzzPciCase(seed: number, imagePath: string, cov: Coverage = emptyCoverage()): Promise<void> {
+  const rng = new Rng(seed);
+  const ram = new GuardedRam(rng);
+  const blk = rng.chance(0.5);
+  const tap = new FuzzTap(rng, ram);
+  const device: BlkDevice | NetDevice = blk
+    ? new BlkDevice({ backend: new CheckedBackend(openDiskImage(imagePath, { readonly: rng.chance(0.2), locker: () => {} }), ram), queueSize: rng.pick([4, 16, 64]) })
+    : new NetDevice({ tap, mac: Uint8Array.of(0x52, 0x54, 0, 1, 2, 3), queueSize: rng.pick([4, 16, 64]) });
+  const msi = new CheckedMsi();
+  try {
+    const transport = new VirtioPciTransport(device, { memory: ram.mem, intx: new FakeIrqLine(), msi, interruptLine: 11 });
+    transport.queues.forEach((q, i) => instrumentQueue(q, `${device.name} (pci) queue ${i}`));
+    const driver = new PciModelDriver(rng, ram, transport, device);
+    driver.initialize();
+    for (let step = 0, steps = 10 + rng.below(40); step < steps; step++) {
+      driver.step((ring, index) => {
+        if (blk) {
+          plausibleChain(rng, ram.mem, ring, [
+            { len: rng.chance(0.9) ? 16 : rng.below(32), writable: false, data: blkHeader(rng) },
+            ...Array.from({ length: rng.below(4) }, () => ({ len: rng.chance(0.8) ? 512 * rng.below(9) : rng.below(2000), writable: rng.chance(0.6) })),
+            { len: rng.chance(0.9) ? 1 : rng.below(4), writable: rng.chance(0.95) },
+          ]);
+        } else {
+          const buffers = Array.from({ length: 1 + rng.below(3) }, () => ({
+            len: rng.chance(0.8) ? rng.pick([0, 12, 60, 1526, 4096]) : rng.below(70_000),
+            writable: index === 0 ? rng.chance(0.95) : rng.chance(0.05),
+          }));
+          plausibleChain(rng, ram.mem, ring, buffers);
+        }
+      });
+      if (!blk && rng.chance(0.3)) tap.arrive();
+      if (rng.chance(0.2)) await new Promise((r) => setImmediate(r));
+    }
+    await driver.resetAndWait();
+    addCoverage(cov, transport);
+    if (blk && (device as BlkDevice).stats.inFlight !== 0) throw new Error(`${(device as BlkDevice).stats.inFlight} requests in flight after the reset completed`);
+    ram.checkGuards();
+  } finally {
+    if (device instanceof BlkDevice) await device.drain();
+    device.close();
+  }
+}
+
+export type FuzzTarget = 'queue' | 'blk' | 'net' | 'pci';
+export const FUZZ_TARGETS: readonly FuzzTarget[] = ['queue', 'blk', 'net', 'pci'];
 
 export interface FuzzReport {
   target: FuzzTarget;
@@ -675,6 +919,7 @@ export async function runFuzz(target: FuzzTarget, cases: number, firstSeed: numb
     try {
       if (target === 'queue') fuzzQueueCase(seed, coverage);
       else if (target === 'blk') await fuzzBlkCase(seed, imagePath ?? missingImage(), coverage);
+      else if (target === 'pci') await fuzzPciCase(seed, imagePath ?? missingImage(), coverage);
       else await fuzzNetCase(seed, coverage);
     } catch (err) {
       const e = err as Error;
@@ -690,5 +935,5 @@ export async function runFuzz(target: FuzzTarget, cases: number, firstSeed: numb
 }
 
 function missingImage(): never {
-  throw new Error('the blk target needs an image path (fuzzImage())');
+  throw new Error('the blk and pci targets need an image path (fuzzImage())');
 }

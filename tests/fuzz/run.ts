@@ -1,13 +1,13 @@
 /**
- * `npm run fuzz -- [--target queue|blk|net|all] [--cases N] [--seed S]`:
+ * `npm run fuzz -- [--target queue|blk|net|pci|all] [--cases N] [--seed S]`:
  * the long fuzz run. Default: all targets, 1,000,000 queue cases and 20,000
- * each of blk and net, from seed 1. Prints each target's count, time,
+ * each of blk, net and pci (the virtio-pci transport), from seed 1. Prints each target's count, time,
  * slowest case and heap before and after; exits 1 with the failing seed.
  */
 import { parseArgs } from 'node:util';
 import { FUZZ_TARGETS, fuzzImage, runFuzz, type FuzzTarget } from './harness.js';
 
-const DEFAULT_CASES: Record<FuzzTarget, number> = { queue: 1_000_000, blk: 20_000, net: 20_000 };
+const DEFAULT_CASES: Record<FuzzTarget, number> = { queue: 1_000_000, blk: 20_000, net: 20_000, pci: 20_000 };
 
 function heapMiB(): string {
   (globalThis as { gc?: () => void }).gc?.();

@@ -20,6 +20,11 @@ describe('virtio fuzzing (hostile model driver)', () => {
     expect(r.cases).toBe(1_000);
   }, 120_000);
 
+  it('the virtio-pci transport (configuration space, BAR 0, MSI-X) with virtio-blk or virtio-net: 1,000 cases', async () => {
+    const r = await runFuzz('pci', 1_000, 1_000_001, image.path);
+    expect(r.cases).toBe(1_000);
+  }, 120_000);
+
   it('virtio-net over virtio-mmio on a TAP fake: 1,000 cases', async () => {
     const r = await runFuzz('net', 1_000, 1_000_001);
     expect(r.cases).toBe(1_000);
