@@ -17,7 +17,9 @@ const ESCAPE = 0x01;
 interface RunOptions {
   kernel: string;
   initrd?: string;
-  cmdline: string;
+  cmdline?: string;
+  console: 'serial' | 'virtio';
+  serial: 'console' | 'off';
   memory: string;
   cpus: number;
   disk: DiskConfig[];
@@ -130,7 +132,9 @@ async function run(opts: RunOptions): Promise<number> {
   }
   const config: VmConfig = {
     kernel: opts.kernel,
-    cmdline: opts.cmdline,
+    ...(opts.cmdline !== undefined ? { cmdline: opts.cmdline } : {}),
+    console: opts.console,
+    serial: opts.serial,
     memory: opts.memory,
     cpus: opts.cpus,
     disks: opts.disk,
@@ -200,7 +204,9 @@ export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Comman
     .description('boot a Linux kernel with its console on this terminal')
     .requiredOption('-k, --kernel <path>', 'kernel to boot: a bzImage or an ELF vmlinux')
     .option('-i, --initrd <path>', 'initramfs to pass to the kernel')
-    .option('-c, --cmdline <text>', 'kernel command line', DEFAULT_CMDLINE)
+    .option('-c, --cmdline <text>', `kernel command line (default: "${DEFAULT_CMDLINE}", with console=hvc0 for --console virtio)`)
+    .addOption(new Option('--console <device>', 'the guest console on stdin/stdout: serial (ttyS0, the 16550 UART) or virtio (hvc0, virtio-console: no exit per byte)').choices(['serial', 'virtio']).default('serial'))
+    .addOption(new Option('--serial <where>', 'with --console virtio, the UART output (early boot messages): console (joined to stdout) or off').choices(['console', 'off']).default('console'))
     .option('-m, --memory <size>', 'guest RAM, e.g. 256M or 1G', memoryArg, '256M')
     .option('--cpus <n>', `vCPUs, 1 to ${MAX_CPUS}`, intArg, 1)
     .option('--disk <spec>', 'virtio-blk disk: <path>[,readonly][,serial=<id>][,transport=pci|mmio] (repeatable)', collect(parseDiskOption), [])

@@ -22,6 +22,7 @@ export {
   VmConfigError,
   DEFAULT_CMDLINE,
   DEFAULT_MEMORY,
+  defaultCmdline,
   MAX_CPUS,
   parseMemorySize,
   type VmConfig,
@@ -29,7 +30,10 @@ export {
   type StartupTimes,
   type BootMode,
   type ExitPath,
+  type ConsoleKind,
 } from './vmm/machine.js';
+export { ConsoleDevice, type ConsoleDeviceStats } from './virtio/console/device.js';
+export { SandboxError, type SandboxConfig, type SandboxStatus } from './vmm/sandbox.js';
 export type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 export { EXIT_CODES, type VmOutcome, type OutcomeKind } from './vmm/outcome.js';
 export { KvmError } from './vmm/kvm.js';

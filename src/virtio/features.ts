@@ -7,6 +7,7 @@
 /** Device IDs (virtio 1.2 section 5). */
 export const VIRTIO_ID_NET = 1;
 export const VIRTIO_ID_BLOCK = 2;
+export const VIRTIO_ID_CONSOLE = 3;
 
 /** Device status bits (virtio 1.2 section 2.1). */
 export const STATUS_ACKNOWLEDGE = 0x01;

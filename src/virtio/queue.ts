@@ -80,6 +80,35 @@ export class LaterTurn {
     });
   }
 }
+/**
+ * Serves a device-readable queue (transmit-like: the device only reads):
+ * pops every available chain and hands it to `take`, which returns the
+ * length the device wrote into it (0 for output), with notifications
+ * suppressed meanwhile and re-checked at the end (no lost kick). Stops
+ * after {@link CHAINS_PER_TURN} chains or {@link DESCRIPTORS_PER_TURN}
+ * descriptors and schedules `later` for the rest. Returns true when a
+ * chain was used (the caller decides on the interrupt). Queue errors
+ * propagate.
+ */
+export function serveChains(queue: Queue, mem: GuestMemory, later: LaterTurn, take: (chain: DescriptorChain) => number): boolean {
+  let used = false;
+  let chains = 0;
+  let descriptors = 0;
+  do {
+    queue.disableNotification(mem);
+    for (let chain = queue.pop(mem); chain; chain = queue.pop(mem)) {
+      queue.addUsed(mem, chain.head, take(chain));
+      used = true;
+      descriptors += chain.descriptors.length;
+      if (++chains >= CHAINS_PER_TURN || descriptors >= DESCRIPTORS_PER_TURN) {
+        later.schedule();
+        return used;
+      }
+    }
+  } while (queue.enableNotification(mem));
+  return used;
+}
+
 /** The largest split queue (virtio 1.2 section 2.7). */
 export const MAX_QUEUE_SIZE = 32768;
 

@@ -8,6 +8,7 @@ import { readFile } from 'node:fs/promises';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { Serial16550 } from '../devices/serial.js';
+import { ConsoleDevice } from '../virtio/console/device.js';
 import { Pit8254, PortB } from '../devices/pit.js';
 import { I8042 } from '../devices/i8042.js';
 import { Cmos } from '../devices/cmos.js';
@@ -39,6 +40,14 @@ import { GsiRouting } from './irq-routing.js';
 
 /** The default kernel command line: a microVM with its console on COM1. */
 export const DEFAULT_CMDLINE = 'console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd';
+
+/** The guest console: the 16550 UART (ttyS0) or virtio-console (hvc0). */
+export type ConsoleKind = 'serial' | 'virtio';
+
+/** The default command line for a console: DEFAULT_CMDLINE with its console= for that device. */
+export function defaultCmdline(console: ConsoleKind = 'serial'): string {
+  return console === 'virtio' ? DEFAULT_CMDLINE.replace('console=ttyS0', 'console=hvc0') : DEFAULT_CMDLINE;
+}
 
 export const DEFAULT_MEMORY = 256 * 1024 * 1024;
 export const MAX_CPUS = 8;
@@ -104,6 +113,20 @@ export interface VmConfig {
    * then only copies a cpio archive instead of running inflate.
    */
   initrdInflate?: boolean;
+  /**
+   * Which device is the guest's console (`vm.console`): 'serial' (default,
+   * the UART, ttyS0: two exits per byte) or 'virtio' (virtio-console,
+   * hvc0, on the default transport: one notification per buffer). The
+   * default command line follows (console=hvc0); a command line given is
+   * used as is.
+   */
+  console?: ConsoleKind;
+  /**
+   * With `console: 'virtio'`, what becomes of the UART's output (early boot
+   * messages with earlyprintk=serial, or console=ttyS0 given too):
+   * 'console' (default) joins it to `vm.console`; 'off' discards it.
+   */
+  serial?: 'console' | 'off';
   /** A name for logs and for deriving stable MAC addresses. Default "tsvmm". */
   name?: string;
   logger?: Logger;
@@ -379,20 +402,38 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       const mmioBus = new Bus('mmio');
       let vmRef: VirtualMachine | undefined;
       const signals = { acpi: false, pvpanic: false };
+      const consoleKind = config.console ?? 'serial';
+      if (consoleKind !== 'serial' && consoleKind !== 'virtio') throw new VmConfigError('bad-option', `console must be 'serial' or 'virtio' (got ${String(consoleKind)})`);
+      // The console stream's input goes to whichever device is the console.
       const consoleStream = new ConsoleStream(
-        (bytes) => serial.enqueueInput(bytes),
-        () => serial.pendingInput,
+        (bytes) => (hvc ? hvc.enqueueInput(bytes) : serial.enqueueInput(bytes)),
+        () => (hvc ? hvc.pendingInput : serial.pendingInput),
       );
-      const watcher = new ConsoleWatcher((event, line) => vmRef?.onConsoleEvent(event, line), (line) => vmRef?.profiler?.consoleLine(line));
+      // One watcher per output source, so their lines never interleave.
+      const watch = () => new ConsoleWatcher((event, line) => vmRef?.onConsoleEvent(event, line), (line) => vmRef?.profiler?.consoleLine(line));
+      const serialWatcher = watch();
+      const serialToConsole = consoleKind === 'serial' || config.serial !== 'off';
       const serial = new Serial16550({
         irq: irq(layout.COM1_IRQ),
         output: (bytes) => {
-          consoleStream.guestOutput(bytes);
-          watcher.feed(bytes);
+          if (serialToConsole) consoleStream.guestOutput(bytes);
+          serialWatcher.feed(bytes);
         },
         onInputTaken: () => consoleStream.inputTaken(),
         logger: log.child({ dev: 'serial' }),
       });
+      const hvcWatcher = watch();
+      const hvc =
+        consoleKind === 'virtio'
+          ? new ConsoleDevice({
+              output: (bytes) => {
+                consoleStream.guestOutput(bytes);
+                hvcWatcher.feed(bytes);
+              },
+              onInputTaken: () => consoleStream.inputTaken(),
+              logger: log,
+            })
+          : undefined;
       pio.insert(serial, layout.COM1_PORT, 8, 'com1');
       let pit: Pit8254 | undefined;
       if (config.pit !== 'kernel') {
@@ -446,6 +487,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
         irq,
         disks: config.disks ?? [],
         nets: config.nets ?? [],
+        ...(hvc ? { console: hvc } : {}),
         transport: config.transport ?? 'pci',
         acpi: acpiOn,
         seed: config.name ?? 'tsvmm',
@@ -470,7 +512,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       clock.mark('devices');
 
       // --- command line and kernel ---
-      const parts = [config.cmdline ?? DEFAULT_CMDLINE, ...virtio.cmdlineFragments];
+      const parts = [config.cmdline ?? defaultCmdline(consoleKind), ...virtio.cmdlineFragments];
       if (fallbackOn) parts.push(EMULATED_HOST_CMDLINE);
       if (fallbackOn && cpus > 1) parts.push(EMULATED_HOST_SMP_CMDLINE);
       const cmdline = parts.filter((p) => p.length > 0).join(' ');

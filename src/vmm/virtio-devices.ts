@@ -20,6 +20,7 @@ import type { PciAllocator } from '../devices/pci/device.js';
 import type { NativeAddon } from '../native.js';
 import { createBlkDevice, parseDiskOption, type BlkDevice } from '../virtio/blk/index.js';
 import { createNetDevice, parseNetOption, type NetDevice } from '../virtio/net/index.js';
+import type { ConsoleDevice } from '../virtio/console/device.js';
 import { MMIO_QUEUE_NOTIFY, MMIO_SIZE, MmioTransport, mmioCmdlineFragment } from '../virtio/mmio.js';
 import { VirtioPciTransport } from '../virtio/pci.js';
 import type { VirtioTransport } from '../virtio/transport.js';
@@ -62,6 +63,8 @@ export interface VirtioDevicesOptions {
   irq: (gsi: number) => IrqLine;
   disks: DiskConfig[];
   nets: NetConfig[];
+  /** A virtio-console (hvc0) to attach, built by the machine (it owns the console stream). */
+  console?: ConsoleDevice;
   /** The transport of devices that do not choose one. */
   transport: VirtioTransportKind;
   /** True when ACPI describes the virtio-mmio devices (no command-line entries then). */
@@ -129,11 +132,13 @@ class KvmMsiSink implements MsiSink {
   }
 }
 
+type AnyDevice = BlkDevice | NetDevice | ConsoleDevice;
+
 interface Attached {
   name: string;
   transport: VirtioTransport;
-  kind: 'blk' | 'net';
-  device: BlkDevice | NetDevice;
+  kind: 'blk' | 'net' | 'console';
+  device: AnyDevice;
 }
 
 /** A virtio-mmio device as the firmware must describe it. */
@@ -148,7 +153,7 @@ export class VirtioDevices {
   /** The virtio-mmio devices, for the ACPI DSDT. */
   readonly mmioSlots: MmioSlot[] = [];
   private readonly attached: Attached[] = [];
-  private readonly devicesToClose: Array<BlkDevice | NetDevice> = [];
+  private readonly devicesToClose: AnyDevice[] = [];
   private readonly fds: number[] = [];
   private readonly polls: number[] = [];
   private closed = false;
@@ -170,7 +175,9 @@ export class VirtioDevices {
     const useIoeventfd = kvm.hasCap('KVM_CAP_IOEVENTFD');
     const msiRouting = useIrqfd && kvm.hasCap('KVM_CAP_IRQ_ROUTING') ? opts.pci.routing : undefined;
     try {
-      const devices: Array<{ kind: 'blk' | 'net'; transport: VirtioTransportKind; make: () => BlkDevice | NetDevice }> = [
+      const consoleDevice = opts.console;
+      const devices: Array<{ kind: Attached['kind']; transport: VirtioTransportKind; make: () => AnyDevice }> = [
+        ...(consoleDevice ? [{ kind: 'console' as const, transport: opts.transport, make: () => consoleDevice }] : []),
         ...opts.disks.map((d, i) => ({
           kind: 'blk' as const,
           transport: d.transport ?? opts.transport,
@@ -190,7 +197,7 @@ export class VirtioDevices {
             ),
         })),
       ];
-      const counts = { blk: 0, net: 0 };
+      const counts = { blk: 0, net: 0, console: 0 };
       for (const spec of devices) {
         const name = `${spec.kind}${counts[spec.kind]++}`;
         const device = spec.make();
@@ -212,7 +219,7 @@ export class VirtioDevices {
 
   private attachMmio(
     opts: VirtioDevicesOptions,
-    device: BlkDevice | NetDevice,
+    device: AnyDevice,
     name: string,
     logger: Logger,
     useIrqfd: boolean,
@@ -241,7 +248,7 @@ export class VirtioDevices {
 
   private attachPci(
     opts: VirtioDevicesOptions,
-    device: BlkDevice | NetDevice,
+    device: AnyDevice,
     name: string,
     logger: Logger,
     routing: GsiRouting | undefined,

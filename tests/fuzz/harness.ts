@@ -44,6 +44,7 @@ import {
 } from '../../src/virtio/mmio.js';
 import { EAGAIN, type TapBackend } from '../../src/virtio/net/tap.js';
 import { MAX_FRAME_SIZE, NetDevice, VNET_HDR_SIZE } from '../../src/virtio/net/device.js';
+import { ConsoleDevice } from '../../src/virtio/console/device.js';
 import { DESCRIPTOR_SIZE, Queue, QueueError, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtio/queue.js';
 import { GuestMemory, GuestMemoryError } from '../../src/vmm/memory.js';
 import { PCI_CAP_ID_MSIX, PCI_CAPABILITY_LIST, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY } from '../../src/devices/pci/config-space.js';
@@ -362,6 +363,19 @@ export function fuzzQueueCase(seed: number, cov: Coverage = emptyCoverage()): vo
 /** How long a reset may wait for the device's host I/O before the case fails. */
 const RESET_GUARD_MS = 10_000;
 
+/**
+ * What a driver does after writing status 0: wait until the device reads 0.
+ * A hang guard in time, not in loop turns: 10,000 turns pass in tens of
+ * milliseconds, less than one disk read takes on a loaded host's thread pool.
+ */
+async function statusZero(readStatus: () => number): Promise<void> {
+  const deadline = performance.now() + RESET_GUARD_MS;
+  while (readStatus() !== 0) {
+    if (performance.now() > deadline) throw new Error(`reset never completed: status stays non-zero after ${RESET_GUARD_MS} ms`);
+    await new Promise((r) => setImmediate(r));
+  }
+}
+
 /** The register sequence of a driver, with hostile detours. */
 class ModelDriver {
   readonly rings: RingArea[] = [];
@@ -456,13 +470,7 @@ class ModelDriver {
   /** What Linux does at the end: status 0, then wait for status 0. */
   async resetAndWait(): Promise<void> {
     this.w32(MMIO_STATUS, 0);
-    // A hang guard in time, not in loop turns: 10,000 turns pass in tens of
-    // milliseconds, less than one disk read takes on a loaded host's thread pool.
-    const deadline = performance.now() + RESET_GUARD_MS;
-    while (this.r32(MMIO_STATUS) !== 0) {
-      if (performance.now() > deadline) throw new Error(`reset never completed: status stays non-zero after ${RESET_GUARD_MS} ms`);
-      await new Promise((r) => setImmediate(r));
-    }
+    await statusZero(() => this.r32(MMIO_STATUS));
   }
 }
 
@@ -835,26 +843,29 @@ class PciModelDriver {
 
   async resetAndWait(): Promise<void> {
     this.bar(VIRTIO_PCI_COMMON_STATUS, 1, 0);
-    const deadline = performance.now() + RESET_GUARD_MS;
-    while (this.bar(VIRTIO_PCI_COMMON_STATUS, 1) !== 0) {
-      if (performance.now() > deadline) throw new Error(`reset never completed: status stays non-zero after ${RESET_GUARD_MS} ms`);
-      await new Promise((r) => setImmediate(r));
-    }
+    await statusZero(() => this.bar(VIRTIO_PCI_COMMON_STATUS, 1));
   }
 }
 
 /**
- * The virtio-pci transport: virtio-blk on a real raw image or virtio-net on
- * the TAP fake, driven through configuration space and BAR 0.
+ * The virtio-pci transport: virtio-blk on a real raw image, virtio-net on
+ * the TAP fake or virtio-console, driven through configuration space and
+ * BAR 0.
  */
 export async function fuzzPciCase(seed: number, imagePath: string, cov: Coverage = emptyCoverage()): Promise<void> {
   const rng = new Rng(seed);
   const ram = new GuardedRam(rng);
-  const blk = rng.chance(0.5);
+  const kind = rng.pick(['blk', 'net', 'console'] as const);
+  const blk = kind === 'blk';
   const tap = new FuzzTap(rng, ram);
-  const device: BlkDevice | NetDevice = blk
-    ? new BlkDevice({ backend: new CheckedBackend(openDiskImage(imagePath, { readonly: rng.chance(0.2), locker: () => {} }), ram), queueSize: rng.pick([4, 16, 64]) })
-    : new NetDevice({ tap, mac: Uint8Array.of(0x52, 0x54, 0, 1, 2, 3), queueSize: rng.pick([4, 16, 64]) });
+  let printed = 0;
+  const queueSize = rng.pick([4, 16, 64]);
+  const device: BlkDevice | NetDevice | ConsoleDevice =
+    kind === 'blk'
+      ? new BlkDevice({ backend: new CheckedBackend(openDiskImage(imagePath, { readonly: rng.chance(0.2), locker: () => {} }), ram), queueSize })
+      : kind === 'net'
+        ? new NetDevice({ tap, mac: Uint8Array.of(0x52, 0x54, 0, 1, 2, 3), queueSize })
+        : new ConsoleDevice({ output: (b) => (printed += b.length), queueSize });
   const msi = new CheckedMsi();
   try {
     const transport = new VirtioPciTransport(device, { memory: ram.mem, intx: new FakeIrqLine(), msi, interruptLine: 11 });
@@ -877,13 +888,15 @@ export async function fuzzPciCase(seed: number, imagePath: string, cov: Coverage
           plausibleChain(rng, ram.mem, ring, buffers);
         }
       });
-      if (!blk && rng.chance(0.3)) tap.arrive();
+      if (kind === 'net' && rng.chance(0.3)) tap.arrive();
+      if (device instanceof ConsoleDevice && rng.chance(0.3)) device.enqueueInput(new Uint8Array(1 + rng.below(300)).fill(0x61));
       if (rng.chance(0.2)) await new Promise((r) => setImmediate(r));
     }
     await driver.resetAndWait();
     addCoverage(cov, transport);
     if (blk && (device as BlkDevice).stats.inFlight !== 0) throw new Error(`${(device as BlkDevice).stats.inFlight} requests in flight after the reset completed`);
     ram.checkGuards();
+    if (device instanceof ConsoleDevice && printed !== device.stats.txBytes) throw new Error(`console printed ${printed} bytes but counted ${device.stats.txBytes}`);
   } finally {
     if (device instanceof BlkDevice) await device.drain();
     device.close();

@@ -20,7 +20,7 @@ import {
   featureMask,
   hasFeature,
 } from '../features.js';
-import { CHAINS_PER_TURN, DESCRIPTORS_PER_TURN, LaterTurn, QueueError, type ChainWriter, type DescriptorChain, type Queue, type UsedElement } from '../queue.js';
+import { CHAINS_PER_TURN, DESCRIPTORS_PER_TURN, LaterTurn, QueueError, serveChains, type ChainWriter, type DescriptorChain, type Queue, type UsedElement } from '../queue.js';
 import { MAC_LENGTH } from './options.js';
 import { EAGAIN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapBackend } from './tap.js';
 
@@ -340,23 +340,12 @@ export class NetDevice implements VirtioDevice {
     if (!live || live.failed || this.txLater.scheduled) return;
     const { memory, tx } = live;
     if (!tx.ready) return; // stopped by the driver
-    let sent = false;
-    let chains = 0;
-    let descriptors = 0;
+    let sent: boolean;
     try {
-      txLoop: do {
-        tx.disableNotification(memory);
-        for (let chain = tx.pop(memory); chain; chain = tx.pop(memory)) {
-          this.transmit(live, chain);
-          tx.addUsed(memory, chain.head, 0);
-          sent = true;
-          descriptors += chain.descriptors.length;
-          if (++chains >= CHAINS_PER_TURN || descriptors >= DESCRIPTORS_PER_TURN) {
-            this.txLater.schedule();
-            break txLoop;
-          }
-        }
-      } while (tx.enableNotification(memory));
+      sent = serveChains(tx, memory, this.txLater, (chain) => {
+        this.transmit(live, chain);
+        return 0;
+      });
     } catch (err) {
       this.fail(live, err);
       return;
