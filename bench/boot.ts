@@ -5,7 +5,8 @@
  * Three ways in to the same fixture kernel (tests/helpers/fixtures.ts):
  * - host: the gzip bzImage, decompressed by tsvmm on the host (bootMode 'host');
  * - classic: the same bzImage run through the kernel's own decompressor (bootMode 'guest');
- * - elf: the uncompressed vmlinux, entered at its PVH entry point.
+ * - elf: the uncompressed vmlinux, entered at its PVH entry point;
+ * - hvc: as host, with the virtio console (hvc0) instead of the UART.
  *
  * For each, four times: createVm (reading the files, and for 'host' the
  * decompression), vm.start() to the first console output (after the
@@ -25,13 +26,14 @@ import { median, round, secondsSince } from './lib/stats.js';
 
 const MEMORY = '128M';
 
-type BootCase = 'host' | 'classic' | 'elf';
-const CASES: readonly BootCase[] = ['host', 'classic', 'elf'];
+type BootCase = 'host' | 'classic' | 'elf' | 'hvc';
+const CASES: readonly BootCase[] = ['host', 'classic', 'elf', 'hvc'];
 
 const LABELS: Record<BootCase, string> = {
   host: 'bzImage, host-decompressed',
   classic: 'bzImage, classic (in-guest decompressor)',
   elf: 'ELF vmlinux (PVH entry)',
+  hvc: 'bzImage, host-decompressed, virtio console',
 };
 
 interface BootRun {
@@ -58,11 +60,13 @@ interface BootRun {
   consoleTail: string;
 }
 
-function kernelFor(c: BootCase): { kernel: string; bootMode: BootMode } {
+function kernelFor(c: BootCase): { kernel: string; bootMode: BootMode; console?: 'virtio' } {
   const fx = fixtures();
   switch (c) {
     case 'host':
       return { kernel: fx.bzImage, bootMode: 'host' };
+    case 'hvc':
+      return { kernel: fx.bzImage, bootMode: 'host', console: 'virtio' };
     case 'classic':
       return { kernel: fx.bzImage, bootMode: 'guest' };
     case 'elf':
@@ -71,10 +75,18 @@ function kernelFor(c: BootCase): { kernel: string; bootMode: BootMode } {
 }
 
 async function bootOnce(c: BootCase, run: number, cmdline: string, timeoutS: number): Promise<BootRun> {
-  const { kernel, bootMode } = kernelFor(c);
+  const { kernel, bootMode, console } = kernelFor(c);
   const loadAverageBefore = os.loadavg().map((x) => round(x, 2));
   const t0 = process.hrtime.bigint();
-  const vm = await createVm({ kernel, initrd: fixtures().initramfs, cmdline, memory: MEMORY, bootMode, name: `bench-${c}` });
+  const vm = await createVm({
+    kernel,
+    initrd: fixtures().initramfs,
+    cmdline: console === 'virtio' ? cmdline.replace('console=ttyS0', 'console=hvc0') : cmdline,
+    memory: MEMORY,
+    bootMode,
+    name: `bench-${c}`,
+    ...(console ? { console } : {}),
+  });
   const createS = secondsSince(t0);
 
   const timed = await timeBoot(vm, timeoutS);
@@ -113,7 +125,7 @@ function parseCases(value: string): BootCase[] {
 
 export const boot: Benchmark = {
   name: 'boot',
-  description: 'seconds from vm.start() to /init (TSVMM-INIT-OK) and to the end of the VM: host-decompressed bzImage vs classic bzImage vs ELF vmlinux',
+  description: 'seconds from vm.start() to /init (TSVMM-INIT-OK) and to the end of the VM: host-decompressed bzImage vs classic bzImage vs ELF vmlinux, serial vs virtio console',
   slow: true,
   options: [
     { name: 'boot-runs', env: 'TSVMM_BENCH_BOOT_RUNS', default: 1, description: 'boots of each case (interleaved)' },
@@ -190,6 +202,7 @@ export const boot: Benchmark = {
     };
     ratio('classic', 'host', 'classic / host');
     ratio('elf', 'host', 'elf / host');
+    ratio('hvc', 'host', 'virtio console / serial console');
 
     return {
       rows,

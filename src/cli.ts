@@ -3,6 +3,7 @@
  * from flags, connects the guest console to stdin/stdout, and exits with
  * the code of the VM's outcome.
  */
+import { readFileSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { createLogger, LOG_LEVELS, type LogLevel } from './log.js';
 import { VirtualMachine, DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize, type VmConfig } from './vmm/machine.js';
@@ -194,9 +195,16 @@ async function run(opts: RunOptions): Promise<number> {
   return result.kind === 'stopped' && signalCode !== undefined ? signalCode : result.exitCode;
 }
 
+/** The version in tsvmm's package.json (one level above dist/ and src/). */
+function packageVersion(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
 export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Command {
   const program = new Command('tsvmm')
     .description('A KVM virtual machine monitor with device models in TypeScript')
+    .version(packageVersion(), '-V, --version', 'print the tsvmm version')
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
   program
