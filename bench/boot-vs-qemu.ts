@@ -49,14 +49,15 @@ export const BASE_CMDLINE = 'console=ttyS0 reboot=k panic=-1 tsvmm.mode=reboot';
 const MICROVM_MACHINE = 'microvm,x-option-roms=off,rtc=off,pit=off';
 const HOW_TO_RUN = 'tests/hosts/amdv/run.sh -- npm run bench -- boot-vs-qemu';
 
-type Case = 'tsvmm' | 'tsvmm-classic' | 'qemu-pc' | 'qemu-microvm';
-const CASES: readonly Case[] = ['tsvmm', 'tsvmm-classic', 'qemu-pc', 'qemu-microvm'];
-const DEFAULT_CASES: readonly Case[] = ['tsvmm', 'qemu-pc', 'qemu-microvm'];
+type Case = 'tsvmm' | 'tsvmm-hvc' | 'tsvmm-classic' | 'qemu-pc' | 'qemu-microvm';
+const CASES: readonly Case[] = ['tsvmm', 'tsvmm-hvc', 'tsvmm-classic', 'qemu-pc', 'qemu-microvm'];
+const DEFAULT_CASES: readonly Case[] = ['tsvmm', 'tsvmm-hvc', 'qemu-pc', 'qemu-microvm'];
 type Variant = 'verbose' | 'quiet';
 const VARIANTS: readonly Variant[] = ['verbose', 'quiet'];
 
 const LABELS: Record<Case, string> = {
   tsvmm: 'tsvmm (createVm, host-decompressed)',
+  'tsvmm-hvc': 'tsvmm, virtio console (hvc0)',
   'tsvmm-classic': 'tsvmm (createVm, in-guest decompressor)',
   'qemu-pc': 'qemu -M pc (spawn, SeaBIOS)',
   'qemu-microvm': 'qemu -M microvm (spawn, qboot)',
@@ -65,6 +66,7 @@ const isQemu = (c: Case) => c.startsWith('qemu-');
 
 function cmdlineFor(c: Case, v: Variant): string {
   const base = v === 'quiet' ? `${BASE_CMDLINE} quiet` : BASE_CMDLINE;
+  if (c === 'tsvmm-hvc') return base.replace('console=ttyS0', 'console=hvc0');
   return c === 'qemu-microvm' ? `${base} reboot=t` : base;
 }
 
@@ -139,6 +141,7 @@ async function bootTsvmm(c: Case, v: Variant, r: number, timeoutS: number, exitP
     memory: MEMORY,
     bootMode: c === 'tsvmm-classic' ? 'guest' : 'auto',
     exitPath,
+    ...(c === 'tsvmm-hvc' ? { console: 'virtio' as const } : {}),
     name: `bench-bvq-${c}-${v}`,
   });
   const createS = secondsSince(t0);
