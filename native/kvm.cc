@@ -310,6 +310,18 @@ Napi::Value IoEventFd(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// registerCoalesced(vmFd, addr, size, pio): writes to this range no longer
+// exit; they are appended to the VM's coalesced ring (in each vCPU's mmap
+// at KVM_CAP_COALESCED_MMIO pages) for the VMM to replay.
+Napi::Value RegisterCoalesced(const Napi::CallbackInfo& info) {
+  kvm_coalesced_mmio_zone z = {};
+  z.addr = ArgU64(info, 1);
+  z.size = static_cast<uint32_t>(ArgInt(info, 2));
+  z.pio = static_cast<uint32_t>(ArgInt(info, 3));
+  Ioctl(info.Env(), ArgInt(info, 0), KVM_REGISTER_COALESCED_MMIO, &z, "KVM_REGISTER_COALESCED_MMIO");
+  return info.Env().Undefined();
+}
+
 Napi::Value IrqFd(const Napi::CallbackInfo& info) {
   kvm_irqfd f = {};
   f.fd = ArgInt(info, 1);
@@ -1416,6 +1428,7 @@ Napi::Object Constants(Napi::Env env) {
   C(KVM_CAP_IRQFD) C(KVM_CAP_SET_IDENTITY_MAP_ADDR) C(KVM_CAP_IMMEDIATE_EXIT) C(KVM_CAP_VCPU_EVENTS)
   C(KVM_CAP_SYNC_REGS) C(KVM_CAP_IRQ_ROUTING) C(KVM_CAP_ADJUST_CLOCK) C(KVM_CAP_TSC_CONTROL)
   C(KVM_CAP_X86_ROBUST_SINGLESTEP) C(KVM_CAP_SIGNAL_MSI) C(KVM_CAP_PMU_CAPABILITY)
+  C(KVM_CAP_COALESCED_MMIO) C(KVM_CAP_COALESCED_PIO)
   C(KVM_PMU_CAP_DISABLE)
   C(KVM_IRQ_ROUTING_IRQCHIP) C(KVM_IRQ_ROUTING_MSI)
   C(KVM_IRQCHIP_PIC_MASTER) C(KVM_IRQCHIP_PIC_SLAVE) C(KVM_IRQCHIP_IOAPIC)
@@ -1454,6 +1467,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   F("setUserMemoryRegion", SetUserMemoryRegion)
   F("ioeventfd", IoEventFd)
   F("irqfd", IrqFd)
+  F("registerCoalesced", RegisterCoalesced)
   F("createVcpu", CreateVcpu)
   F("setGsiRouting", SetGsiRouting)
   F("signalMsi", SignalMsi)

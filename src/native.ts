@@ -346,6 +346,12 @@ export interface NativeAddon {
    */
   lockFile(fd: number, exclusive: boolean): void;
 
+  /**
+   * KVM_REGISTER_COALESCED_MMIO: guest writes to [addr, addr + size) (ports
+   * with `pio` 1) no longer exit but are appended to the coalesced ring.
+   */
+  registerCoalesced(vmFd: number, addr: number, size: number, pio: number): void;
+
   /** The kernel's Landlock ABI version, or -errno (-ENOSYS, -EOPNOTSUPP) when it has none. */
   landlockAbi(): number;
   /**

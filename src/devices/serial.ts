@@ -286,6 +286,11 @@ export class Serial16550 implements BusDevice {
     this.updateIrq();
   }
 
+  /** True while the driver wants the THR-empty interrupt (IER.ETBEI): it has output queued. */
+  get transmitInterruptEnabled(): boolean {
+    return (this.ier & IER.ETBEI) !== 0;
+  }
+
   /** Host bytes waiting to enter the RX FIFO. */
   get pendingInput(): number {
     return this.hostInput.length;

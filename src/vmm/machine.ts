@@ -26,6 +26,7 @@ import { outcome, type VmOutcome } from './outcome.js';
 import { probeHost, type HostProbe } from './probe.js';
 import { Vcpu } from './vcpu.js';
 import { Profiler, type ProfileConfig } from './profiler.js';
+import { CoalescedRing } from './coalesced.js';
 import { confineProcess, vcpuSeccompFilter, VCPU_THREAD_SYSCALLS, type SandboxConfig, type SandboxStatus } from './sandbox.js';
 import { loadLinux, prepareKernel, type BootInfo } from './boot/loader.js';
 import { prepareInitrdAsync } from './boot/initrd.js';
@@ -135,6 +136,13 @@ export interface VmConfig {
   /** Sample the guest's RIP while it runs and write a profile when it ends (see profiler.ts). */
   profile?: ProfileConfig;
   /**
+   * Let the UART's THR writes skip the exit (KVM's coalesced PIO ring,
+   * replayed before the next exit is handled and on a short timer while
+   * the driver has output queued): one exit per byte printed instead of
+   * two. Default true where KVM offers KVM_CAP_COALESCED_PIO.
+   */
+  coalescedIo?: boolean;
+  /**
    * Confine the process once the VM starts (see sandbox.ts): Landlock for
    * the whole process, where the kernel offers it, and a seccomp filter on
    * each vCPU thread. Off by default in the library, since it confines the
@@ -146,6 +154,28 @@ export interface VmConfig {
 }
 
 export type VmConfigErrorKind = 'kernel-unreadable' | 'initrd-unreadable' | 'bad-memory' | 'bad-cpus' | 'bad-option';
+
+/**
+ * Registers COM1's THR (port 0x3f8, one byte) with KVM's coalesced PIO ring
+ * where KVM offers it, and returns the ring. The port is the divisor latch
+ * while DLAB is set: those writes wait too, which is harmless, since the
+ * LCR write that clears DLAB exits and drains the ring first.
+ */
+function setUpCoalescedPio(kvm: Kvm, vm: VmFd, vcpu: Vcpu, log: Logger): CoalescedRing | undefined {
+  const pageOffset = kvm.capValue('KVM_CAP_COALESCED_MMIO');
+  if (pageOffset <= 0 || !kvm.hasCap('KVM_CAP_COALESCED_PIO')) {
+    log.debug('KVM offers no coalesced PIO: every THR write exits');
+    return undefined;
+  }
+  try {
+    const ring = new CoalescedRing(vcpu.run, pageOffset, layout.PAGE_SIZE);
+    kvm.addon.registerCoalesced(vm.fd, layout.COM1_PORT, 1, 1);
+    return ring;
+  } catch (err) {
+    log.info({ err }, 'coalesced PIO not set up: every THR write exits');
+    return undefined;
+  }
+}
 
 export class VmConfigError extends Error {
   constructor(
@@ -235,6 +265,8 @@ export interface VmStats {
   unhandledPio: Record<string, number>;
   unhandledMmio: Record<string, number>;
   irqsInjected: number;
+  /** Writes that did not exit (KVM's coalesced PIO ring), replayed to their device; `pio` counts them too. */
+  coalescedWrites: number;
   emulationFallback: Record<string, number>;
   devices: Record<string, unknown>;
   /** Where the time before the first guest instruction went. */
@@ -311,6 +343,9 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private started = false;
   private panicSeen = false;
   private profiler: Profiler | undefined;
+  private coalesced: CoalescedRing | undefined;
+  private coalescedTimer: NodeJS.Timeout | undefined;
+  private coalescedFast = false;
   private sandboxStatus: SandboxStatus | undefined;
   /** Which device paths the guest has shown it uses: then its console text ends nothing. */
   private signals = { acpi: false, pvpanic: false };
@@ -554,6 +589,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       const machine = new VirtualMachine(config, kvm, vm, mem, vcpus, boot, host, cmdline, pio, mmioBus, serial, pit, virtio, irqCounter, consoleStream, log);
       vmRef = machine;
       machine.profiler = profiler;
+      if (config.coalescedIo !== false) machine.coalesced = setUpCoalescedPio(kvm, vm, vcpus[0]!, log);
       machine.signals = signals;
       machine.startupClock = clock;
       return machine;
@@ -585,7 +621,10 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       vcpu.start({
         onExit: (exit) => {
           if (this.stopping) return 'stop';
+          // Writes the guest made before this exit come first.
+          if (this.coalesced) this.drainCoalesced();
           const action = handleExit(exit, ctx);
+          if (this.coalesced && this.serial.transmitInterruptEnabled !== this.coalescedFast) this.pollCoalesced();
           if (action.kind === 'continue') return 'continue';
           this.onGuestStop(action.stop);
           return 'stop';
@@ -600,6 +639,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
         ...(filtered ? { filter: vcpuSeccompFilter(this.kvm.addon.constants, vcpu.fd) } : {}),
       });
     });
+    if (this.coalesced) this.pollCoalesced();
     if (this.profiler) {
       this.profiler.start(this.vcpus);
       // 'exit' is emitted after every vCPU stopped and before wait() resolves.
@@ -648,6 +688,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       unhandledPio: hexKeys(this.pio.unhandled),
       unhandledMmio: hexKeys(this.mmio.unhandled),
       irqsInjected: this.irqCounter.irqs,
+      coalescedWrites: this.coalesced?.replayed ?? 0,
       emulationFallback: fallback,
       startup: { ...(this.startupClock?.times ?? new StartupClock().times) },
       devices: {
@@ -712,13 +753,43 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   }
 
   /** Records the outcome (first one wins), stops every vCPU, then resolves {@link wait}. */
+  private drainCoalesced(): void {
+    this.coalesced?.drain(this.pio, this.mmio);
+  }
+
+  /**
+   * The drain timer: every millisecond while the UART's driver has output
+   * queued (it enabled the THR-empty interrupt, and waits for it after
+   * each burst of THR writes, which do not exit), every 50 ms otherwise (a
+   * write followed by no exit at all; console writes end with an LSR read,
+   * which exits). Re-armed when ETBEI changes.
+   */
+  private pollCoalesced(): void {
+    if (this.coalescedTimer) clearInterval(this.coalescedTimer);
+    this.coalescedTimer = undefined;
+    if (this.stopping) return;
+    this.coalescedFast = this.serial.transmitInterruptEnabled;
+    this.coalescedTimer = setInterval(
+      () => {
+        this.drainCoalesced();
+        if (this.serial.transmitInterruptEnabled !== this.coalescedFast) this.pollCoalesced();
+      },
+      this.coalescedFast ? 1 : 50,
+    );
+    this.coalescedTimer.unref();
+  }
+
   private finish(result: VmOutcome): void {
     if (this.stopping) return;
     this.stopping = result;
+    if (this.coalescedTimer) clearInterval(this.coalescedTimer);
+    this.coalescedTimer = undefined;
     this.log.info({ outcome: result.kind, message: result.message }, 'vm ending');
     void Promise.all(this.vcpus.map((v) => v.stop()))
       .then(() => this.virtio.drain())
       .then(() => {
+      // The guest's last output may still wait in the ring.
+      this.drainCoalesced();
       this.pit?.dispose();
       this.virtio.close();
       this.console.finish();
