@@ -177,6 +177,10 @@ function setUpCoalescedPio(kvm: Kvm, vm: VmFd, vcpu: Vcpu, log: Logger): Coalesc
   }
 }
 
+/** The coalesced ring's backstop drain: from 50 ms, doubling to 1 s while nothing waits (see pollCoalesced). */
+const COALESCED_BACKSTOP_MIN_MS = 50;
+const COALESCED_BACKSTOP_MAX_MS = 1000;
+
 export class VmConfigError extends Error {
   constructor(
     readonly kind: VmConfigErrorKind,
@@ -346,6 +350,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private coalesced: CoalescedRing | undefined;
   private coalescedTimer: NodeJS.Timeout | undefined;
   private coalescedFast = false;
+  private coalescedBackstopMs = COALESCED_BACKSTOP_MIN_MS;
   private sandboxStatus: SandboxStatus | undefined;
   /** Which device paths the guest has shown it uses: then its console text ends nothing. */
   private signals = { acpi: false, pvpanic: false };
@@ -760,29 +765,41 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   /**
    * The drain timer: every millisecond while the UART's driver has output
    * queued (it enabled the THR-empty interrupt, and waits for it after
-   * each burst of THR writes, which do not exit), every 50 ms otherwise (a
-   * write followed by no exit at all; console writes end with an LSR read,
-   * which exits). Re-armed when ETBEI changes.
+   * each burst of THR writes, which do not exit). Otherwise a backstop for
+   * a write followed by no exit at all (console writes end with an LSR
+   * read, which exits; a bare `out` before `hlt` does not): 50 ms, doubling
+   * up to 1 s while the ring stays empty, so an idle guest costs one
+   * wake-up a second. Re-armed when ETBEI changes.
    */
   private pollCoalesced(): void {
-    if (this.coalescedTimer) clearInterval(this.coalescedTimer);
+    if (this.coalescedTimer) clearTimeout(this.coalescedTimer);
     this.coalescedTimer = undefined;
-    if (this.stopping) return;
+    if (this.stopping || !this.coalesced) return;
     this.coalescedFast = this.serial.transmitInterruptEnabled;
-    this.coalescedTimer = setInterval(
-      () => {
-        this.drainCoalesced();
-        if (this.serial.transmitInterruptEnabled !== this.coalescedFast) this.pollCoalesced();
-      },
-      this.coalescedFast ? 1 : 50,
-    );
+    if (!this.coalescedFast) this.coalescedBackstopMs = COALESCED_BACKSTOP_MIN_MS;
+    this.armCoalesced();
+  }
+
+  private armCoalesced(): void {
+    const delay = this.coalescedFast ? 1 : this.coalescedBackstopMs;
+    this.coalescedTimer = setTimeout(() => {
+      this.coalescedTimer = undefined;
+      if (this.stopping || !this.coalesced) return;
+      const replayed = this.coalesced.drain(this.pio, this.mmio);
+      if (this.serial.transmitInterruptEnabled !== this.coalescedFast) {
+        this.pollCoalesced();
+        return;
+      }
+      this.coalescedBackstopMs = replayed > 0 ? COALESCED_BACKSTOP_MIN_MS : Math.min(this.coalescedBackstopMs * 2, COALESCED_BACKSTOP_MAX_MS);
+      this.armCoalesced();
+    }, delay);
     this.coalescedTimer.unref();
   }
 
   private finish(result: VmOutcome): void {
     if (this.stopping) return;
     this.stopping = result;
-    if (this.coalescedTimer) clearInterval(this.coalescedTimer);
+    if (this.coalescedTimer) clearTimeout(this.coalescedTimer);
     this.coalescedTimer = undefined;
     this.log.info({ outcome: result.kind, message: result.message }, 'vm ending');
     void Promise.all(this.vcpus.map((v) => v.stop()))
