@@ -450,15 +450,8 @@ class ModelDriver {
       return;
     }
     const op = rng.below(20);
-    if (op < 12) {
-      // The driver's own memory writes: rings it placed outside RAM simply miss.
-      driverWrites(() => {
-        if (op < 6 && ring) plausible(ring, q);
-        else if (op < 9 && ring) writeDescriptor(this.rng, mem, ring.desc, rng.below(ring.size), ring.size);
-        else if (op < 11 && ring) publish(rng, mem, ring);
-        else scribble(rng, mem, ring);
-      });
-    } else if (op < 16) this.w32(MMIO_QUEUE_NOTIFY, rng.chance(0.95) ? q : rng.u32());
+    if (op < 12) hostileMemoryWrite(rng, mem, ring, q, plausible);
+    else if (op < 16) this.w32(MMIO_QUEUE_NOTIFY, rng.chance(0.95) ? q : rng.u32());
     else if (op === 16) this.transport.write(rng.below(0x200), new Uint8Array(rng.pick([1, 2, 4, 8])).fill(rng.u32() & 0xff));
     else if (op === 17) this.w32(rng.below(0x80) & ~3, rng.interesting(rng.below(16)));
     else if (op === 18) this.transport.read(rng.below(0x200), new Uint8Array(rng.pick([1, 2, 4, 8])));
@@ -472,6 +465,21 @@ class ModelDriver {
     this.w32(MMIO_STATUS, 0);
     await statusZero(() => this.r32(MMIO_STATUS));
   }
+}
+
+/**
+ * One of the driver's own memory writes, hostile or not: a plausible chain,
+ * a random descriptor, a published head, or scribbles over its rings. Rings
+ * it placed outside RAM simply miss.
+ */
+function hostileMemoryWrite(rng: Rng, mem: GuestMemory, ring: RingArea | undefined, q: number, plausible: (ring: RingArea, index: number) => void): void {
+  const op = rng.below(12);
+  driverWrites(() => {
+    if (op < 6 && ring) plausible(ring, q);
+    else if (op < 9 && ring) writeDescriptor(rng, mem, ring.desc, rng.below(ring.size), ring.size);
+    else if (op < 11 && ring) publish(rng, mem, ring);
+    else scribble(rng, mem, ring);
+  });
 }
 
 /** Runs driver-side memory writes; one that falls outside RAM is the driver's problem, not a finding. */
@@ -819,14 +827,8 @@ class PciModelDriver {
       return;
     }
     const op = rng.below(24);
-    if (op < 10) {
-      driverWrites(() => {
-        if (op < 5 && ring) plausible(ring, q);
-        else if (op < 7 && ring) writeDescriptor(this.rng, mem, ring.desc, rng.below(ring.size), ring.size);
-        else if (op < 9 && ring) publish(rng, mem, ring);
-        else scribble(rng, mem, ring);
-      });
-    } else if (op < 13) this.notify(rng.chance(0.8) ? q : rng.below(0x10000));
+    if (op < 10) hostileMemoryWrite(rng, mem, ring, q, plausible);
+    else if (op < 13) this.notify(rng.chance(0.8) ? q : rng.below(0x10000));
     else if (op === 13) this.bar(rng.below(VIRTIO_PCI_BAR_SIZE), rng.pick([1, 2, 4, 8]), rng.u32());
     else if (op === 14) this.bar(rng.below(VIRTIO_PCI_BAR_SIZE), rng.pick([1, 2, 4, 8]));
     else if (op === 15) this.bar(rng.below(0x40) & ~1, rng.pick([1, 2, 4]), rng.interesting(rng.below(0x10000)));
