@@ -37,6 +37,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <algorithm>
 #include <set>
 #include <string>
 #include <thread>
@@ -47,8 +48,12 @@ namespace {
 
 int ConfineSignal() { return SIGRTMIN + 1; }
 
-// The ruleset the signal handler applies; -1 outside a broadcast.
+// The ruleset the signal handler applies; -1 outside a broadcast (a late
+// signal then does nothing: the handler stays installed for good).
 std::atomic<int> g_ruleset{-1};
+// Which threads answered in this round (their tids), and how many failed.
+constexpr int kMaxAnswers = 4096;
+std::atomic<pid_t> g_answers[kMaxAnswers];
 std::atomic<int> g_answered{0};
 std::atomic<int> g_failed{0};
 std::atomic<int> g_firstError{0};
@@ -69,9 +74,36 @@ void ConfineHandler(int) {
       int zero = 0;
       g_firstError.compare_exchange_strong(zero, err);
     }
-    g_answered.fetch_add(1);
+    int slot = g_answered.fetch_add(1);
+    if (slot < kMaxAnswers) g_answers[slot].store(static_cast<pid_t>(syscall(SYS_gettid)));
   }
   errno = saved;
+}
+
+// True while the thread exists and has not exited (state X or Z).
+bool ThreadAlive(pid_t tid) {
+  std::string path = "/proc/self/task/" + std::to_string(tid) + "/stat";
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char buf[512];
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return false;
+  buf[n] = 0;
+  const char* paren = strrchr(buf, ')');
+  if (!paren || paren[1] == 0 || paren[2] == 0) return true;
+  char state = paren[2];
+  return state != 'X' && state != 'Z';
+}
+
+void InstallConfineHandler() {
+  static std::atomic<bool> installed{false};
+  if (installed.exchange(true)) return;
+  struct sigaction sa = {};
+  sa.sa_handler = ConfineHandler;
+  sigfillset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(ConfineSignal(), &sa, nullptr);
 }
 
 std::vector<pid_t> Threads() {
@@ -152,9 +184,15 @@ Napi::Value LandlockRestrictProcess(const Napi::CallbackInfo& info) {
   size_t attrSize = attr.scoped ? sizeof attr : attr.handled_access_net ? 2 * sizeof(uint64_t) : sizeof(uint64_t);
   int ruleset = static_cast<int>(syscall(SYS_landlock_create_ruleset, &attr, attrSize, 0));
   if (ruleset < 0) ThrowSandbox(env, "landlock_create_ruleset", errno);
+  // Closed on every path but a timed-out broadcast, where a thread may
+  // still take the signal late: the fd is then left open rather than
+  // handed to a reused number.
   struct RulesetGuard {
     int fd;
-    ~RulesetGuard() { close(fd); }
+    bool keep = false;
+    ~RulesetGuard() {
+      if (!keep) close(fd);
+    }
   } guard{ruleset};
 
   Napi::Array rules = info[3].As<Napi::Array>();
@@ -175,12 +213,7 @@ Napi::Value LandlockRestrictProcess(const Napi::CallbackInfo& info) {
     if (rc != 0) ThrowSandbox(env, "landlock_add_rule " + path, err);
   }
 
-  struct sigaction sa = {};
-  sa.sa_handler = ConfineHandler;
-  sigfillset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
-  struct sigaction old = {};
-  if (sigaction(ConfineSignal(), &sa, &old) != 0) ThrowSandbox(env, "sigaction", errno);
+  InstallConfineHandler();
 
   // Every other thread first, then this one: a thread that cannot be
   // reached is reported while this thread can still open /proc.
@@ -189,47 +222,82 @@ Napi::Value LandlockRestrictProcess(const Napi::CallbackInfo& info) {
   g_failed.store(0);
   g_firstError.store(0);
   g_ruleset.store(ruleset);
-  std::vector<std::string> skipped;
+  std::set<pid_t> blocked;
   std::string failure;
   int failureErr = 0;
   int confined = 0;
-  for (int round = 0; round < 16 && failure.empty(); round++) {
+  int quietRounds = 0;
+  for (int round = 0; round < 32 && failure.empty(); round++) {
+    // A thread that blocks every signal cannot be reached: Node's
+    // inspector thread, which sleeps until SIGUSR1 asks for a debugger.
+    // A thread being created blocks them for a moment too, so a blocked
+    // thread is looked at again in later rounds; those still blocked at
+    // the end are left out and reported.
     std::vector<pid_t> todo;
+    blocked.clear();
     for (pid_t t : Threads()) {
       if (done.count(t)) continue;
-      done.insert(t);
-      // A thread that blocks every signal cannot be reached: Node's
-      // inspector thread, which sleeps until SIGUSR1 asks for a debugger.
-      // It is left out and reported.
       if (BlocksSignal(t, ConfineSignal())) {
-        skipped.push_back(std::to_string(t) + " (" + ThreadName(t) + ")");
+        blocked.insert(t);
         continue;
       }
       todo.push_back(t);
     }
-    if (todo.empty()) break;
-    g_answered.store(0);
-    int sent = 0;
-    for (pid_t t : todo) {
-      // A thread may end between the listing and the signal (ESRCH).
-      if (syscall(SYS_tgkill, getpid(), t, ConfineSignal()) == 0) sent++;
+    if (todo.empty()) {
+      if (blocked.empty() || ++quietRounds > 3) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      continue;
     }
-    if (sent == 0) continue;
+    quietRounds = 0;
+    g_answered.store(0);
+    std::vector<pid_t> sent;
+    for (pid_t t : todo) {
+      done.insert(t);
+      // A thread may end between the listing and the signal (ESRCH).
+      if (syscall(SYS_tgkill, getpid(), t, ConfineSignal()) == 0) sent.push_back(t);
+    }
+    if (sent.empty()) continue;
+    // Wait for every thread signalled to answer, or to have ended (a
+    // thread that exits blocks signals first and never answers).
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (g_answered.load() < sent && std::chrono::steady_clock::now() < deadline) {
+    std::vector<pid_t> waiting = sent;
+    for (int spin = 0;; spin++) {
+      if (g_answered.load() >= static_cast<int>(sent.size())) {
+        waiting.clear();
+        break;
+      }
+      if (spin % 50 == 49) {
+        int n = std::min(g_answered.load(), kMaxAnswers);
+        std::set<pid_t> answered;
+        for (int i = 0; i < n; i++) answered.insert(g_answers[i].load());
+        std::vector<pid_t> still;
+        for (pid_t t : waiting) {
+          if (!answered.count(t) && ThreadAlive(t)) still.push_back(t);
+        }
+        waiting.swap(still);
+        if (waiting.empty()) break;
+        if (std::chrono::steady_clock::now() >= deadline) break;
+      }
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
-    if (g_answered.load() < sent) {
+    if (!waiting.empty()) {
       std::string names;
-      for (pid_t t : todo) names += (names.empty() ? "" : ", ") + std::to_string(t) + " (" + ThreadName(t) + ")";
-      failure = std::to_string(sent - g_answered.load()) + " of the threads " + names + " did not take the confinement signal within 5 s";
+      for (pid_t t : waiting) names += (names.empty() ? "" : ", ") + std::to_string(t) + " (" + ThreadName(t) + ")";
+      failure = "the threads " + names + " did not take the confinement signal within 5 s";
       failureErr = ETIMEDOUT;
+      guard.keep = true;
     } else if (g_failed.load() > 0) {
       failure = std::to_string(g_failed.load()) + " thread(s) could not confine themselves";
       failureErr = g_firstError.load();
     }
-    confined += sent - g_failed.load();
+    confined += g_answered.load() - g_failed.load();
+    if (round == 31 && failure.empty()) {
+      failure = "threads kept appearing during the confinement";
+      failureErr = EAGAIN;
+    }
   }
+  std::vector<std::string> skipped;
+  for (pid_t t : blocked) skipped.push_back(std::to_string(t) + " (" + ThreadName(t) + ")");
   g_ruleset.store(-1);
   if (failure.empty()) {
     int err = RestrictSelf(ruleset);
@@ -238,7 +306,6 @@ Napi::Value LandlockRestrictProcess(const Napi::CallbackInfo& info) {
       failureErr = err;
     }
   }
-  sigaction(ConfineSignal(), &old, nullptr);
   if (!failure.empty()) ThrowSandbox(env, failure, failureErr);
   Napi::Object result = Napi::Object::New(env);
   result.Set("confined", Napi::Number::New(env, confined + 1));

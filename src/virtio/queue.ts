@@ -90,7 +90,14 @@ export class LaterTurn {
  * chain was used (the caller decides on the interrupt). Queue errors
  * propagate.
  */
-export function serveChains(queue: Queue, mem: GuestMemory, later: LaterTurn, take: (chain: DescriptorChain) => number): boolean {
+export function serveChains(
+  queue: Queue,
+  mem: GuestMemory,
+  later: LaterTurn,
+  take: (chain: DescriptorChain) => number,
+  /** A device's own budget for the turn (bytes, say): true ends the turn early, as the counts do. */
+  spent?: () => boolean,
+): boolean {
   let used = false;
   let chains = 0;
   let descriptors = 0;
@@ -100,7 +107,7 @@ export function serveChains(queue: Queue, mem: GuestMemory, later: LaterTurn, ta
       queue.addUsed(mem, chain.head, take(chain));
       used = true;
       descriptors += chain.descriptors.length;
-      if (++chains >= CHAINS_PER_TURN || descriptors >= DESCRIPTORS_PER_TURN) {
+      if (++chains >= CHAINS_PER_TURN || descriptors >= DESCRIPTORS_PER_TURN || spent?.()) {
         later.schedule();
         return used;
       }

@@ -143,12 +143,33 @@ export function sandboxRules(abi: number, opts: { outputs: readonly string[]; al
   });
 }
 
+/** The confinement of this process, once a sandboxed VM started. */
+let processConfinement: SandboxStatus['files'] | undefined;
+
 /**
  * Confines the whole process with Landlock (see the module comment). Outputs
  * that do not exist yet are created empty first, since no file may be
  * created afterwards. Irreversible: call it once everything is open.
  */
 export function confineProcess(addon: NativeAddon, opts: { outputs: readonly string[]; allow: SandboxConfig['allow'] }, log: Logger): SandboxStatus['files'] {
+  // Once per process: Landlock layers only narrow, and a second broadcast
+  // would reach the first VM's vCPU threads, whose filter forbids the
+  // confinement calls. A later sandboxed VM gets the first one's rules; its
+  // outputs must already be allowed there.
+  if (processConfinement) {
+    for (const out of opts.outputs) {
+      try {
+        closeSync(openSync(out, 'a'));
+      } catch (err) {
+        throw new SandboxError(
+          `cannot create ${out} in a process an earlier VM's sandbox confined: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}; allow its directory in the first sandboxed VM's sandbox.allow`,
+          { cause: err },
+        );
+      }
+    }
+    log.info('sandbox: the process is already confined (an earlier VM): its rules apply');
+    return processConfinement;
+  }
   const abi = addon.landlockAbi();
   if (abi < 1) {
     const reason = abi === -38 ? 'this kernel has no Landlock (ENOSYS)' : abi === -95 ? 'Landlock is built in but not enabled (add landlock to the lsm= boot parameter)' : `Landlock unavailable (errno ${-abi})`;
@@ -178,7 +199,8 @@ export function confineProcess(addon: NativeAddon, opts: { outputs: readonly str
     process.on('SIGUSR1', () => log.warn('SIGUSR1 ignored: the inspector cannot be started by a signal in a sandboxed process'));
   }
   log.info({ abi, threads: result.confined, unconfinedThreads, allowed }, 'sandbox: process confined with Landlock');
-  return { confined: true, abi, threads: result.confined, unconfinedThreads, allowed };
+  processConfinement = { confined: true, abi, threads: result.confined, unconfinedThreads, allowed };
+  return processConfinement;
 }
 
 // ---------------------------------------------------------------------------

@@ -130,6 +130,26 @@ describe.skipIf(noKvm !== undefined)(`the sandbox${noKvm ? ` (skipped: ${noKvm})
     GUARD_MS,
   );
 
+  it(
+    'a second sandboxed VM in the same process starts under the first one\'s confinement, and both guests run',
+    () => {
+      const program = `
+        import { createVm } from ${JSON.stringify(join(REPO, 'dist/index.js'))};
+        const [kernel] = process.argv.slice(1);
+        const vms = [await createVm({ kernel, memory: '32M', sandbox: true }), await createVm({ kernel, memory: '32M', sandbox: true })];
+        const said = vms.map((vm) => new Promise((resolve) => { let out = ''; vm.console.on('data', (d) => { out += d; if (out.includes('hello')) resolve(); }); }));
+        for (const vm of vms) vm.start();
+        await Promise.all(said);
+        const [a, b] = vms.map((vm) => vm.sandbox);
+        await Promise.all(vms.map((vm) => vm.stop('test over')));
+        process.stdout.write(JSON.stringify({ same: JSON.stringify(a.files) === JSON.stringify(b.files), filtered: [a.vcpuThreads.filtered, b.vcpuThreads.filtered] }));`;
+      const r = spawnSync(process.execPath, ['--input-type=module', '-e', program, kernel], { encoding: 'utf8', timeout: GUARD_MS });
+      expect(r.status, r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout)).toEqual({ same: true, filtered: [true, true] });
+    },
+    GUARD_MS,
+  );
+
   it.each([
     ['sandboxes by default', [], true],
     ['does not with --no-sandbox', ['--no-sandbox'], false],

@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { CHAINS_PER_TURN } from '../../src/virtio/queue.js';
-import { CONSOLE_RX_QUEUE as RX, CONSOLE_TX_QUEUE as TX, ConsoleDevice, MAX_TX_CHAIN_BYTES } from '../../src/virtio/console/device.js';
+import { CONSOLE_RX_QUEUE as RX, CONSOLE_TX_QUEUE as TX, ConsoleDevice, MAX_TX_CHAIN_BYTES, TX_BYTES_PER_TURN } from '../../src/virtio/console/device.js';
 import { VIRTIO_F_VERSION_1, featureMask } from '../../src/virtio/features.js';
 import { startDevice } from '../../src/virtio/testing.js';
 
@@ -73,6 +73,15 @@ describe('virtio-console', () => {
     expect(printed().length).toBe(CHAINS_PER_TURN);
     await new Promise((r) => setImmediate(r));
     expect(printed().length).toBe(CHAINS_PER_TURN + 10);
+  });
+
+  it('copies at most TX_BYTES_PER_TURN of output per turn, the rest in a later turn', async () => {
+    const { tx, driver, printed } = rig(64);
+    for (let i = 0; i < 8; i++) tx.addChain([{ len: 64 * 1024, data: new Uint8Array(64 * 1024).fill(0x41 + i) }]);
+    driver.notify(TX);
+    expect(printed().length).toBe(TX_BYTES_PER_TURN);
+    await new Promise((r) => setImmediate(r));
+    expect(printed().length).toBe(8 * 64 * 1024);
   });
 
   it('refuses an output chain longer than a console write may be, without copying it', () => {

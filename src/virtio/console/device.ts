@@ -27,6 +27,9 @@ export const CONSOLE_QUEUE_SIZE = 128;
  */
 export const MAX_TX_CHAIN_BYTES = 1 << 20;
 
+/** Output copied per turn of the event loop before the rest waits for the next turn. */
+export const TX_BYTES_PER_TURN = 256 * 1024;
+
 /** struct virtio_console_config (5.3.4): cols, rows (le16), max_nr_ports, emerg_wr (le32). */
 export const CONSOLE_CONFIG_SIZE = 12;
 
@@ -133,13 +136,14 @@ export class ConsoleDevice implements VirtioDevice {
     this.live = undefined;
   }
 
-  /** Prints what the guest posted, up to CHAINS_PER_TURN chains per turn. */
+  /** Prints what the guest posted, up to CHAINS_PER_TURN chains or TX_BYTES_PER_TURN bytes per turn. */
   processTx(): void {
     const live = this.live;
     if (!live || live.failed || this.txLater.scheduled) return;
     const { memory, tx } = live;
     if (!tx.ready) return;
     let used: boolean;
+    let bytes = 0;
     try {
       used = serveChains(tx, memory, this.txLater, (chain) => {
         const reader = chain.reader(memory);
@@ -149,10 +153,11 @@ export class ConsoleDevice implements VirtioDevice {
           this.events.warn('tx-too-long', { head: chain.head, length }, `console output chain of ${length} bytes refused (at most ${MAX_TX_CHAIN_BYTES})`);
         } else if (length > 0) {
           this.stats.txBytes += length;
+          bytes += length;
           this.output(reader.readExact(length));
         }
         return 0;
-      });
+      }, () => bytes >= TX_BYTES_PER_TURN);
     } catch (err) {
       this.fail(live, err);
       return;
