@@ -80,19 +80,25 @@ void ConfineHandler(int) {
   errno = saved;
 }
 
+// The text of /proc/self/task/<tid>/<file> (one read, as /proc serves
+// these small files), or "" when the thread is gone.
+std::string TaskFile(pid_t tid, const char* file) {
+  std::string path = "/proc/self/task/" + std::to_string(tid) + "/" + file;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "";
+  char buf[4096];
+  ssize_t n = read(fd, buf, sizeof buf);
+  close(fd);
+  return std::string(buf, n > 0 ? static_cast<size_t>(n) : 0);
+}
+
 // True while the thread exists and has not exited (state X or Z).
 bool ThreadAlive(pid_t tid) {
-  std::string path = "/proc/self/task/" + std::to_string(tid) + "/stat";
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  char buf[512];
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0) return false;
-  buf[n] = 0;
-  const char* paren = strrchr(buf, ')');
-  if (!paren || paren[1] == 0 || paren[2] == 0) return true;
-  char state = paren[2];
+  std::string stat = TaskFile(tid, "stat");
+  size_t paren = stat.rfind(')');
+  if (stat.empty()) return false;
+  if (paren == std::string::npos || paren + 2 >= stat.size()) return true;
+  char state = stat[paren + 2];
   return state != 'X' && state != 'Z';
 }
 
@@ -119,30 +125,17 @@ std::vector<pid_t> Threads() {
 }
 
 std::string ThreadName(pid_t tid) {
-  std::string path = "/proc/self/task/" + std::to_string(tid) + "/comm";
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return "?";
-  char buf[32] = {};
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  std::string name(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  std::string name = TaskFile(tid, "comm");
   while (!name.empty() && name.back() == '\n') name.pop_back();
-  return name;
+  return name.empty() ? "?" : name;
 }
 
 // True when the thread blocks `sig` (its SigBlk mask in /proc).
 bool BlocksSignal(pid_t tid, int sig) {
-  std::string path = "/proc/self/task/" + std::to_string(tid) + "/status";
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  char buf[4096];
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0) return false;
-  buf[n] = 0;
-  const char* p = strstr(buf, "SigBlk:");
-  if (!p) return false;
-  unsigned long long mask = strtoull(p + 7, nullptr, 16);
+  std::string status = TaskFile(tid, "status");
+  size_t at = status.find("SigBlk:");
+  if (at == std::string::npos) return false;
+  unsigned long long mask = strtoull(status.c_str() + at + 7, nullptr, 16);
   return (mask >> (sig - 1)) & 1;
 }
 
