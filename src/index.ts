@@ -9,6 +9,15 @@
  * vm.start();
  * const outcome = await vm.wait(); // { kind: 'reboot', exitCode: 0, ... }
  * ```
+ *
+ * As a boot-test harness (a shell on the guest console):
+ *
+ * ```ts
+ * await using vm = await createVm({ kernel: 'bzImage', initrd: 'initrd.gz' });
+ * vm.start();
+ * await vm.console.waitFor(/# $/m, { timeout: 60_000 });
+ * const { output, status } = await vm.run('uname -r');
+ * ```
  */
 import { VirtualMachine, type VmConfig } from './vmm/machine.js';
 
@@ -33,6 +42,16 @@ export {
   type ConsoleKind,
 } from './vmm/machine.js';
 export { ConsoleDevice, type ConsoleDeviceStats } from './virtio/console/device.js';
+export {
+  ConsoleStream,
+  ConsoleWaitError,
+  CONSOLE_TRANSCRIPT_LIMIT,
+  type ConsoleMatch,
+  type ConsoleWaitCode,
+  type WaitForOptions,
+} from './vmm/console.js';
+export type { RunOptions, RunResult } from './vmm/shell.js';
+export { TsvmmError } from './errors.js';
 export { SandboxError, type SandboxConfig, type SandboxStatus } from './vmm/sandbox.js';
 export type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 export { EXIT_CODES, type VmOutcome, type OutcomeKind } from './vmm/outcome.js';

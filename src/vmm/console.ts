@@ -3,6 +3,7 @@
  * guest's own words about how it ends (panic, power off).
  */
 import { Duplex } from 'node:stream';
+import { TsvmmError } from '../errors.js';
 
 /**
  * How long guest output may wait to be batched. Not setImmediate: a vCPU
@@ -25,6 +26,75 @@ export const CONSOLE_INPUT_LIMIT = 64 * 1024;
  * flow control that would not stall the guest's printk.
  */
 export const CONSOLE_OUTPUT_LIMIT = 16 * 1024 * 1024;
+/**
+ * Console output kept for {@link ConsoleStream.waitFor} and
+ * {@link ConsoleStream.text}, whether or not anyone reads the stream: the
+ * newest 1 MiB (a boot log is tens of KiB).
+ */
+export const CONSOLE_TRANSCRIPT_LIMIT = 1024 * 1024;
+/** Lines of console output a failed wait carries. */
+export const CONSOLE_TAIL_LINES = 20;
+
+/** Why a {@link ConsoleStream.waitFor} (or `vm.run`) failed. */
+export type ConsoleWaitCode = 'ERR_TSVMM_WAIT_TIMEOUT' | 'ERR_TSVMM_WAIT_VM_ENDED' | 'ERR_TSVMM_WAIT_ABORTED';
+
+/**
+ * A wait on the console that did not see its pattern: the time was up, the
+ * VM ended, or the caller's AbortSignal fired (`cause` is the signal's
+ * reason). `tail` is the console's last lines, for the failure message.
+ */
+export class ConsoleWaitError extends TsvmmError {
+  constructor(
+    override readonly code: ConsoleWaitCode,
+    message: string,
+    readonly pattern: string,
+    readonly tail: string,
+    options?: { cause?: unknown },
+  ) {
+    super(code, message, options);
+  }
+}
+
+export interface WaitForOptions {
+  /** Milliseconds to wait; default: no limit. */
+  timeout?: number;
+  /** Ends the wait early: it rejects with ERR_TSVMM_WAIT_ABORTED. */
+  signal?: AbortSignal;
+  /**
+   * Where to look from, as an offset in the console output (bytes since the
+   * VM started). Default: the console's cursor, just after the previous
+   * match of waitFor or vm.run (0 before any), so successive waits read the
+   * output in order, as expect(1) does. 0 searches the whole transcript.
+   */
+  from?: number;
+}
+
+/** What {@link ConsoleStream.waitFor} found. */
+export interface ConsoleMatch {
+  /** The matched text. */
+  text: string;
+  /** The pattern's capture groups (index 0 is the whole match), as RegExp.exec gives them. */
+  groups: ReadonlyArray<string | undefined>;
+  /** Named groups, when the pattern has any. */
+  named: Readonly<Record<string, string>> | undefined;
+  /** Offset of the match in the console output. */
+  index: number;
+  /** Offset just after the match (the console's cursor moves here). */
+  end: number;
+}
+
+/** A pattern as a RegExp without state: a string is matched literally; g and y are dropped. */
+function toRegExp(pattern: RegExp | string): RegExp {
+  if (typeof pattern === 'string') return new RegExp(pattern.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'));
+  return new RegExp(pattern.source, pattern.flags.replace(/[gy]/g, ''));
+}
+
+/** The last `n` lines of `text`, carriage returns removed. */
+export function lastLines(text: string, n = CONSOLE_TAIL_LINES): string {
+  const lines = text.replace(/\r/g, '').split('\n');
+  if (lines.at(-1) === '') lines.pop();
+  return lines.slice(-n).join('\n');
+}
 
 /**
  * A duplex stream over the serial port: what the guest prints is readable,
@@ -42,6 +112,13 @@ export class ConsoleStream extends Duplex {
   droppedOutput = 0;
   /** The VM ended (finish()). */
   private vmEnded = false;
+  /** The newest output (latin1: one character per byte), from offset {@link transcriptStart}. */
+  private transcript = '';
+  private transcriptStart = 0;
+  /** Where the next waitFor looks from by default. */
+  private cursor = 0;
+  /** Wake-ups of pending waits: new output, or the end. */
+  private readonly waiters = new Set<() => void>();
 
   /**
    * `sendToGuest` queues bytes for the guest; `pendingInput` says how many
@@ -83,6 +160,7 @@ export class ConsoleStream extends Duplex {
     if (this.batched === 0) return;
     const chunk = Buffer.from(this.batch.subarray(0, this.batched));
     this.batched = 0;
+    this.record(chunk);
     // Readable back-pressure is not applied to the guest (a UART has no
     // flow control that would not stall it); output waits for the reader
     // up to a bound, and is dropped beyond it.
@@ -102,9 +180,107 @@ export class ConsoleStream extends Duplex {
     this.flush();
     this.push(null);
     this.vmEnded = true;
+    for (const w of [...this.waiters]) w();
     const held = this.heldWrite;
     this.heldWrite = undefined;
     held?.();
+  }
+
+  /** Bytes of output the guest has produced so far (the offset the next byte will have). */
+  get outputLength(): number {
+    return this.transcriptStart + this.transcript.length;
+  }
+
+  /**
+   * The console output from offset `from` (default: all that is kept, the
+   * newest {@link CONSOLE_TRANSCRIPT_LIMIT} bytes) as latin1 text: one
+   * character per byte, so offsets are byte offsets.
+   */
+  text(from = 0): string {
+    return this.transcript.slice(Math.max(0, from - this.transcriptStart));
+  }
+
+  /** The last `n` lines of output. */
+  tail(n = CONSOLE_TAIL_LINES): string {
+    return lastLines(this.transcript.slice(-64 * 1024), n);
+  }
+
+  /** Moves the cursor the next {@link waitFor} starts from by default. */
+  seek(offset: number): void {
+    this.cursor = Math.max(0, Math.min(offset, this.outputLength));
+  }
+
+  /**
+   * Resolves when the guest's output matches `pattern` (a RegExp, or a
+   * string matched literally), from the cursor on (see
+   * {@link WaitForOptions.from}), and moves the cursor past the match.
+   * Rejects with a {@link ConsoleWaitError} carrying the console's last
+   * lines when the timeout passes, the VM ends first, or `signal` aborts.
+   * Output is matched as latin1 text (one character per byte).
+   */
+  waitFor(pattern: RegExp | string, options: WaitForOptions = {}): Promise<ConsoleMatch> {
+    const re = toRegExp(pattern);
+    const from = options.from ?? this.cursor;
+    const shown = typeof pattern === 'string' ? JSON.stringify(pattern) : String(pattern);
+    return new Promise<ConsoleMatch>((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      let settled = false;
+      const done = (): void => {
+        settled = true;
+        this.waiters.delete(check);
+        if (timer) clearTimeout(timer);
+        options.signal?.removeEventListener('abort', onAbort);
+      };
+      const fail = (code: ConsoleWaitCode, why: string, cause?: unknown): void => {
+        if (settled) return;
+        done();
+        const tail = this.tail();
+        reject(
+          new ConsoleWaitError(code, `${why} waiting for ${shown} on the guest console; its last lines:\n${tail}`, shown, tail, cause === undefined ? undefined : { cause }),
+        );
+      };
+      const check = (): void => {
+        if (settled) return;
+        const base = Math.max(from, this.transcriptStart);
+        const m = re.exec(this.transcript.slice(base - this.transcriptStart));
+        if (m) {
+          done();
+          const index = base + m.index;
+          const end = index + m[0].length;
+          this.cursor = Math.max(this.cursor, end);
+          resolve({ text: m[0], groups: [...m], named: m.groups ? { ...m.groups } : undefined, index, end });
+        } else if (this.vmEnded) {
+          fail('ERR_TSVMM_WAIT_VM_ENDED', 'the VM ended');
+        }
+      };
+      const onAbort = (): void => fail('ERR_TSVMM_WAIT_ABORTED', 'aborted', options.signal?.reason);
+      if (options.signal?.aborted) {
+        onAbort();
+        return;
+      }
+      options.signal?.addEventListener('abort', onAbort, { once: true });
+      if (options.timeout !== undefined) {
+        if (!Number.isFinite(options.timeout) || options.timeout < 0) {
+          done();
+          reject(new RangeError(`waitFor: timeout must be a number of milliseconds >= 0, not ${options.timeout}`));
+          return;
+        }
+        timer = setTimeout(() => fail('ERR_TSVMM_WAIT_TIMEOUT', `timed out after ${options.timeout} ms`), options.timeout);
+      }
+      this.waiters.add(check);
+      this.flush(); // output still batched counts
+      check();
+    });
+  }
+
+  private record(chunk: Buffer): void {
+    this.transcript += chunk.toString('latin1');
+    const over = this.transcript.length - CONSOLE_TRANSCRIPT_LIMIT;
+    if (over > 0) {
+      this.transcript = this.transcript.slice(over);
+      this.transcriptStart += over;
+    }
+    for (const w of [...this.waiters]) w();
   }
 
   override _read(): void {

@@ -16,6 +16,7 @@ import { DebugPort, IgnoredPorts } from '../devices/legacy.js';
 import type { IrqLine } from '../devices/irq.js';
 import { Bus } from './bus.js';
 import { ConsoleStream, ConsoleWatcher } from './console.js';
+import { runOnConsole, type RunOptions, type RunResult } from './shell.js';
 import { cpuidForVcpu, parseCpuid } from './cpuid.js';
 import { handleExit, type ExitContext, type GuestStop } from './exits.js';
 import { EMULATED_HOST_CMDLINE, EMULATED_HOST_SMP_CMDLINE, EmulationFallback } from './fallback.js';
@@ -346,6 +347,8 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private resolveDone!: (o: VmOutcome) => void;
   private started = false;
   private panicSeen = false;
+  /** The console's first "Kernel panic - not syncing: ..." line. */
+  private panicLine: string | undefined;
   private profiler: Profiler | undefined;
   private coalesced: CoalescedRing | undefined;
   private coalescedTimer: NodeJS.Timeout | undefined;
@@ -681,6 +684,26 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     return this.done;
   }
 
+  /**
+   * Types `command` into the shell on the guest console and resolves with
+   * what it printed and its exit status; rejects with a ConsoleWaitError
+   * (the console's last lines in it) on `timeout`, `signal`, or the VM's
+   * end. The guest must run a shell on its console: see src/vmm/shell.ts
+   * for the contract. Wait for the shell's prompt first
+   * (`vm.console.waitFor(...)`); typed input is buffered until then.
+   */
+  run(command: string, options?: RunOptions): Promise<RunResult> {
+    return runOnConsole(this.console, command, options);
+  }
+
+  /**
+   * `await using vm = await createVm(...)`: stops the VM (when it has not
+   * ended) and releases its threads, memory and file descriptors.
+   */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop('disposed');
+  }
+
   /** The VM's counters now. */
   stats(): VmStats {
     const fallback: Record<string, number> = {};
@@ -717,6 +740,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     }
     if (event === 'panic') {
       this.panicSeen = true;
+      this.panicLine ??= line.slice(Math.max(0, line.indexOf('Kernel panic'))).trim();
       this.log.warn({ line }, 'guest kernel panic');
     } else if (event === 'power-down') {
       this.onGuestStop({ kind: 'poweroff' });
@@ -754,10 +778,9 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   }
 
   private consolePanicLine(): string {
-    return 'see the console';
+    return this.panicLine ?? 'see the console';
   }
 
-  /** Records the outcome (first one wins), stops every vCPU, then resolves {@link wait}. */
   private drainCoalesced(): void {
     this.coalesced?.drain(this.pio, this.mmio);
   }
@@ -796,6 +819,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     this.coalescedTimer.unref();
   }
 
+  /** Records the outcome (first one wins), stops every vCPU, then resolves {@link wait}. */
   private finish(result: VmOutcome): void {
     if (this.stopping) return;
     this.stopping = result;

@@ -1,0 +1,168 @@
+/**
+ * The boot-test harness without KVM: waiting on the console (cursor,
+ * timeout, abort, the VM's end, the transcript bound) and commands run on
+ * a shell behind it. The shell is a real `sh` whose output is the
+ * "guest's", with the tty's echo of each typed line in front, as a guest
+ * console gives it.
+ */
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { afterEach, describe, expect, it } from 'vitest';
+import { CONSOLE_TRANSCRIPT_LIMIT, ConsoleStream, ConsoleWaitError } from '../../src/vmm/console.js';
+import { runOnConsole } from '../../src/vmm/shell.js';
+
+function rejection(p: Promise<unknown>): Promise<ConsoleWaitError> {
+  return p.then(
+    () => {
+      throw new Error('expected a rejection');
+    },
+    (err: unknown) => {
+      expect(err).toBeInstanceOf(ConsoleWaitError);
+      return err as ConsoleWaitError;
+    },
+  );
+}
+
+describe('console waitFor', () => {
+  it('matches across chunks, then reads on from the cursor; from: 0 searches everything', async () => {
+    const c = new ConsoleStream(() => {});
+    const first = c.waitFor(/login: (\w+)/);
+    c.guestOutput(Buffer.from('boot...\nlog'));
+    c.guestOutput(Buffer.from('in: root\nlogin: admin\n'));
+    const m = await first;
+    expect(m.text).toBe('login: root');
+    expect(m.groups[1]).toBe('root');
+    expect(m.index).toBe('boot...\n'.length);
+    expect(m.end).toBe(m.index + m.text.length);
+    // The next wait starts after the first match: it finds the second login.
+    expect((await c.waitFor(/login: (\w+)/)).groups[1]).toBe('admin');
+    expect((await c.waitFor(/login: (\w+)/, { from: 0 })).groups[1]).toBe('root');
+    expect((await c.waitFor(/(?<what>\w+)\.\.\./, { from: 0 })).named).toEqual({ what: 'boot' });
+  });
+
+  it('matches a string literally, and ignores a g or y flag', async () => {
+    const c = new ConsoleStream(() => {});
+    c.guestOutput(Buffer.from('axb a.b (x)\n'));
+    expect((await c.waitFor('a.b')).index).toBe(4);
+    expect((await c.waitFor('(x)', { from: 0 })).index).toBe(8);
+    const g = /b/g;
+    expect((await c.waitFor(g, { from: 0 })).index).toBe(2);
+    expect((await c.waitFor(g, { from: 0 })).index).toBe(2);
+  });
+
+  it('times out with the console\'s last lines', async () => {
+    const c = new ConsoleStream(() => {});
+    for (let i = 1; i <= 30; i++) c.guestOutput(Buffer.from(`line ${i}\r\n`));
+    const err = await rejection(c.waitFor(/never/, { timeout: 20 }));
+    expect(err.code).toBe('ERR_TSVMM_WAIT_TIMEOUT');
+    expect(err.pattern).toBe('/never/');
+    expect(err.tail.split('\n')).toHaveLength(20);
+    expect(err.tail.endsWith('line 30')).toBe(true);
+    expect(err.tail).not.toContain('\r');
+    expect(err.message).toMatch(/^timed out after 20 ms waiting for \/never\/ on the guest console; its last lines:\nline 11\n/);
+  });
+
+  it('fails when the VM ends first, but not when the last output matches', async () => {
+    const c = new ConsoleStream(() => {});
+    c.resume();
+    const seen = c.waitFor('bye');
+    const missed = c.waitFor('never');
+    c.guestOutput(Buffer.from('bye\n')); // still batched when the VM ends
+    c.finish();
+    expect((await seen).text).toBe('bye');
+    expect((await rejection(missed)).code).toBe('ERR_TSVMM_WAIT_VM_ENDED');
+    expect((await rejection(c.waitFor('again'))).code).toBe('ERR_TSVMM_WAIT_VM_ENDED');
+    expect((await c.waitFor('bye', { from: 0 })).index).toBe(0);
+  });
+
+  it('ends on an AbortSignal, with its reason as the cause, and leaves no listener behind', async () => {
+    const c = new ConsoleStream(() => {});
+    const ac = new AbortController();
+    const waiting = c.waitFor(/x/, { signal: ac.signal });
+    ac.abort(new Error('test over'));
+    const err = await rejection(waiting);
+    expect(err.code).toBe('ERR_TSVMM_WAIT_ABORTED');
+    expect((err.cause as Error).message).toBe('test over');
+    expect((await rejection(c.waitFor(/x/, { signal: AbortSignal.abort() }))).code).toBe('ERR_TSVMM_WAIT_ABORTED');
+    // A wait that succeeded removed its abort listener: aborting later does nothing.
+    const later = new AbortController();
+    const ok = c.waitFor(/y/, { signal: later.signal });
+    c.guestOutput(Buffer.from('y'));
+    await ok;
+    later.abort();
+    expect(c.outputLength).toBe(1);
+  });
+
+  it('refuses a bad timeout', async () => {
+    const c = new ConsoleStream(() => {});
+    await expect(c.waitFor(/x/, { timeout: -1 })).rejects.toThrow(RangeError);
+    await expect(c.waitFor(/x/, { timeout: Number.NaN })).rejects.toThrow(/timeout must be/);
+  });
+
+  it('keeps the newest CONSOLE_TRANSCRIPT_LIMIT bytes, counting offsets from the VM\'s start', async () => {
+    const c = new ConsoleStream(() => {});
+    c.resume();
+    const chunk = Buffer.alloc(64 * 1024, 0x2e);
+    const total = 3 * CONSOLE_TRANSCRIPT_LIMIT;
+    for (let at = 0; at < total; at += chunk.length) c.guestOutput(chunk);
+    c.guestOutput(Buffer.from('END'));
+    c.flush();
+    expect(c.outputLength).toBe(total + 3);
+    expect(c.text()).toHaveLength(CONSOLE_TRANSCRIPT_LIMIT);
+    expect(c.text(total)).toBe('END');
+    const m = await c.waitFor('END', { from: 0 });
+    expect(m.index).toBe(total);
+  });
+});
+
+/** A console in front of a real sh: typed lines are echoed (as a tty does), then run. */
+function shellConsole(): { console: ConsoleStream; sh: ChildProcessWithoutNullStreams } {
+  // One stream for stdout and stderr, as a tty is.
+  const sh = spawn('sh', ['-c', 'exec sh 2>&1'], { stdio: 'pipe' });
+  const c = new ConsoleStream((bytes) => {
+    c.guestOutput(Buffer.from(Buffer.from(bytes).toString('latin1').replace(/\n/g, '\r\n'), 'latin1'));
+    sh.stdin.write(bytes);
+  });
+  const out = (d: Buffer) => c.guestOutput(Buffer.from(d.toString('latin1').replace(/\n/g, '\r\n'), 'latin1'));
+  sh.stdout.on('data', out);
+  c.resume();
+  return { console: c, sh };
+}
+
+describe('vm.run on a shell', () => {
+  const shells: ChildProcessWithoutNullStreams[] = [];
+  afterEach(() => {
+    for (const sh of shells.splice(0)) sh.kill();
+  });
+  const open = () => {
+    const s = shellConsole();
+    shells.push(s.sh);
+    return s.console;
+  };
+
+  it('gives each command\'s output and exit status', async () => {
+    const c = open();
+    expect(await runOnConsole(c, 'echo hello $((6*7))')).toEqual({ output: 'hello 42\n', status: 0 });
+    expect(await runOnConsole(c, 'false')).toEqual({ output: '', status: 1 });
+    expect(await runOnConsole(c, 'echo one; echo two >&2; exit_code() { return 7; }; exit_code')).toEqual({ output: 'one\ntwo\n', status: 7 });
+    // Output that looks like a marker of another call is only output.
+    expect((await runOnConsole(c, 'echo __tsvmm_end_x 0')).output).toBe('__tsvmm_end_x 0\n');
+  });
+
+  it('refuses a command of several lines, or one that ends with &', async () => {
+    const c = open();
+    await expect(runOnConsole(c, 'echo a\necho b')).rejects.toThrow(/one line/);
+    await expect(runOnConsole(c, 'sleep 1 &')).rejects.toThrow(/must not end with &/);
+  });
+
+  it('fails after its timeout with the console\'s last lines, and on abort', async () => {
+    const c = open();
+    const err = await rejection(runOnConsole(c, 'echo started; sleep 5', { timeout: 300 }));
+    expect(err.code).toBe('ERR_TSVMM_WAIT_TIMEOUT');
+    expect(err.message).toMatch(/running "echo started; sleep 5" on the guest shell/);
+    expect(err.tail).toContain('started');
+    const ac = new AbortController();
+    const running = runOnConsole(c, 'sleep 5', { signal: ac.signal });
+    setTimeout(() => ac.abort(), 50);
+    expect((await rejection(running)).code).toBe('ERR_TSVMM_WAIT_ABORTED');
+  });
+});
