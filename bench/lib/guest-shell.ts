@@ -17,11 +17,13 @@
 import type { ChildProcessWithoutNullStreams } from 'node:child_process';
 import { execFileSync } from 'node:child_process';
 import { BOOT_TIMEOUT_MS } from './guest.js';
+import { ConsoleStream, type ConsoleMatch } from '../../src/vmm/console.js';
+import { runOnConsole, type RunResult } from '../../src/vmm/shell.js';
 
 /** What every guest driver here offers: type a command, get its output and status; and the whole console output so far. */
 export interface ShellGuest {
   output: string;
-  run(command: string, timeoutMs?: number): Promise<{ out: string; status: number }>;
+  run(command: string, timeoutMs?: number): Promise<RunResult>;
 }
 
 /** A command timed by the shell that runs it; the marker is split so the echoed command line never matches. */
@@ -56,7 +58,7 @@ export async function runTimed(guest: ShellGuest, command: string, opts: { timeo
   // editor have broken that echo up (long lines wrap), fall back to all the
   // console text since the command was typed: the markers printed by the
   // command are split in the typed text, so the echo never matches them.
-  const t = parseTimed(r.out.includes('@@TIME') ? r.out : guest.output.slice(from));
+  const t = parseTimed(r.output.includes('@@TIME') ? r.output : guest.output.slice(from));
   if (t.status !== 0 && !opts.allowFailure) throw new Error(`guest command failed (status ${t.status}): ${command}\n${t.out.slice(-1500)}`);
   return t;
 }
@@ -93,62 +95,32 @@ export function shellQuote(argv: readonly string[]): string {
 }
 
 /**
- * {@link GuestSession.run}'s protocol over a `tsvmm run` child: the guest
- * console is the child's stdin/stdout.
+ * The library's harness (`waitFor`, `run`) over a `tsvmm run` child: the
+ * guest console is the child's stdin/stdout, fed through a ConsoleStream.
  */
 export class CliGuest implements ShellGuest {
-  output = '';
-  private seq = 0;
-  private waiters: Array<() => void> = [];
-  private closed = false;
+  readonly console: ConsoleStream;
 
   constructor(readonly child: ChildProcessWithoutNullStreams) {
-    child.stdout.on('data', (d: Buffer) => {
-      this.output += d.toString('latin1');
-      this.wake();
-    });
-    child.on('close', () => {
-      this.closed = true;
-      this.wake();
-    });
+    this.console = new ConsoleStream((bytes) => child.stdin.write(bytes));
+    this.console.resume();
+    child.stdout.on('data', (d: Buffer) => this.console.guestOutput(d));
+    child.on('close', () => this.console.finish());
   }
 
-  private wake(): void {
-    for (const w of this.waiters.splice(0)) w();
+  get output(): string {
+    return this.console.text();
   }
 
   type(line: string): void {
     this.child.stdin.write(`${line}\n`);
   }
 
-  async waitFor(pattern: RegExp, timeoutMs = BOOT_TIMEOUT_MS, from = 0): Promise<RegExpExecArray> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const m = pattern.exec(this.output.slice(from));
-      if (m) return m;
-      if (this.closed) throw new Error(`the VM ended while waiting for ${pattern}; last output:\n${this.output.slice(-2000)}`);
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`timed out waiting for ${pattern} on the guest console; last output:\n${this.output.slice(-2000)}`);
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, left);
-        this.waiters.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
+  waitFor(pattern: RegExp, timeoutMs = BOOT_TIMEOUT_MS): Promise<ConsoleMatch> {
+    return this.console.waitFor(pattern, { timeout: timeoutMs });
   }
 
-  async run(command: string, timeoutMs = BOOT_TIMEOUT_MS): Promise<{ out: string; status: number }> {
-    const n = ++this.seq;
-    const from = this.output.length;
-    this.type(`${command}; echo "@@EN""D${n} $?"`);
-    const m = await this.waitFor(new RegExp(`@@END${n} (\\d+)`), timeoutMs, from);
-    const body = this.output.slice(from).slice(0, m.index);
-    const echoed = `"@@EN""D${n} $?"`;
-    const lastEcho = body.lastIndexOf(echoed);
-    const afterEcho = lastEcho >= 0 ? body.indexOf('\n', lastEcho) : -1;
-    const out = (afterEcho >= 0 ? body.slice(afterEcho + 1) : '').replace(/\r/g, '');
-    return { out, status: Number(m[1]) };
+  run(command: string, timeoutMs = BOOT_TIMEOUT_MS): Promise<RunResult> {
+    return runOnConsole(this.console, command, { timeout: timeoutMs });
   }
 }

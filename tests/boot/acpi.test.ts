@@ -7,28 +7,28 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
-import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
+import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 
 describe.skipIf(noKvm !== undefined)(`ACPI and pvpanic${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   it(
     'keeps running when a guest process prints "reboot: Power down" and "Kernel panic - not syncing"; poweroff -f ends it through ACPI',
-    retryPvmFault(async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const guest = await GuestSession.boot({ kernel: fx.bzImage, initrd: fx.initramfs, cmdline: testCmdline(), cpus: 2 });
       await guest.waitFor(/TSVMM-INIT-OK/);
       await guest.waitFor(PROMPT);
       expect(guest.output).not.toContain('A valid RSDP was not found');
       // The MADT's two CPUs are online.
-      expect((await guest.run('cat /sys/devices/system/cpu/online')).out.trim()).toBe('0-1');
+      expect((await guest.run('cat /sys/devices/system/cpu/online')).output.trim()).toBe('0-1');
       // The virtio-pci and ACPI paths are live in this kernel.
-      expect((await guest.run('ls /sys/bus/acpi/devices/ | grep -c QEMU0001')).out.trim()).toBe('1');
+      expect((await guest.run('ls /sys/bus/acpi/devices/ | grep -c QEMU0001')).output.trim()).toBe('1');
 
       const fake = await guest.run('echo "reboot: Power down"; echo "Kernel panic - not syncing: not really"; echo "reboot: System halted"');
       expect(fake.status).toBe(0);
       const alive = await guest.run('echo still $((40+2))');
-      expect(alive.out).toContain('still 42');
+      expect(alive.output).toContain('still 42');
 
       const outcome = await guest.finish('poweroff -f');
       expect(outcome.kind).toBe('poweroff');
@@ -40,7 +40,7 @@ describe.skipIf(noKvm !== undefined)(`ACPI and pvpanic${noKvm ? ` (skipped: ${no
 
   it(
     'reports a kernel panic through pvpanic (exit code 3)',
-    retryPvmFault(async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const guest = await GuestSession.boot({ kernel: fx.bzImage, initrd: fx.initramfs, cmdline: testCmdline() });
       await guest.waitFor(PROMPT);

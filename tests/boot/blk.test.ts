@@ -11,7 +11,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { debugfsCat, makeExt4 } from '../helpers/disk.js';
 import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
-import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
+import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 const md5 = (b: Uint8Array) => createHash('md5').update(b).digest('hex');
@@ -22,7 +22,7 @@ describe.skipIf(noKvm !== undefined)(`virtio-blk${noKvm ? ` (skipped: ${noKvm})`
 
   it(
     'reads, writes and flushes an ext4 disk; a read-only disk refuses writes and stays unchanged',
-    retryPvmFault(async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const random = randomBytes(300 * 1024);
       const data = makeExt4(dir, 'data', { 'random.bin': random });
@@ -39,25 +39,25 @@ describe.skipIf(noKvm !== undefined)(`virtio-blk${noKvm ? ` (skipped: ${noKvm})`
       await guest.waitFor(PROMPT);
 
       // The serial from --disk ...,serial= reaches the guest (GET_ID).
-      expect((await guest.run('cat /sys/block/vda/serial')).out.trim()).toBe('tsvmm-data');
-      expect((await guest.run('cat /sys/block/vdb/ro')).out.trim()).toBe('1');
+      expect((await guest.run('cat /sys/block/vda/serial')).output.trim()).toBe('tsvmm-data');
+      expect((await guest.run('cat /sys/block/vdb/ro')).output.trim()).toBe('1');
       // The default transport: virtio-pci functions, interrupting by MSI-X.
-      expect((await guest.run('readlink -f /sys/block/vda/device')).out).toMatch(/pci0000:00/);
-      expect((await guest.run('grep -c PCI-MSI /proc/interrupts')).out.trim()).not.toBe('0');
+      expect((await guest.run('readlink -f /sys/block/vda/device')).output).toMatch(/pci0000:00/);
+      expect((await guest.run('grep -c PCI-MSI /proc/interrupts')).output.trim()).not.toBe('0');
 
       expect((await guest.run('mkdir -p /mnt/a /mnt/b && mount -t ext4 /dev/vda /mnt/a')).status).toBe(0);
       const sum = await guest.run('md5sum /mnt/a/random.bin');
-      expect(sum.out).toContain(md5(random));
+      expect(sum.output).toContain(md5(random));
 
       const write = await guest.run(
         'dd if=/dev/urandom of=/mnt/a/new.bin bs=4096 count=100 2>/dev/null && md5sum /mnt/a/new.bin && sync',
       );
       expect(write.status).toBe(0);
-      const guestSum = /([0-9a-f]{32})/.exec(write.out)?.[1];
+      const guestSum = /([0-9a-f]{32})/.exec(write.output)?.[1];
       expect(guestSum).toBeDefined();
 
       expect((await guest.run('mount -t ext4 -o ro /dev/vdb /mnt/b')).status).toBe(0);
-      expect((await guest.run('cat /mnt/b/keep.txt')).out).toContain('read-only');
+      expect((await guest.run('cat /mnt/b/keep.txt')).output).toContain('read-only');
       // The file system is read-only, and so is the block device beneath it.
       expect((await guest.run('echo no > /mnt/b/new.txt')).status).not.toBe(0);
       expect((await guest.run('umount /mnt/b && dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync')).status).not.toBe(0);

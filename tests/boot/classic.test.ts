@@ -6,14 +6,14 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
-import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
+import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 
 describe.skipIf(noKvm !== undefined)(`classic bzImage boot${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   it(
     'boots a bzImage the classic way (the kernel decompresses itself) and reboots',
-    retryPvmFault(async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const r = await runCli([
         'run',

@@ -8,7 +8,7 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
-import { RETRY_TIMEOUT_MS, retryPvmFault } from '../helpers/host.js';
+import { RETRY_TIMEOUT_MS, retryEmulatorFault } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 
@@ -20,7 +20,7 @@ interface Stats {
 describe.skipIf(noKvm !== undefined)(`virtio console${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   it.each(['pci', 'mmio'] as const)(
     'boots with hvc0 as the console over virtio-%s: boot log, shell, input answered, poweroff exit 0',
-    retryPvmFault(async (transport: 'pci' | 'mmio') => {
+    retryEmulatorFault(async (transport: 'pci' | 'mmio') => {
       const fx = fixtures();
       const r = await runCli(
         [

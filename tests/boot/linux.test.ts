@@ -5,14 +5,14 @@
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
-import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
+import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
 
 describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   it(
     'boots a host-decompressed bzImage to the initramfs shell, talks to it, and ends with reboot -f',
-    retryPvmFault(async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const guest = await GuestSession.boot({
         kernel: fx.bzImage,
@@ -25,11 +25,11 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
       await guest.waitFor(PROMPT);
 
       const hello = await guest.run('echo hello $((6*7))');
-      expect(hello.out).toContain('hello 42');
+      expect(hello.output).toContain('hello 42');
       expect(hello.status).toBe(0);
 
       const cmdline = await guest.run('cat /proc/cmdline');
-      expect(cmdline.out).toContain('console=ttyS0');
+      expect(cmdline.output).toContain('console=ttyS0');
 
       const failing = await guest.run('false');
       expect(failing.status).toBe(1);
@@ -54,7 +54,7 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
 
   it(
     'boots an ELF vmlinux from the CLI; poweroff -f ends it with exit code 0',
-    retryPvmFault(async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const r = await runCli([
         'run',
@@ -74,7 +74,7 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
 
   it(
     'reports a guest panic with exit code 3 (xz bzImage, host-decompressed)',
-    retryPvmFault(async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const r = await runCli([
         'run',

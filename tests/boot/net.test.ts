@@ -13,7 +13,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { probeHostOnce } from '../../src/vmm/probe.js';
 import { fixtures, type Fixtures } from '../helpers/fixtures.js';
-import { hardwareVirtUnavailable, retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
+import { hardwareVirtUnavailable, retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
@@ -112,7 +112,7 @@ describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (
 
   it.each(kernels)(
     'pings the host and moves data each way over TCP ($name)',
-    retryPvmFault(async ({ memory, marker, pick }) => {
+    retryEmulatorFault(async ({ memory, marker, pick }) => {
       const fx = fixtures();
       const { kernel, initrd } = pick(fx);
       const size = transferSize();

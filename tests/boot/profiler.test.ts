@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ProfileReport } from '../../src/vmm/profiler.js';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
-import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
+import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { oneLine } from '../helpers/assert.js';
 
 let dir: string;
@@ -59,7 +59,7 @@ const noKvm = kvmUnavailable();
 describe.skipIf(noKvm !== undefined)(`profiling a Linux boot${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   it(
     'samples the boot and names kernel functions from System.map, with the console timeline',
-    retryPvmFault(async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const out = join(dir, 'boot-profile.json');
       // No --system-map: the fixture's System.map sits next to its vmlinux.

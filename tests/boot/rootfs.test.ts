@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
-import { retryPvmFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
+import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { debugfsCat } from '../helpers/disk.js';
 
 const noKvm = kvmUnavailable();
@@ -24,7 +24,7 @@ describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` 
 
   it(
     'boots root=/dev/vda from an ext4 image, and synced files survive SIGKILL of the VMM during concurrent writes',
-    retryPvmFault(async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const image = join(dir, 'rootfs.ext4');
       copyFileSync(fx.rootfs, image);

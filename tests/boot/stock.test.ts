@@ -32,8 +32,8 @@ describe.skipIf(noHardware !== undefined)(`stock kernels${noHardware ? ` (skippe
       expect(guest.vm.cmdline).not.toContain('clearcpuid');
       expect(guest.output).not.toContain('stranded SYSCALL');
       const r = await guest.run('echo stock $((6*7)); uname -r');
-      expect(r.out).toContain('stock 42');
-      expect(r.out).toContain(fx.kernelRelease);
+      expect(r.output).toContain('stock 42');
+      expect(r.output).toContain(fx.kernelRelease);
       const outcome = await guest.finish('reboot -f');
       expect(outcome.kind).toBe('reboot');
       expect(outcome.exitCode).toBe(0);
@@ -66,15 +66,15 @@ describe.skipIf(noHardware !== undefined)(`stock kernels${noHardware ? ` (skippe
       await guest.waitFor(PROMPT);
       expect(guest.output).not.toContain('A valid RSDP was not found');
       expect(guest.output).not.toMatch(/insmod FAIL/);
-      expect((await guest.run('uname -r')).out.trim()).toBe(fx.distroRelease);
+      expect((await guest.run('uname -r')).output.trim()).toBe(fx.distroRelease);
 
       // Both CPUs, found through the MADT.
-      expect((await guest.run('grep -c ^processor /proc/cpuinfo')).out.trim()).toBe('2');
-      expect((await guest.run('cat /sys/firmware/acpi/tables/APIC >/dev/null && echo madt')).out).toContain('madt');
+      expect((await guest.run('grep -c ^processor /proc/cpuinfo')).output.trim()).toBe('2');
+      expect((await guest.run('cat /sys/firmware/acpi/tables/APIC >/dev/null && echo madt')).output).toContain('madt');
 
       // One disk on each transport: the PCI one is a virtio PCI function
       // (vendor 0x1af4), the other a platform device from the DSDT's LNRO0005.
-      const devs = (await guest.run('for d in /sys/block/vd*; do echo "$(basename $d) $(readlink -f $d/device)"; done')).out;
+      const devs = (await guest.run('for d in /sys/block/vd*; do echo "$(basename $d) $(readlink -f $d/device)"; done')).output;
       const lines = devs.trim().split('\n').map((l) => l.trim());
       expect(lines).toHaveLength(2);
       const pciDisk = lines.find((l) => /pci0000:00/.test(l))?.split(' ')[0];
@@ -82,9 +82,9 @@ describe.skipIf(noHardware !== undefined)(`stock kernels${noHardware ? ` (skippe
       expect(pciDisk, devs).toBeDefined();
       expect(mmioDisk, devs).toBeDefined();
       const pciSum = await guest.run(`md5sum /dev/${pciDisk}`);
-      expect(pciSum.out).toContain(md5(pciData));
+      expect(pciSum.output).toContain(md5(pciData));
       const mmioSum = await guest.run(`md5sum /dev/${mmioDisk}`);
-      expect(mmioSum.out).toContain(md5(mmioData));
+      expect(mmioSum.output).toContain(md5(mmioData));
 
       // A write through each transport reaches the host's image.
       const w = await guest.run(
@@ -93,7 +93,7 @@ describe.skipIf(noHardware !== undefined)(`stock kernels${noHardware ? ` (skippe
       expect(w.status).toBe(0);
 
       // MSI-X: the PCI disk's interrupts are PCI-MSI, not an IOAPIC line.
-      const irqs = (await guest.run('grep -i virtio /proc/interrupts')).out;
+      const irqs = (await guest.run('grep -i virtio /proc/interrupts')).output;
       expect(irqs).toMatch(/PCI-MSI/);
 
       const outcome = await guest.finish('poweroff -f');

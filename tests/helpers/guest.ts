@@ -8,13 +8,15 @@ import { spawn } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { createVm, type VmConfig, type VmOutcome } from '../../src/index.js';
+import { createVm, type ConsoleMatch, type RunResult, type VmConfig, type VmOutcome } from '../../src/index.js';
 import type { VirtualMachine } from '../../src/vmm/machine.js';
 
 export const REPO = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
 /** Every guest console the helpers saw, in order: a failed test's consoles are read back (see host.ts). */
 export const consolesSeen: Array<() => string> = [];
+/** How each VM the helpers saw ended, as tsvmm said it (a CLI's stderr, a VM's outcome message). */
+export const endingsSeen: Array<() => string> = [];
 export const CLI = join(REPO, 'bin', 'tsvmm.js');
 
 /**
@@ -45,21 +47,29 @@ export function testCmdline(extra = ''): string {
   return `console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd ${extra}`.trim();
 }
 
-/** A booted guest whose console the test reads and types into. */
+/**
+ * A booted guest, driven through the library's own harness
+ * (`vm.console.waitFor`, `vm.run`) with the boot tests' hang guard as the
+ * default timeout, and its console registered for {@link consolesSeen}.
+ */
 export class GuestSession {
-  output = '';
-  private waiters: Array<() => void> = [];
-  private seq = 0;
   readonly outcome: Promise<VmOutcome>;
 
   private constructor(readonly vm: VirtualMachine) {
-    consolesSeen.push(() => this.output);
-    vm.console.on('data', (chunk: Buffer) => {
-      this.output += chunk.toString('latin1');
-      for (const w of this.waiters.splice(0)) w();
-    });
+    consolesSeen.push(() => vm.console.text());
+    endingsSeen.push(() => this.ending);
+    vm.console.resume(); // the transcript is what the tests read
+    // 'exit' comes before the console's waits learn of the end.
+    vm.once('exit', (o) => (this.ending = o.message));
     this.outcome = vm.wait();
     vm.start();
+  }
+
+  private ending = '';
+
+  /** Everything the guest printed (its newest MiB). */
+  get output(): string {
+    return this.vm.console.text();
   }
 
   static async boot(config: VmConfig): Promise<GuestSession> {
@@ -67,54 +77,14 @@ export class GuestSession {
     return new GuestSession(vm);
   }
 
-  /** Resolves with the first match of `pattern` in the console output from `from` on. */
-  async waitFor(pattern: RegExp, timeoutMs = BOOT_TIMEOUT_MS, from = 0): Promise<RegExpExecArray> {
-    const deadline = performance.now() + timeoutMs;
-    for (;;) {
-      const m = pattern.exec(this.output.slice(from));
-      if (m) return m;
-      const left = deadline - performance.now();
-      if (left <= 0) {
-        throw new Error(`timed out waiting for ${pattern} on the guest console; last output:\n${this.output.slice(-2000)}`);
-      }
-      const ended = await Promise.race([
-        new Promise<boolean>((resolve) => {
-          const t = setTimeout(() => resolve(false), left);
-          this.waiters.push(() => {
-            clearTimeout(t);
-            resolve(false);
-          });
-        }),
-        this.outcome.then(() => true),
-      ]);
-      if (ended) {
-        const last = pattern.exec(this.output.slice(from));
-        if (last) return last;
-        throw new Error(`the VM ended while waiting for ${pattern}; last output:\n${this.output.slice(-2000)}`);
-      }
-    }
+  /** `vm.console.waitFor` with the hang guard. */
+  waitFor(pattern: RegExp, timeoutMs = BOOT_TIMEOUT_MS): Promise<ConsoleMatch> {
+    return this.vm.console.waitFor(pattern, { timeout: timeoutMs });
   }
 
-  /**
-   * Types a shell command and returns what it printed and its exit status.
-   * The end marker is split in the typed line so the echo of the command
-   * never matches it.
-   */
-  async run(command: string, timeoutMs = BOOT_TIMEOUT_MS): Promise<{ out: string; status: number }> {
-    const n = ++this.seq;
-    const from = this.output.length;
-    this.vm.console.write(`${command}; echo "@@EN""D${n} $?"\n`);
-    const m = await this.waitFor(new RegExp(`@@END${n} (\\d+)`), timeoutMs, from);
-    const text = this.output.slice(from);
-    // Output starts after the echoed command line and ends at the marker.
-    // A line typed before the prompt came back is echoed twice (by the tty,
-    // then by the shell's line editor): start after the last echo.
-    const body = text.slice(0, m.index);
-    const echoed = `"@@EN""D${n} $?"`;
-    const lastEcho = body.lastIndexOf(echoed);
-    const afterEcho = lastEcho >= 0 ? body.indexOf('\n', lastEcho) : -1;
-    const out = (afterEcho >= 0 ? body.slice(afterEcho + 1) : '').replace(/\r/g, '');
-    return { out, status: Number(m[1]) };
+  /** `vm.run` with the hang guard. */
+  run(command: string, timeoutMs = BOOT_TIMEOUT_MS): Promise<RunResult> {
+    return this.vm.run(command, { timeout: timeoutMs });
   }
 
   /** Types a command that does not return (reboot -f) and waits for the VM to end. */
@@ -153,6 +123,7 @@ export function runCli(
   let stderr = '';
   const out: ConsoleOutput = Object.assign(() => stdout, { ended: false });
   consolesSeen.push(out);
+  endingsSeen.push(() => stderr);
   child.stdout.on('data', (d: Buffer) => {
     stdout += d.toString('latin1');
   });
