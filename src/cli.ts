@@ -3,11 +3,11 @@
  * from flags, connects the guest console to stdin/stdout, and exits with
  * the code of the VM's outcome.
  */
-import { readFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { createLogger, LOG_LEVELS, type LogLevel } from './log.js';
+import { createLogger, LOG_LEVELS, type Logger, type LogLevel } from './log.js';
 import { VirtualMachine, DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize, type VmConfig } from './vmm/machine.js';
-import { EXIT_CODES, EXIT_USAGE, type VmOutcome } from './vmm/outcome.js';
+import { EXIT_CODES, EXIT_EXPECT_UNMET, EXIT_TIMEOUT, EXIT_USAGE, type VmOutcome } from './vmm/outcome.js';
 import type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 import { parseDiskOption, parseNetOption } from './vmm/virtio-devices.js';
 import { DEFAULT_PROFILE_RATE_HZ, MAX_PROFILE_RATE_HZ } from './vmm/profiler.js';
@@ -41,6 +41,32 @@ interface RunOptions {
   systemMap?: string;
   profileRate?: number;
   profileFormat?: 'text' | 'json';
+  expect?: RegExp;
+  expectExit?: boolean;
+  timeout?: number;
+  consoleLog?: string;
+}
+
+/** Milliseconds from "90s", "5m", "1h", "250ms" or a plain number of seconds. */
+export function parseDuration(value: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(value.trim());
+  if (!m) throw new InvalidArgumentError(`"${value}" is not a duration: give a number with ms, s, m or h (e.g. 90s, 5m)`);
+  const ms = Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? 's') as 'ms' | 's' | 'm' | 'h'];
+  if (ms <= 0 || ms > 2 ** 31 - 1) throw new InvalidArgumentError(`duration "${value}" must be more than 0 and at most 24 days`);
+  return ms;
+}
+
+function regexArg(value: string): RegExp {
+  try {
+    return new RegExp(value);
+  } catch (err) {
+    throw new InvalidArgumentError(`not a valid regular expression (${(err as Error).message})`);
+  }
+}
+
+/** A duration as people write it back: 90 s, 5 min. */
+function showDuration(ms: number): string {
+  return ms % 60_000 === 0 ? `${ms / 60_000} min` : ms % 1000 === 0 ? `${ms / 1000} s` : `${ms} ms`;
 }
 
 function intArg(value: string): number {
@@ -72,7 +98,7 @@ function collect<T>(parse: (v: string) => T) {
  * Forwards the terminal to the guest. In raw mode, Ctrl-A x quits,
  * Ctrl-A Ctrl-A sends one Ctrl-A, and Ctrl-A h prints the keys.
  */
-function connectConsole(vm: VirtualMachine, onQuit: () => void): () => void {
+function connectConsole(vm: VirtualMachine, onQuit: () => void, consoleLog?: number): () => void {
   const stdin = process.stdin;
   const raw = stdin.isTTY === true;
   if (raw) stdin.setRawMode(true);
@@ -112,6 +138,7 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void): () => void {
   // Back-pressure the other way: a terminal or pipe that does not keep up
   // pauses the console stream, which then holds up to CONSOLE_OUTPUT_LIMIT.
   vm.console.on('data', (chunk: Buffer) => {
+    if (consoleLog !== undefined) writeAll(consoleLog, chunk);
     if (!process.stdout.write(chunk)) {
       vm.console.pause();
       process.stdout.once('drain', () => vm.console.resume());
@@ -125,8 +152,17 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void): () => void {
   };
 }
 
+/** Writes all of `chunk` to `fd` (synchronously: a console log must not lag the guest's end). */
+function writeAll(fd: number, chunk: Uint8Array): void {
+  for (let at = 0; at < chunk.length; ) at += writeSync(fd, chunk, at);
+}
+
 async function run(opts: RunOptions): Promise<number> {
   const log = createLogger(opts.logLevel);
+  if (opts.expectExit && opts.expect === undefined) {
+    process.stderr.write('tsvmm: --expect-exit ends the VM when the --expect pattern appears: add --expect <regex>\n');
+    return EXIT_USAGE;
+  }
   if (opts.profile === undefined && (opts.systemMap !== undefined || opts.profileRate !== undefined || opts.profileFormat !== undefined)) {
     process.stderr.write('tsvmm: --system-map, --profile-rate and --profile-format only apply to a profile: add --profile <file>\n');
     return EXIT_USAGE;
@@ -156,6 +192,24 @@ async function run(opts: RunOptions): Promise<number> {
       : {}),
     ...(opts.initrd !== undefined ? { initrd: opts.initrd } : {}),
   };
+  // Opened before anything runs: the sandbox allows no new files once the VM starts.
+  let consoleLog: number | undefined;
+  if (opts.consoleLog !== undefined) {
+    try {
+      consoleLog = openSync(opts.consoleLog, 'w', 0o644);
+    } catch (err) {
+      process.stderr.write(`tsvmm: cannot write the console log ${opts.consoleLog} (${(err as NodeJS.ErrnoException).code}): give --console-log a file in a writable directory\n`);
+      return EXIT_CODES.error;
+    }
+  }
+  try {
+    return await runVm(opts, config, log, consoleLog);
+  } finally {
+    if (consoleLog !== undefined) closeSync(consoleLog);
+  }
+}
+
+async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog: number | undefined): Promise<number> {
   let vm: VirtualMachine;
   try {
     vm = await VirtualMachine.create(config);
@@ -166,9 +220,32 @@ async function run(opts: RunOptions): Promise<number> {
   }
 
   let signalCode: number | undefined;
-  const disconnect = connectConsole(vm, () => {
-    void vm.stop('quit from the console (Ctrl-A x)');
-  });
+  const disconnect = connectConsole(
+    vm,
+    () => {
+      void vm.stop('quit from the console (Ctrl-A x)');
+    },
+    consoleLog,
+  );
+  // --expect: the pattern, looked for in all the output; --timeout: a deadline for the whole run.
+  let expected = false;
+  let timedOut = false;
+  if (opts.expect !== undefined) {
+    vm.console.waitFor(opts.expect, { from: 0 }).then(
+      () => {
+        expected = true;
+        if (opts.expectExit) void vm.stop('--expect matched (--expect-exit)');
+      },
+      () => {}, // the VM ended first: reported below
+    );
+  }
+  const deadline =
+    opts.timeout === undefined
+      ? undefined
+      : setTimeout(() => {
+          timedOut = true;
+          void vm.stop(`--timeout ${showDuration(opts.timeout!)} passed`);
+        }, opts.timeout);
   const onSignal = (signal: NodeJS.Signals) => {
     signalCode = signal === 'SIGTERM' ? 143 : 130;
     void vm.stop(`stopped by ${signal}`);
@@ -186,12 +263,24 @@ async function run(opts: RunOptions): Promise<number> {
     return EXIT_CODES.error;
   }
   const result: VmOutcome = await vm.wait();
+  if (deadline) clearTimeout(deadline);
   disconnect();
   process.off('SIGINT', onSignal);
   process.off('SIGTERM', onSignal);
   process.off('SIGHUP', onSignal);
   if (opts.stats) process.stderr.write(`${JSON.stringify({ outcome: result.kind, ...vm.stats() }, null, 2)}\n`);
+  const tail = () => vm.console.tail();
+  if (opts.expect !== undefined && expected && opts.expectExit && result.kind === 'stopped' && !timedOut && signalCode === undefined) return 0;
+  if (timedOut) {
+    const waiting = opts.expect !== undefined && !expected ? ` waiting for /${opts.expect.source}/ (--expect)` : '';
+    process.stderr.write(`\ntsvmm: --timeout ${showDuration(opts.timeout!)} passed${waiting}; stopped the VM. The console's last lines:\n${tail()}\n`);
+    return EXIT_TIMEOUT;
+  }
   if (result.kind !== 'reboot' && result.kind !== 'poweroff') process.stderr.write(`\ntsvmm: ${result.message}\n`);
+  if (opts.expect !== undefined && !expected && signalCode === undefined) {
+    process.stderr.write(`tsvmm: the VM ended (${result.message}) before its console printed a match for /${opts.expect.source}/ (--expect). The console's last lines:\n${tail()}\n`);
+    return EXIT_EXPECT_UNMET;
+  }
   return result.kind === 'stopped' && signalCode !== undefined ? signalCode : result.exitCode;
 }
 
@@ -235,6 +324,10 @@ export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Comman
     .option('--system-map <path>', "the kernel's System.map for --profile (default: a System.map next to the kernel)")
     .option('--profile-rate <hz>', `samples per second per vCPU for --profile, 1 to ${MAX_PROFILE_RATE_HZ} (default ${DEFAULT_PROFILE_RATE_HZ})`, intArg)
     .addOption(new Option('--profile-format <format>', 'profile format (default: json for a .json file, else text)').choices(['text', 'json']))
+    .option('--expect <regex>', `for scripts: exit ${EXIT_EXPECT_UNMET}, with the console's last lines on stderr, unless the console prints a match (a JavaScript regular expression) and the guest then ends cleanly`, regexArg)
+    .option('--expect-exit', 'with --expect: stop the VM and exit 0 as soon as the match appears')
+    .option('--timeout <duration>', `stop the VM after <duration> (90s, 5m, 1h) and exit ${EXIT_TIMEOUT} with the console's last lines on stderr`, parseDuration)
+    .option('--console-log <file>', 'also write everything the guest console prints to <file>')
     .action(async (opts: RunOptions) => {
       await onRun(opts);
     });

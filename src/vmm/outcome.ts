@@ -40,6 +40,12 @@ export const EXIT_CODES: Record<OutcomeKind, number> = {
 /** commander's code for a bad command line. */
 export const EXIT_USAGE = 2;
 
+/** `tsvmm run --expect`: the VM ended before its console printed a match. */
+export const EXIT_EXPECT_UNMET = 5;
+
+/** `tsvmm run --timeout`: the time ran out and tsvmm stopped the VM (the code timeout(1) uses). */
+export const EXIT_TIMEOUT = 124;
+
 export function outcome(kind: OutcomeKind, message: string, error?: Error): VmOutcome {
   return { kind, exitCode: EXIT_CODES[kind], message, ...(error ? { error } : {}) };
 }
