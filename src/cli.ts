@@ -11,12 +11,15 @@ import { EXIT_CODES, EXIT_EXPECT_UNMET, EXIT_TIMEOUT, EXIT_USAGE, type VmOutcome
 import type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 import { parseDiskOption, parseNetOption } from './vmm/virtio-devices.js';
 import { DEFAULT_PROFILE_RATE_HZ, MAX_PROFILE_RATE_HZ } from './vmm/profiler.js';
+import { ConfigFileError, readVmConfigFile, type FileVmConfig } from './config-file.js';
 
 /** Ctrl-A, the console escape key (as in QEMU and screen). */
 const ESCAPE = 0x01;
 
 interface RunOptions {
-  kernel: string;
+  config?: string;
+  print?: boolean;
+  kernel?: string;
   initrd?: string;
   cmdline?: string;
   console: 'serial' | 'virtio';
@@ -157,7 +160,58 @@ function writeAll(fd: number, chunk: Uint8Array): void {
   for (let at = 0; at < chunk.length; ) at += writeSync(fd, chunk, at);
 }
 
-async function run(opts: RunOptions): Promise<number> {
+/** Where commander took an option's value from: 'cli' when the command line gave it. */
+type SourceOf = (key: string) => string | undefined;
+
+/**
+ * The VmConfig of a command line: the --config file's fields, with every
+ * flag given on the command line in their place (a repeatable flag such as
+ * --disk replaces the file's whole list); flag defaults fill what the file
+ * leaves out.
+ */
+export function effectiveConfig(opts: RunOptions, sourceOf: SourceOf): VmConfig {
+  const file: FileVmConfig | undefined = opts.config !== undefined ? readVmConfigFile(opts.config) : undefined;
+  const given = (key: keyof RunOptions) => sourceOf(key) === 'cli';
+  const pick = <K extends keyof RunOptions, F extends keyof FileVmConfig>(key: K, field: F): RunOptions[K] | FileVmConfig[F] =>
+    given(key) || file?.[field] === undefined ? opts[key] : file[field];
+  const kernel = given('kernel') ? opts.kernel : (file?.kernel ?? opts.kernel);
+  if (kernel === undefined) throw new Error('no kernel to boot: pass --kernel <path>, or set "kernel" in the --config file');
+  const profileGiven = given('profile') || given('systemMap') || given('profileRate') || given('profileFormat');
+  const profile =
+    profileGiven && opts.profile !== undefined
+      ? { path: opts.profile, ...(opts.systemMap ? { systemMap: opts.systemMap } : {}), ...(opts.profileRate ? { rateHz: opts.profileRate } : {}), ...(opts.profileFormat ? { format: opts.profileFormat } : {}) }
+      : file?.profile;
+  const config: VmConfig = {
+    ...(file ?? {}),
+    kernel,
+    console: pick('console', 'console') as VmConfig['console'],
+    serial: pick('serial', 'serial') as VmConfig['serial'],
+    memory: pick('memory', 'memory') as VmConfig['memory'],
+    cpus: pick('cpus', 'cpus') as number,
+    disks: pick('disk', 'disks') as DiskConfig[],
+    nets: pick('net', 'nets') as NetConfig[],
+    bootMode: pick('bootMode', 'bootMode') as VmConfig['bootMode'],
+    pit: pick('pit', 'pit') as VmConfig['pit'],
+    exitPath: pick('exitPath', 'exitPath') as VmConfig['exitPath'],
+    transport: pick('transport', 'transport') as VmConfig['transport'],
+    acpi: pick('acpi', 'acpi') as boolean,
+    mergeable: (pick('mergeable', 'mergeable') as boolean | undefined) ?? false,
+    // The CLI's default is a sandbox; a file may turn it off or widen it.
+    sandbox: given('sandbox') ? opts.sandbox : (file?.sandbox ?? opts.sandbox),
+    emulationFallback: pick('emulationFallback', 'emulationFallback') as VmConfig['emulationFallback'],
+    name: pick('name', 'name') as string,
+    kvmDevice: pick('kvmDevice', 'kvmDevice') as string,
+  };
+  const cmdline = pick('cmdline', 'cmdline') as string | undefined;
+  const initrd = pick('initrd', 'initrd') as string | undefined;
+  if (cmdline !== undefined) config.cmdline = cmdline;
+  if (initrd !== undefined) config.initrd = initrd;
+  if (profile !== undefined) config.profile = profile;
+  else delete config.profile;
+  return config;
+}
+
+async function run(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
   const log = createLogger(opts.logLevel);
   if (opts.expectExit && opts.expect === undefined) {
     process.stderr.write('tsvmm: --expect-exit ends the VM when the --expect pattern appears: add --expect <regex>\n');
@@ -167,31 +221,13 @@ async function run(opts: RunOptions): Promise<number> {
     process.stderr.write('tsvmm: --system-map, --profile-rate and --profile-format only apply to a profile: add --profile <file>\n');
     return EXIT_USAGE;
   }
-  const config: VmConfig = {
-    kernel: opts.kernel,
-    ...(opts.cmdline !== undefined ? { cmdline: opts.cmdline } : {}),
-    console: opts.console,
-    serial: opts.serial,
-    memory: opts.memory,
-    cpus: opts.cpus,
-    disks: opts.disk,
-    nets: opts.net,
-    bootMode: opts.bootMode,
-    pit: opts.pit,
-    exitPath: opts.exitPath,
-    transport: opts.transport,
-    acpi: opts.acpi,
-    ...(opts.mergeable ? { mergeable: true } : {}),
-    sandbox: opts.sandbox,
-    emulationFallback: opts.emulationFallback,
-    name: opts.name,
-    kvmDevice: opts.kvmDevice,
-    logger: log,
-    ...(opts.profile !== undefined
-      ? { profile: { path: opts.profile, systemMap: opts.systemMap, rateHz: opts.profileRate, format: opts.profileFormat } }
-      : {}),
-    ...(opts.initrd !== undefined ? { initrd: opts.initrd } : {}),
-  };
+  let config: VmConfig;
+  try {
+    config = { ...effectiveConfig(opts, sourceOf), logger: log };
+  } catch (err) {
+    process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    return err instanceof ConfigFileError ? EXIT_CODES.error : EXIT_USAGE;
+  }
   // Opened before anything runs: the sandbox allows no new files once the VM starts.
   let consoleLog: number | undefined;
   if (opts.consoleLog !== undefined) {
@@ -284,22 +320,28 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
   return result.kind === 'stopped' && signalCode !== undefined ? signalCode : result.exitCode;
 }
 
+/** `tsvmm config --print`: the effective configuration as JSON on stdout. */
+function printConfig(opts: RunOptions, sourceOf: SourceOf): number {
+  try {
+    process.stdout.write(`${JSON.stringify(effectiveConfig(opts, sourceOf), null, 2)}\n`);
+    return 0;
+  } catch (err) {
+    process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    return err instanceof ConfigFileError ? EXIT_CODES.error : EXIT_USAGE;
+  }
+}
+
 /** The version in tsvmm's package.json (one level above dist/ and src/). */
 function packageVersion(): string {
   const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
   return pkg.version;
 }
 
-export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Command {
-  const program = new Command('tsvmm')
-    .description('A KVM virtual machine monitor with device models in TypeScript')
-    .version(packageVersion(), '-V, --version', 'print the tsvmm version')
-    .exitOverride()
-    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
-  program
-    .command('run')
-    .description('boot a Linux kernel with its console on this terminal')
-    .requiredOption('-k, --kernel <path>', 'kernel to boot: a bzImage or an ELF vmlinux')
+/** The options `tsvmm run` and `tsvmm config` share: everything that makes the VM. */
+function addVmOptions(cmd: Command): Command {
+  return cmd
+    .option('--config <file>', 'the VM as JSON (the library\'s VmConfig; paths relative to the file); flags given here override its fields')
+    .option('-k, --kernel <path>', 'kernel to boot: a bzImage or an ELF vmlinux (required unless --config names one)')
     .option('-i, --initrd <path>', 'initramfs to pass to the kernel')
     .option('-c, --cmdline <text>', `kernel command line (default: "${DEFAULT_CMDLINE}", with console=hvc0 for --console virtio)`)
     .addOption(new Option('--console <device>', 'the guest console on stdin/stdout: serial (ttyS0, the 16550 UART) or virtio (hvc0, virtio-console: no exit per byte)').choices(['serial', 'virtio']).default('serial'))
@@ -323,13 +365,27 @@ export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Comman
     .option('--profile <file>', 'sample the guest RIP; when the VM ends, write the hottest guest functions and a console timeline to <file>')
     .option('--system-map <path>', "the kernel's System.map for --profile (default: a System.map next to the kernel)")
     .option('--profile-rate <hz>', `samples per second per vCPU for --profile, 1 to ${MAX_PROFILE_RATE_HZ} (default ${DEFAULT_PROFILE_RATE_HZ})`, intArg)
-    .addOption(new Option('--profile-format <format>', 'profile format (default: json for a .json file, else text)').choices(['text', 'json']))
+    .addOption(new Option('--profile-format <format>', 'profile format (default: json for a .json file, else text)').choices(['text', 'json']));
+}
+
+export function buildProgram(onRun: (opts: RunOptions, sourceOf: SourceOf) => Promise<void>, onConfig: (opts: RunOptions, sourceOf: SourceOf) => void): Command {
+  const program = new Command('tsvmm')
+    .description('A KVM virtual machine monitor with device models in TypeScript')
+    .version(packageVersion(), '-V, --version', 'print the tsvmm version')
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+  addVmOptions(program.command('run').description('boot a Linux kernel with its console on this terminal'))
     .option('--expect <regex>', `for scripts: exit ${EXIT_EXPECT_UNMET}, with the console's last lines on stderr, unless the console prints a match (a JavaScript regular expression) and the guest then ends cleanly`, regexArg)
     .option('--expect-exit', 'with --expect: stop the VM and exit 0 as soon as the match appears')
     .option('--timeout <duration>', `stop the VM after <duration> (90s, 5m, 1h) and exit ${EXIT_TIMEOUT} with the console's last lines on stderr`, parseDuration)
     .option('--console-log <file>', 'also write everything the guest console prints to <file>')
-    .action(async (opts: RunOptions) => {
-      await onRun(opts);
+    .action(async (opts: RunOptions, cmd: Command) => {
+      await onRun(opts, (key) => cmd.getOptionValueSource(key));
+    });
+  addVmOptions(program.command('config').description('show the VM configuration a command line makes (the same options as run), without running it'))
+    .option('--print', 'print the effective configuration as JSON (the default action)')
+    .action((opts: RunOptions, cmd: Command) => {
+      onConfig(opts, (key) => cmd.getOptionValueSource(key));
     });
   return program;
 }
@@ -337,9 +393,14 @@ export function buildProgram(onRun: (opts: RunOptions) => Promise<void>): Comman
 /** Runs the CLI; resolves to the process exit code. */
 export async function main(argv: string[]): Promise<number> {
   let code = 0;
-  const program = buildProgram(async (opts) => {
-    code = await run(opts);
-  });
+  const program = buildProgram(
+    async (opts, sourceOf) => {
+      code = await run(opts, sourceOf);
+    },
+    (opts, sourceOf) => {
+      code = printConfig(opts, sourceOf);
+    },
+  );
   try {
     await program.parseAsync(argv);
   } catch (err) {
