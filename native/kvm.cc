@@ -22,6 +22,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -463,7 +464,7 @@ Napi::Value MapVcpuRun(const Napi::CallbackInfo& info) {
 // the same event loop. A kick is immediate_exit plus a signal, so a vCPU
 // sleeping in the guest's HLT leaves KVM_RUN at once.
 
-enum Report { kExit = 0, kKicked = 1, kStopped = 2, kError = 3, kFilterError = 4 };
+enum Report { kExit = 0, kKicked = 1, kStopped = 2, kError = 3, kFilterError = 4, kPaused = 5 };
 enum Action { kContinue = 0, kStop = 1 };
 
 int KickSignal() { return SIGRTMIN; }
@@ -489,6 +490,10 @@ struct VcpuThread {
 
   std::atomic<bool> stopRequested{false};
   std::atomic<bool> kickRequested{false};
+  // Pause: the thread leaves KVM_RUN, reports kPaused, and waits on pauseCv
+  // (under mu) until resumed or stopped.
+  std::atomic<bool> pauseRequested{false};
+  std::condition_variable pauseCv;
   std::atomic<bool> sampleRequested{false};
 
   // RIP samples: slot 0 counts samples taken, slots 1..cap hold them (a ring).
@@ -601,6 +606,13 @@ void VcpuLoop(VcpuThread* v) {
       if (v->sampleRequested.exchange(false)) RecordSample(v);
       if (v->kickRequested.exchange(false)) {
         if (ReportAndWait(v, kKicked, 0) == kStop) break;
+      }
+      if (v->pauseRequested.load()) {
+        v->tsfn.NonBlockingCall(v, [](Napi::Env env, Napi::Function cb, VcpuThread*) {
+          if (env != nullptr && cb != nullptr) cb.Call({Napi::Number::New(env, kPaused), Napi::Number::New(env, 0)});
+        });
+        std::unique_lock<std::mutex> lock(v->mu);
+        v->pauseCv.wait(lock, [v] { return !v->pauseRequested.load() || v->stopRequested.load(); });
       }
       continue;
     }
@@ -1043,9 +1055,53 @@ Napi::Value StopVcpu(const Napi::CallbackInfo& info) {
   auto it = g_vcpus.find(ArgInt(info, 0));
   if (it == g_vcpus.end()) return info.Env().Undefined();  // already gone: stopping twice is fine
   it->second->stopRequested.store(true);
+  {
+    // A paused thread waits on pauseCv, not in KVM_RUN.
+    std::lock_guard<std::mutex> lock(it->second->mu);
+  }
+  it->second->pauseCv.notify_all();
   // A loop vCPU sees the flag after the current exit callback, or at its
   // next idle turn; a threaded one is kicked out of KVM_RUN.
   if (!it->second->onLoop) Kick(it->second);
+  return info.Env().Undefined();
+}
+
+// pauseVcpu(handle): the thread leaves KVM_RUN and reports kPaused once
+// it is out; resumeVcpu(handle) lets it run again. Threads only: a vCPU on
+// the event loop's thread is paused by the caller not running it.
+Napi::Value PauseVcpu(const Napi::CallbackInfo& info) {
+  VcpuThread* v = FindVcpu(info);
+  if (v->onLoop) ThrowType(info.Env(), "pause needs a vCPU on a thread of its own");
+  v->pauseRequested.store(true);
+  Kick(v);
+  return info.Env().Undefined();
+}
+
+Napi::Value ResumeVcpu(const Napi::CallbackInfo& info) {
+  VcpuThread* v = FindVcpu(info);
+  {
+    std::lock_guard<std::mutex> lock(v->mu);
+    v->pauseRequested.store(false);
+  }
+  v->pauseCv.notify_all();
+  return info.Env().Undefined();
+}
+
+// getClock(vmFd) -> BigInt: KVM_GET_CLOCK's kvmclock value (ns).
+Napi::Value GetClock(const Napi::CallbackInfo& info) {
+  kvm_clock_data data{};
+  Ioctl(info.Env(), ArgInt(info, 0), KVM_GET_CLOCK, &data, "KVM_GET_CLOCK");
+  return Napi::BigInt::New(info.Env(), static_cast<uint64_t>(data.clock));
+}
+
+// setClock(vmFd, ns: BigInt): KVM_SET_CLOCK.
+Napi::Value SetClock(const Napi::CallbackInfo& info) {
+  if (info.Length() < 2 || !info[1].IsBigInt()) ThrowType(info.Env(), "setClock(vmFd, ns: bigint)");
+  bool lossless = false;
+  kvm_clock_data data{};
+  data.clock = info[1].As<Napi::BigInt>().Uint64Value(&lossless);
+  if (!lossless) ThrowType(info.Env(), "setClock: ns must fit in 64 bits");
+  Ioctl(info.Env(), ArgInt(info, 0), KVM_SET_CLOCK, &data, "KVM_SET_CLOCK");
   return info.Env().Undefined();
 }
 
@@ -1171,6 +1227,15 @@ Napi::Value Writev(const Napi::CallbackInfo& info) {
     ThrowErrno(env, "writev", errno);
   }
   return Napi::Number::New(env, static_cast<double>(r));
+}
+
+// peerUid(socketFd) -> the uid of the process at the other end of a Unix
+// socket (SO_PEERCRED), for the control socket's owner check.
+Napi::Value PeerUid(const Napi::CallbackInfo& info) {
+  struct ucred cred = {};
+  socklen_t len = sizeof(cred);
+  if (getsockopt(ArgInt(info, 0), SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) ThrowErrno(info.Env(), "SO_PEERCRED", errno);
+  return Napi::Number::New(info.Env(), cred.uid);
 }
 
 Napi::Value LockFile(const Napi::CallbackInfo& info) {
@@ -1496,6 +1561,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   F("startVcpuOnLoop", StartVcpuOnLoop)
   F("kickVcpu", KickVcpu)
   F("stopVcpu", StopVcpu)
+  F("pauseVcpu", PauseVcpu)
+  F("resumeVcpu", ResumeVcpu)
+  F("getClock", GetClock)
+  F("setClock", SetClock)
   F("setSampleBuffer", SetSampleBuffer)
   F("eventfd", EventFd)
   F("eventfdWrite", EventFdWrite)
@@ -1506,6 +1575,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   F("read", Read)
   F("writev", Writev)
   F("lockFile", LockFile)
+  F("peerUid", PeerUid)
   F("pollStart", PollStart)
   F("pollResume", PollResume)
   F("pollStop", PollStop)

@@ -29,6 +29,8 @@ export function createVm(config: VmConfig): Promise<VirtualMachine> {
 export {
   VirtualMachine,
   VmConfigError,
+  VmStateError,
+  type VmState,
   DEFAULT_CMDLINE,
   DEFAULT_MEMORY,
   defaultCmdline,
@@ -54,7 +56,8 @@ export type { RunOptions, RunResult } from './vmm/shell.js';
 export { TsvmmError } from './errors.js';
 export { SandboxError, type SandboxConfig, type SandboxStatus } from './vmm/sandbox.js';
 export type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
-export { EXIT_CODES, type VmOutcome, type OutcomeKind } from './vmm/outcome.js';
+export { EXIT_CODES, EXIT_EXPECT_UNMET, EXIT_TIMEOUT, type VmOutcome, type OutcomeKind } from './vmm/outcome.js';
+export { ConfigFileError, parseVmConfig, readVmConfigFile, vmConfigSchema, type FileVmConfig } from './config-file.js';
 export { KvmError } from './vmm/kvm.js';
 export { BootError } from './vmm/boot/errors.js';
 export { createLogger, type LogLevel } from './log.js';

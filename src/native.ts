@@ -157,6 +157,8 @@ export const VcpuReport = {
   Error: 3,
   /** The thread could not install its seccomp filter (errno); it runs nothing. */
   FilterError: 4,
+  /** After pauseVcpu: the thread is out of KVM_RUN and waits for resumeVcpu. */
+  Paused: 5,
 } as const;
 export type VcpuReport = (typeof VcpuReport)[keyof typeof VcpuReport];
 
@@ -298,6 +300,15 @@ export interface NativeAddon {
   kickVcpu(handle: number, sample: boolean): void;
   /** Asks the thread to stop: it kicks the vCPU and reports Stopped. */
   stopVcpu(handle: number): void;
+  /** Takes a vCPU thread out of KVM_RUN until resumeVcpu; it reports Paused once out. Threads only. */
+  pauseVcpu(handle: number): void;
+  resumeVcpu(handle: number): void;
+  /** SO_PEERCRED: the uid of the process at the other end of a Unix socket. */
+  peerUid(socketFd: number): number;
+  /** KVM_GET_CLOCK: the VM's kvmclock, in ns. */
+  getClock(vmFd: number): bigint;
+  /** KVM_SET_CLOCK. */
+  setClock(vmFd: number, ns: bigint): void;
   /**
    * Gives the vCPU thread a buffer for RIP samples: a BigUint64Array view
    * where index 0 counts samples written and samples follow at 1.. (a ring

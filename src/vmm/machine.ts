@@ -17,6 +17,7 @@ import type { IrqLine } from '../devices/irq.js';
 import { Bus } from './bus.js';
 import { ConsoleStream, ConsoleWatcher } from './console.js';
 import { runOnConsole, type RunOptions, type RunResult } from './shell.js';
+import { TsvmmError } from '../errors.js';
 import { cpuidForVcpu, parseCpuid } from './cpuid.js';
 import { handleExit, type ExitContext, type GuestStop } from './exits.js';
 import { EMULATED_HOST_CMDLINE, EMULATED_HOST_SMP_CMDLINE, EmulationFallback } from './fallback.js';
@@ -181,6 +182,16 @@ function setUpCoalescedPio(kvm: Kvm, vm: VmFd, vcpu: Vcpu, log: Logger): Coalesc
 /** The coalesced ring's backstop drain: from 50 ms, doubling to 1 s while nothing waits (see pollCoalesced). */
 const COALESCED_BACKSTOP_MIN_MS = 50;
 const COALESCED_BACKSTOP_MAX_MS = 1000;
+
+/** What a VM is doing: see {@link VirtualMachine.state}. */
+export type VmState = 'created' | 'running' | 'paused' | 'ended';
+
+/** An operation the VM's state does not allow now (pausing a VM that has ended, resuming one that runs). */
+export class VmStateError extends TsvmmError {
+  constructor(message: string) {
+    super('ERR_TSVMM_VM_STATE', message);
+  }
+}
 
 export class VmConfigError extends Error {
   constructor(
@@ -347,6 +358,9 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private resolveDone!: (o: VmOutcome) => void;
   private started = false;
   private panicSeen = false;
+  /** While paused: the kvmclock KVM_GET_CLOCK gave at the pause (-1n: none). */
+  private pausedClock: bigint | undefined;
+  private pausing = false;
   /** The console's first "Kernel panic - not syncing: ..." line. */
   private panicLine: string | undefined;
   private profiler: Profiler | undefined;
@@ -702,6 +716,57 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
    */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.stop('disposed');
+  }
+
+  /**
+   * What the VM is doing: 'created' (before start), 'running', 'paused',
+   * 'ended' (stopping or stopped: {@link wait} has or will have the outcome).
+   */
+  get state(): VmState {
+    if (this.stopping) return 'ended';
+    if (!this.started) return 'created';
+    return this.pausedClock !== undefined || this.pausing ? 'paused' : 'running';
+  }
+
+  /**
+   * Stops every vCPU where it is (out of guest mode, the guest's state kept)
+   * until {@link resume}; devices keep completing I/O already under way.
+   * The guest's kvmclock is saved, so after resume the guest does not see
+   * the pause as time that passed. Needs vCPUs on threads (exitPath
+   * 'thread', the default). Resolves once every vCPU is out.
+   */
+  async pause(): Promise<void> {
+    if (this.state !== 'running') throw new VmStateError(`cannot pause a VM that is ${this.state}`);
+    if (this.config.exitPath === 'loop' && this.vcpus.length === 1) throw new VmStateError("pause needs vCPUs on threads of their own: exitPath 'thread' (the default), not 'loop'");
+    this.pausing = true;
+    try {
+      await Promise.all(this.vcpus.map((v) => v.pause()));
+    } finally {
+      this.pausing = false;
+    }
+    if (this.stopping) return;
+    try {
+      this.pausedClock = this.kvm.addon.getClock(this.vm.fd);
+    } catch (err) {
+      this.pausedClock = -1n; // paused, without a clock to put back
+      this.log.warn({ err }, 'KVM_GET_CLOCK failed: the guest will see the pause as time passed');
+    }
+    this.log.info('vm paused');
+  }
+
+  /** Lets a paused VM run on, with its kvmclock where the pause left it. */
+  resume(): void {
+    if (this.state !== 'paused' || this.pausedClock === undefined) throw new VmStateError(`cannot resume a VM that is ${this.pausing ? 'still pausing' : this.state}`);
+    if (this.pausedClock >= 0n) {
+      try {
+        this.kvm.addon.setClock(this.vm.fd, this.pausedClock);
+      } catch (err) {
+        this.log.warn({ err }, 'KVM_SET_CLOCK failed: the guest will see the pause as time passed');
+      }
+    }
+    this.pausedClock = undefined;
+    for (const v of this.vcpus) v.resume();
+    this.log.info('vm resumed');
   }
 
   /** The VM's counters now. */

@@ -241,9 +241,18 @@ export class Vcpu {
           case VcpuReport.FilterError:
             handlers.onError(new VcpuError(this.id, `its thread could not install the sandbox's seccomp filter (errno ${errno}); run with the sandbox off`));
             return VcpuAction.Stop;
+          case VcpuReport.Paused: {
+            const paused = this.pausedResolve;
+            this.pausedResolve = undefined;
+            paused?.();
+            return VcpuAction.Continue;
+          }
           case VcpuReport.Stopped:
             this.running = false;
             this.stoppedResolve();
+            // A pause still waiting for this thread is over too.
+            this.pausedResolve?.();
+            this.pausedResolve = undefined;
             return VcpuAction.Stop;
         }
       } catch (err) {
@@ -255,6 +264,26 @@ export class Vcpu {
     this.handle = onLoop
       ? this.addon.startVcpuOnLoop(this.fd, this.run, onReport)
       : this.addon.startVcpu(this.fd, this.run, onReport, handlers.filter);
+  }
+
+  private pausedResolve: (() => void) | undefined;
+
+  /**
+   * Takes the vCPU out of guest mode until {@link resume}: resolves once
+   * its thread has left KVM_RUN (or stopped). A vCPU on its own thread only.
+   */
+  pause(): Promise<void> {
+    if (this.handle === undefined || !this.running) return Promise.resolve();
+    const out = new Promise<void>((resolve) => {
+      this.pausedResolve = resolve;
+    });
+    this.addon.pauseVcpu(this.handle);
+    return out;
+  }
+
+  /** Lets a paused vCPU run again. */
+  resume(): void {
+    if (this.handle !== undefined && this.running) this.addon.resumeVcpu(this.handle);
   }
 
   /** Interrupts KVM_RUN: reported to onKick, or with `sample`, records RIP silently. */
