@@ -4,6 +4,7 @@
  * the code of the VM's outcome.
  */
 import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { createLogger, LOG_LEVELS, type Logger, type LogLevel } from './log.js';
 import { VirtualMachine, DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize, type VmConfig } from './vmm/machine.js';
@@ -12,6 +13,9 @@ import type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 import { parseDiskOption, parseNetOption } from './vmm/virtio-devices.js';
 import { DEFAULT_PROFILE_RATE_HZ, MAX_PROFILE_RATE_HZ } from './vmm/profiler.js';
 import { ConfigFileError, readVmConfigFile, type FileVmConfig } from './config-file.js';
+import { ApiServer, apiSocketPath } from './vmm/api.js';
+import { apiRequest, listSockets, socketFor, unreachable } from './api-client.js';
+import { native } from './native.js';
 
 /** Ctrl-A, the console escape key (as in QEMU and screen). */
 const ESCAPE = 0x01;
@@ -44,6 +48,7 @@ interface RunOptions {
   systemMap?: string;
   profileRate?: number;
   profileFormat?: 'text' | 'json';
+  apiSocket?: string;
   expect?: RegExp;
   expectExit?: boolean;
   timeout?: number;
@@ -155,6 +160,13 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void, consoleLog?: num
   };
 }
 
+/** With a sandbox, the control socket's directory stays writable: the socket is removed when the VM ends. */
+function withSocketDir(config: VmConfig, socketPath: string | undefined): VmConfig {
+  if (socketPath === undefined || !config.sandbox) return config;
+  const allow = typeof config.sandbox === 'object' ? (config.sandbox.allow ?? []) : [];
+  return { ...config, sandbox: { allow: [...allow, { path: dirname(resolve(socketPath)), access: 'write' }] } };
+}
+
 /** Writes all of `chunk` to `fd` (synchronously: a console log must not lag the guest's end). */
 function writeAll(fd: number, chunk: Uint8Array): void {
   for (let at = 0; at < chunk.length; ) at += writeSync(fd, chunk, at);
@@ -222,6 +234,8 @@ async function run(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
     return EXIT_USAGE;
   }
   let config: VmConfig;
+  // The control socket: asked for, or by default for a VM given a name.
+  const socketPath = opts.apiSocket ?? (sourceOf('name') === 'cli' ? apiSocketPath(opts.name) : undefined);
   try {
     config = { ...effectiveConfig(opts, sourceOf), logger: log };
   } catch (err) {
@@ -239,13 +253,13 @@ async function run(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
     }
   }
   try {
-    return await runVm(opts, config, log, consoleLog);
+    return await runVm(opts, withSocketDir(config, socketPath), log, consoleLog, socketPath);
   } finally {
     if (consoleLog !== undefined) closeSync(consoleLog);
   }
 }
 
-async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog: number | undefined): Promise<number> {
+async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog: number | undefined, socketPath: string | undefined): Promise<number> {
   let vm: VirtualMachine;
   try {
     vm = await VirtualMachine.create(config);
@@ -253,6 +267,23 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
     process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
     log.debug({ err }, 'vm creation failed');
     return EXIT_CODES.error;
+  }
+
+  let api: ApiServer | undefined;
+  if (socketPath !== undefined) {
+    try {
+      const addon = native();
+      api = await ApiServer.listen(vm, socketPath, {
+        peerUid: (socket) => {
+          const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+          return fd === undefined || fd < 0 ? undefined : addon.peerUid(fd);
+        },
+      });
+    } catch (err) {
+      process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+      await vm.stop('could not start');
+      return EXIT_CODES.error;
+    }
   }
 
   let signalCode: number | undefined;
@@ -299,6 +330,7 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
     return EXIT_CODES.error;
   }
   const result: VmOutcome = await vm.wait();
+  await api?.close();
   if (deadline) clearTimeout(deadline);
   disconnect();
   process.off('SIGINT', onSignal);
@@ -318,6 +350,46 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
     return EXIT_EXPECT_UNMET;
   }
   return result.kind === 'stopped' && signalCode !== undefined ? signalCode : result.exitCode;
+}
+
+/** `tsvmm ls`: one line per VM with a socket in the default directory. */
+async function listVms(): Promise<number> {
+  const rows: string[][] = [['NAME', 'STATE', 'PID', 'CPUS', 'MEMORY', 'STARTED']];
+  for (const { name, path } of listSockets()) {
+    try {
+      const { body } = await apiRequest(path, 'GET', '/vm', 5000);
+      const config = (body.config ?? {}) as { cpus?: number; memory?: number | string };
+      rows.push([name, String(body.state), String(body.pid), String(config.cpus ?? 1), String(config.memory ?? '256M'), String(body.startedAt)]);
+    } catch {
+      rows.push([name, 'gone', '-', '-', '-', '-']); // a socket left by a tsvmm that died
+    }
+  }
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  for (const r of rows) process.stdout.write(`${r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()}\n`);
+  return 0;
+}
+
+/** `tsvmm info|pause|resume|stop NAME`. */
+async function control(verb: 'info' | 'pause' | 'resume' | 'stop', name: string): Promise<number> {
+  const path = socketFor(name);
+  try {
+    if (verb === 'info') {
+      const vm = await apiRequest(path, 'GET', '/vm');
+      const stats = await apiRequest(path, 'GET', '/vm/stats');
+      process.stdout.write(`${JSON.stringify({ ...vm.body, stats: stats.body }, null, 2)}\n`);
+      return 0;
+    }
+    const r = await apiRequest(path, 'PUT', `/vm/${verb}`, verb === 'stop' ? 120_000 : 30_000);
+    if (r.status !== 200) {
+      process.stderr.write(`tsvmm: ${name}: ${String(r.body.error)}\n`);
+      return EXIT_CODES.error;
+    }
+    process.stdout.write(`${name}: ${String(r.body.state)}\n`);
+    return 0;
+  } catch (err) {
+    process.stderr.write(`tsvmm: ${unreachable(path, err as NodeJS.ErrnoException)}\n`);
+    return EXIT_CODES.error;
+  }
 }
 
 /** `tsvmm config --print`: the effective configuration as JSON on stdout. */
@@ -368,7 +440,11 @@ function addVmOptions(cmd: Command): Command {
     .addOption(new Option('--profile-format <format>', 'profile format (default: json for a .json file, else text)').choices(['text', 'json']));
 }
 
-export function buildProgram(onRun: (opts: RunOptions, sourceOf: SourceOf) => Promise<void>, onConfig: (opts: RunOptions, sourceOf: SourceOf) => void): Command {
+export function buildProgram(
+  onRun: (opts: RunOptions, sourceOf: SourceOf) => Promise<void>,
+  onConfig: (opts: RunOptions, sourceOf: SourceOf) => void,
+  onControl: (command: () => Promise<number>) => Promise<void>,
+): Command {
   const program = new Command('tsvmm')
     .description('A KVM virtual machine monitor with device models in TypeScript')
     .version(packageVersion(), '-V, --version', 'print the tsvmm version')
@@ -379,9 +455,29 @@ export function buildProgram(onRun: (opts: RunOptions, sourceOf: SourceOf) => Pr
     .option('--expect-exit', 'with --expect: stop the VM and exit 0 as soon as the match appears')
     .option('--timeout <duration>', `stop the VM after <duration> (90s, 5m, 1h) and exit ${EXIT_TIMEOUT} with the console's last lines on stderr`, parseDuration)
     .option('--console-log <file>', 'also write everything the guest console prints to <file>')
+    .option('--api-socket <path>', 'serve the control socket (tsvmm ls, info, pause, resume, stop) at <path>; default with --name: $XDG_RUNTIME_DIR/tsvmm/<name>.sock')
     .action(async (opts: RunOptions, cmd: Command) => {
       await onRun(opts, (key) => cmd.getOptionValueSource(key));
     });
+  program
+    .command('ls')
+    .description('list the VMs with a control socket under $XDG_RUNTIME_DIR/tsvmm')
+    .action(async () => {
+      await onControl(listVms);
+    });
+  for (const [verb, what] of [
+    ['info', "print a VM's state, configuration and counters as JSON"],
+    ['pause', "pause a VM's vCPUs"],
+    ['resume', 'resume a paused VM'],
+    ['stop', 'stop a VM (its tsvmm exits with code 130)'],
+  ] as const) {
+    program
+      .command(`${verb} <name>`)
+      .description(`${what} (<name>: a VM's --name, or its socket's path)`)
+      .action(async (name: string) => {
+        await onControl(() => control(verb, name));
+      });
+  }
   addVmOptions(program.command('config').description('show the VM configuration a command line makes (the same options as run), without running it'))
     .option('--print', 'print the effective configuration as JSON (the default action)')
     .action((opts: RunOptions, cmd: Command) => {
@@ -399,6 +495,9 @@ export async function main(argv: string[]): Promise<number> {
     },
     (opts, sourceOf) => {
       code = printConfig(opts, sourceOf);
+    },
+    async (command) => {
+      code = await command();
     },
   );
   try {

@@ -1,0 +1,69 @@
+/**
+ * The CLI's side of the control socket (src/vmm/api.ts): `tsvmm ls`,
+ * `info`, `pause`, `resume`, `stop`.
+ */
+import { readdirSync } from 'node:fs';
+import { request } from 'node:http';
+import { join } from 'node:path';
+import { apiSocketDir, apiSocketPath } from './vmm/api.js';
+
+export interface ApiReply {
+  status: number;
+  body: Record<string, unknown>;
+}
+
+/** A VM's socket: a NAME under the default directory, or a path. */
+export function socketFor(nameOrPath: string): string {
+  return nameOrPath.includes('/') ? nameOrPath : apiSocketPath(nameOrPath);
+}
+
+/** One request to the control socket at `socketPath`. */
+export function apiRequest(socketPath: string, method: 'GET' | 'PUT', path: string, timeoutMs = 30_000): Promise<ApiReply> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath, method, path, timeout: timeoutMs }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (text += d));
+      res.on('end', () => {
+        try {
+          resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) as Record<string, unknown> });
+        } catch (err) {
+          reject(new Error(`${socketPath} answered with something that is not JSON`, { cause: err }));
+        }
+      });
+    });
+    req.on('timeout', () => req.destroy(new Error(`${socketPath} did not answer within ${timeoutMs / 1000} s`)));
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** Why a socket could not be reached, in words and with the fix. */
+export function unreachable(socketPath: string, err: NodeJS.ErrnoException): string {
+  switch (err.code) {
+    case 'ENOENT':
+      return `no VM serves ${socketPath}: check the name with tsvmm ls (a VM has a socket when started with --name or --api-socket)`;
+    case 'EACCES':
+      return `no permission to use ${socketPath}: only the user who started the VM may`;
+    case 'ECONNREFUSED':
+      return `${socketPath} is left from a VM that ended: nothing answers there`;
+    case 'ECONNRESET':
+      return `${socketPath} refused this connection: only the user who started the VM may use it`;
+    default:
+      return `cannot reach ${socketPath}: ${err.message}`;
+  }
+}
+
+/** The sockets under the default directory, by VM name. */
+export function listSockets(): Array<{ name: string; path: string }> {
+  let entries: string[];
+  try {
+    entries = readdirSync(apiSocketDir());
+  } catch {
+    return [];
+  }
+  return entries
+    .filter((e) => e.endsWith('.sock'))
+    .sort()
+    .map((e) => ({ name: e.slice(0, -'.sock'.length), path: join(apiSocketDir(), e) }));
+}

@@ -1,0 +1,154 @@
+/**
+ * The control socket: JSON over HTTP on a Unix socket, for operators and
+ * scripts outside the VMM's process (`tsvmm ls`, `info`, `pause`,
+ * `resume`, `stop`). Only the socket's owner may use it: the socket is
+ * created mode 0600 in a directory of mode 0700, and every connection's
+ * peer uid (SO_PEERCRED) must be this process's uid.
+ *
+ *   GET  /vm          {"name","pid","state","startedAt","config"}
+ *   GET  /vm/stats    the VM's stats()
+ *   PUT  /vm/pause    {"state":"paused"}
+ *   PUT  /vm/resume   {"state":"running"}
+ *   PUT  /vm/stop     {"state":"ended","outcome":{...}} once the VM has ended
+ *
+ * Errors: 400 (the VM's state does not allow it: {"error","code"}), 404,
+ * 405.
+ */
+import { chmodSync, existsSync, lstatSync, mkdirSync, unlinkSync } from 'node:fs';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
+import { dirname, join } from 'node:path';
+import { TsvmmError } from '../errors.js';
+import { VmStateError, type VirtualMachine } from './machine.js';
+
+/** A control socket that cannot be set up. */
+export class ApiSocketError extends TsvmmError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_TSVMM_API_SOCKET', message, options);
+  }
+}
+
+/** Where VMs started with a name put their sockets: $XDG_RUNTIME_DIR/tsvmm, else /tmp/tsvmm-<uid>. */
+export function apiSocketDir(): string {
+  const runtime = process.env.XDG_RUNTIME_DIR;
+  return runtime ? join(runtime, 'tsvmm') : join('/tmp', `tsvmm-${process.getuid?.() ?? 0}`);
+}
+
+/** The default socket of a VM named `name`. */
+export function apiSocketPath(name: string): string {
+  return join(apiSocketDir(), `${name}.sock`);
+}
+
+export interface ApiServerOptions {
+  /** The uid of the peer at the other end of a connection (SO_PEERCRED); undefined when it cannot be told. */
+  peerUid: (socket: Socket) => number | undefined;
+}
+
+/** Serves `vm` on a Unix socket at `path` until {@link ApiServer.close} (which removes the socket). */
+export class ApiServer {
+  private constructor(
+    private readonly server: Server,
+    readonly path: string,
+  ) {}
+
+  static async listen(vm: VirtualMachine, path: string, options: ApiServerOptions): Promise<ApiServer> {
+    const dir = dirname(path);
+    try {
+      mkdirSync(dir, { recursive: true, mode: 0o700 });
+    } catch (err) {
+      throw new ApiSocketError(`cannot create the directory ${dir} for the control socket (${(err as NodeJS.ErrnoException).code})`, { cause: err });
+    }
+    if (existsSync(path)) {
+      if (!lstatSync(path).isSocket()) throw new ApiSocketError(`${path} exists and is not a socket: choose another --api-socket path`);
+      if (await answers(path)) throw new ApiSocketError(`a VM already serves ${path}: give this one another --name or --api-socket`);
+      unlinkSync(path); // left by a VMM that died
+    }
+    const started = new Date().toISOString();
+    const me = process.getuid?.();
+    const server = createServer((req, res) => {
+      void handle(vm, req, res, started).catch((err: unknown) => send(res, 500, { error: String((err as Error).message ?? err) }));
+    });
+    server.on('connection', (socket: Socket) => {
+      const uid = options.peerUid(socket);
+      if (me !== undefined && uid !== me) socket.destroy();
+    });
+    const umask = process.umask(0o177); // the socket is born 0600
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(path, () => {
+          server.off('error', reject);
+          resolve();
+        });
+      });
+    } catch (err) {
+      throw new ApiSocketError(`cannot listen on ${path} (${(err as NodeJS.ErrnoException).code})`, { cause: err });
+    } finally {
+      process.umask(umask);
+    }
+    chmodSync(path, 0o600);
+    server.unref();
+    return new ApiServer(server, path);
+  }
+
+  /** Stops serving and removes the socket. */
+  async close(): Promise<void> {
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    try {
+      unlinkSync(this.path);
+    } catch {
+      // already gone
+    }
+  }
+}
+
+/** Whether something answers on the socket at `path`. */
+function answers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    import('node:net').then(({ connect }) => {
+      const s = connect(path);
+      s.once('connect', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.once('error', () => resolve(false));
+    }, () => resolve(false));
+  });
+}
+
+function send(res: ServerResponse, status: number, body: unknown): void {
+  const text = `${JSON.stringify(body, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v))}\n`;
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+async function handle(vm: VirtualMachine, req: IncomingMessage, res: ServerResponse, startedAt: string): Promise<void> {
+  const url = new URL(req.url ?? '/', 'http://tsvmm');
+  const route = `${req.method} ${url.pathname}`;
+  const { logger: _logger, ...config } = vm.config;
+  try {
+    switch (route) {
+      case 'GET /vm':
+        return send(res, 200, { name: vm.config.name ?? 'tsvmm', pid: process.pid, state: vm.state, startedAt, config });
+      case 'GET /vm/stats':
+        return send(res, 200, vm.stats());
+      case 'PUT /vm/pause':
+        await vm.pause();
+        return send(res, 200, { state: vm.state });
+      case 'PUT /vm/resume':
+        vm.resume();
+        return send(res, 200, { state: vm.state });
+      case 'PUT /vm/stop': {
+        const outcome = await vm.stop('stopped through the control socket');
+        const { error: _error, ...plain } = outcome;
+        return send(res, 200, { state: vm.state, outcome: plain });
+      }
+      default:
+        if (['/vm', '/vm/stats', '/vm/pause', '/vm/resume', '/vm/stop'].includes(url.pathname)) return send(res, 405, { error: `${req.method} is not allowed on ${url.pathname}` });
+        return send(res, 404, { error: `no such endpoint: ${url.pathname}` });
+    }
+  } catch (err) {
+    if (err instanceof VmStateError) return send(res, 400, { error: err.message, code: err.code });
+    throw err;
+  }
+}

@@ -1,0 +1,118 @@
+/**
+ * The control socket through the real CLI: two VMs started with --name,
+ * `tsvmm ls` lists them, `info` gives state and counters, `pause` stops a
+ * guest's progress (a ticker it runs prints nothing) and `resume` restarts
+ * it, `stop` ends a VM with its exit code; another user is refused.
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { fixtures } from '../helpers/fixtures.js';
+import { BOOT_TIMEOUT_MS, CLI, PROMPT, kvmUnavailable, runCli, testCmdline, until, type CliResult, type ConsoleOutput } from '../helpers/guest.js';
+import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
+
+const noKvm = kvmUnavailable();
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+let runtime: string;
+beforeAll(() => {
+  runtime = mkdtempSync(join(tmpdir(), 'tsvmm-api-'));
+  process.env.XDG_RUNTIME_DIR = runtime; // the children's default socket directory
+});
+afterAll(() => {
+  rmSync(runtime, { recursive: true, force: true });
+});
+
+function tsvmm(...args: string[]): { code: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 120_000 });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+function canSwitchUser(): boolean {
+  if (process.getuid?.() !== 0) return false;
+  try {
+    execFileSync('setpriv', ['--version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe('tsvmm info/pause/stop: no such VM', () => {
+  it('names the socket it looked for and what to do', () => {
+    const r = tsvmm('info', 'no-such-vm');
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim()).toMatch(/^tsvmm: no VM serves .*tsvmm\/no-such-vm\.sock: check the name with tsvmm ls/);
+  });
+});
+
+describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
+  it(
+    'lists two VMs, pauses and resumes one, stops the other, and refuses another user',
+    retryEmulatorFault(async () => {
+      const fx = fixtures();
+      const names = [`api-a-${process.pid}`, `api-b-${process.pid}`];
+      const outs: ConsoleOutput[] = [];
+      const runs: Promise<CliResult>[] = names.map((name) =>
+        runCli(['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--cmdline', testCmdline(), '--name', name], {
+          drive: (child, out) => {
+            outs.push(out);
+            // A ticker: a line every 100 ms of guest time.
+            void until(out, PROMPT).then(
+              () => child.stdin.write('(i=0; while :; do i=$((i+1)); echo "@@TI""CK $i"; sleep 0.1; done) &\n'),
+              () => child.kill('SIGKILL'),
+            );
+          },
+        }),
+      );
+      try {
+        for (const out of outs) await until(out, /@@TICK 2\r?\n/, BOOT_TIMEOUT_MS);
+        const sock = join(runtime, 'tsvmm', `${names[0]}.sock`);
+        expect(statSync(sock).mode & 0o777).toBe(0o600);
+        expect(statSync(join(runtime, 'tsvmm')).mode & 0o777).toBe(0o700);
+
+        const ls = tsvmm('ls');
+        expect(ls.code, ls.stderr).toBe(0);
+        for (const n of names) expect(ls.stdout).toMatch(new RegExp(`^${n}\\s+running\\s+\\d+\\s+1\\s+128M\\s`, 'm'));
+
+        const info = tsvmm('info', names[0]!);
+        expect(info.code, info.stderr).toBe(0);
+        const body = JSON.parse(info.stdout) as { name: string; state: string; config: { memory: string }; stats: { exits: Record<string, number> } };
+        expect(body).toMatchObject({ name: names[0], state: 'running', config: { memory: '128M' } });
+        expect(Object.values(body.stats.exits).reduce((a, b) => a + b, 0)).toBeGreaterThan(0);
+
+        // Pause: the ticker stops; resume: it goes on.
+        expect(tsvmm('pause', names[0]!).stdout.trim()).toBe(`${names[0]}: paused`);
+        expect(JSON.parse(tsvmm('info', names[0]!).stdout).state).toBe('paused');
+        await sleep(1500); // output the guest made before the pause has arrived
+        const atPause = outs[0]!().length;
+        await sleep(2000);
+        expect(outs[0]!().length, 'the paused guest printed').toBe(atPause);
+        expect(tsvmm('pause', names[0]!).stderr.trim()).toMatch(/^tsvmm: api-a-\d+: cannot pause a VM that is paused$/);
+        expect(tsvmm('resume', names[0]!).stdout.trim()).toBe(`${names[0]}: running`);
+        await until(() => outs[0]!().slice(atPause), /@@TICK \d+\r?\n/, BOOT_TIMEOUT_MS);
+
+        // Another user cannot use the socket.
+        if (canSwitchUser()) {
+          const other = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, CLI, 'info', sock], { encoding: 'utf8', env: { ...process.env, HOME: '/nonexistent' } });
+          expect(other.status).toBe(1);
+          expect(other.stderr.trim()).toMatch(/^tsvmm: no permission to use .*: only the user who started the VM may$/);
+        }
+
+        // Stop: the VM ends with the exit code of a host stop; its socket goes.
+        expect(tsvmm('stop', names[1]!).stdout.trim()).toBe(`${names[1]}: ended`);
+        const b = await runs[1]!;
+        expect(b.code).toBe(130);
+        expect(b.stderr).toContain('stopped through the control socket');
+        expect(tsvmm('ls').stdout).not.toContain(names[1]);
+        expect(tsvmm('stop', names[0]!).code).toBe(0);
+        expect((await runs[0]!).code).toBe(130);
+      } finally {
+        for (const n of names) tsvmm('stop', n);
+        await Promise.all(runs);
+      }
+    }),
+    RETRY_TIMEOUT_MS,
+  );
+});
