@@ -38,6 +38,79 @@ export function apiRequest(socketPath: string, method: 'GET' | 'PUT', path: stri
   });
 }
 
+/** Ctrl-A: the console's escape key, as in `tsvmm run`. */
+const ESCAPE = 0x01;
+
+/**
+ * `tsvmm console NAME`: the terminal joined to the VM's console until
+ * Ctrl-A x (or the end of stdin), which detaches and leaves the VM
+ * running; resolves with the exit code (0 detached, 1 the VM ended or the
+ * socket failed).
+ */
+export function attachConsole(socketPath: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath, method: 'GET', path: '/vm/console', headers: { connection: 'upgrade', upgrade: 'tsvmm-console' } });
+    req.on('error', reject);
+    req.on('response', (res) => {
+      res.resume();
+      reject(Object.assign(new Error(res.statusCode === 409 ? `the VM at ${socketPath} has ended` : `${socketPath} refused the console (HTTP ${res.statusCode})`), { code: 'EREFUSED' }));
+    });
+    req.on('upgrade', (_res, socket, head) => {
+      const stdin = process.stdin;
+      const raw = stdin.isTTY === true;
+      if (raw) stdin.setRawMode(true);
+      let escaped = false;
+      let detached = false;
+      const finish = (code: number) => {
+        stdin.off('data', onData);
+        stdin.off('end', onStdinEnd);
+        if (raw) stdin.setRawMode(false);
+        stdin.pause();
+        socket.destroy();
+        resolve(code);
+      };
+      const onData = (chunk: Buffer) => {
+        const out: number[] = [];
+        for (const b of chunk) {
+          if (escaped) {
+            escaped = false;
+            if (b === 0x78 /* x */) {
+              if (out.length > 0) socket.write(Buffer.from(out));
+              detached = true;
+              process.stderr.write('\r\ntsvmm: detached; the VM runs on\r\n');
+              socket.end(() => finish(0));
+              return;
+            }
+            if (b === ESCAPE) out.push(ESCAPE);
+            continue;
+          }
+          if (b === ESCAPE) escaped = true;
+          else out.push(b);
+        }
+        if (out.length > 0) socket.write(Buffer.from(out));
+      };
+      const onStdinEnd = () => {
+        detached = true;
+        socket.end(() => finish(0));
+      };
+      if (head.length > 0) process.stdout.write(head);
+      socket.on('data', (d: Buffer) => process.stdout.write(d));
+      socket.on('close', () => {
+        if (!detached) {
+          process.stderr.write('\r\ntsvmm: the VM ended\r\n');
+          finish(1);
+        }
+      });
+      socket.on('error', () => socket.destroy());
+      stdin.on('data', onData);
+      stdin.on('end', onStdinEnd);
+      stdin.resume();
+      if (raw) process.stderr.write('tsvmm: attached; Ctrl-A x detaches\r\n');
+    });
+    req.end();
+  });
+}
+
 /** Why a socket could not be reached, in words and with the fix. */
 export function unreachable(socketPath: string, err: NodeJS.ErrnoException): string {
   switch (err.code) {

@@ -3,7 +3,9 @@
  * from flags, connects the guest console to stdin/stdout, and exits with
  * the code of the VM's outcome.
  */
-import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { closeSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { createLogger, LOG_LEVELS, type Logger, type LogLevel } from './log.js';
@@ -14,7 +16,7 @@ import { parseDiskOption, parseNetOption } from './vmm/virtio-devices.js';
 import { DEFAULT_PROFILE_RATE_HZ, MAX_PROFILE_RATE_HZ } from './vmm/profiler.js';
 import { ConfigFileError, readVmConfigFile, type FileVmConfig } from './config-file.js';
 import { ApiServer, apiSocketPath } from './vmm/api.js';
-import { apiRequest, listSockets, socketFor, unreachable } from './api-client.js';
+import { apiRequest, attachConsole, listSockets, socketFor, unreachable } from './api-client.js';
 import { native } from './native.js';
 
 /** Ctrl-A, the console escape key (as in QEMU and screen). */
@@ -49,6 +51,7 @@ interface RunOptions {
   profileRate?: number;
   profileFormat?: 'text' | 'json';
   apiSocket?: string;
+  detach?: boolean;
   expect?: RegExp;
   expectExit?: boolean;
   timeout?: number;
@@ -224,6 +227,7 @@ export function effectiveConfig(opts: RunOptions, sourceOf: SourceOf): VmConfig 
 }
 
 async function run(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
+  if (opts.detach) return detach(opts, sourceOf);
   const log = createLogger(opts.logLevel);
   if (opts.expectExit && opts.expect === undefined) {
     process.stderr.write('tsvmm: --expect-exit ends the VM when the --expect pattern appears: add --expect <regex>\n');
@@ -352,6 +356,45 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
   return result.kind === 'stopped' && signalCode !== undefined ? signalCode : result.exitCode;
 }
 
+/**
+ * `tsvmm run --detach`: the same command line, without --detach, in a
+ * child process of its own session (stdin and stdout /dev/null, stderr to
+ * NAME.log beside the socket); returns once the VM's control socket
+ * answers, printing its name, or with the child's error when it ended
+ * first.
+ */
+async function detach(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
+  const name = sourceOf('name') === 'cli' ? opts.name : `vm-${randomBytes(3).toString('hex')}`;
+  const socketPath = opts.apiSocket ?? apiSocketPath(name);
+  const argv = process.argv.slice(2).filter((a) => a !== '--detach');
+  if (sourceOf('name') !== 'cli') argv.push('--name', name);
+  const logPath = socketPath.replace(/\.sock$/, '') + '.log';
+  mkdirSync(dirname(logPath), { recursive: true, mode: 0o700 });
+  const logFd = openSync(logPath, 'w', 0o600);
+  const child = spawn(process.execPath, [process.argv[1]!, ...argv], { detached: true, stdio: ['ignore', 'ignore', logFd] });
+  closeSync(logFd);
+  let exited: number | undefined;
+  child.once('exit', (code) => (exited = code ?? 1));
+  const deadline = performance.now() + 120_000;
+  while (performance.now() < deadline) {
+    if (exited !== undefined) {
+      process.stderr.write(readFileSync(logPath, 'utf8'));
+      return exited === 0 ? EXIT_CODES.error : exited;
+    }
+    try {
+      await apiRequest(socketPath, 'GET', '/vm', 2000);
+      child.unref();
+      process.stdout.write(`${name}\n`);
+      return 0;
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  child.kill('SIGTERM');
+  process.stderr.write(`tsvmm: the detached VM did not open its control socket ${socketPath} within 2 min; its log: ${logPath}\n`);
+  return EXIT_CODES.error;
+}
+
 /** `tsvmm ls`: one line per VM with a socket in the default directory. */
 async function listVms(): Promise<number> {
   const rows: string[][] = [['NAME', 'STATE', 'PID', 'CPUS', 'MEMORY', 'STARTED']];
@@ -455,6 +498,7 @@ export function buildProgram(
     .option('--expect-exit', 'with --expect: stop the VM and exit 0 as soon as the match appears')
     .option('--timeout <duration>', `stop the VM after <duration> (90s, 5m, 1h) and exit ${EXIT_TIMEOUT} with the console's last lines on stderr`, parseDuration)
     .option('--console-log <file>', 'also write everything the guest console prints to <file>')
+    .option('--detach', 'start the VM in the background and print its name (with --name, or a generated one); reach it with tsvmm console, info, stop')
     .option('--api-socket <path>', 'serve the control socket (tsvmm ls, info, pause, resume, stop) at <path>; default with --name: $XDG_RUNTIME_DIR/tsvmm/<name>.sock')
     .action(async (opts: RunOptions, cmd: Command) => {
       await onRun(opts, (key) => cmd.getOptionValueSource(key));
@@ -478,6 +522,21 @@ export function buildProgram(
         await onControl(() => control(verb, name));
       });
   }
+  program
+    .command('console <name>')
+    .description("join this terminal to a running VM's console; Ctrl-A x detaches and leaves the VM running")
+    .action(async (name: string) => {
+      await onControl(async () => {
+        const path = socketFor(name);
+        try {
+          return await attachConsole(path);
+        } catch (err) {
+          const e = err as NodeJS.ErrnoException;
+          process.stderr.write(`tsvmm: ${e.code === 'EREFUSED' ? e.message : unreachable(path, e)}\n`);
+          return EXIT_CODES.error;
+        }
+      });
+    });
   addVmOptions(program.command('config').description('show the VM configuration a command line makes (the same options as run), without running it'))
     .option('--print', 'print the effective configuration as JSON (the default action)')
     .action((opts: RunOptions, cmd: Command) => {

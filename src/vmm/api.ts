@@ -10,6 +10,8 @@
  *   PUT  /vm/pause    {"state":"paused"}
  *   PUT  /vm/resume   {"state":"running"}
  *   PUT  /vm/stop     {"state":"ended","outcome":{...}} once the VM has ended
+ *   GET  /vm/console  with `Upgrade: tsvmm-console`: after 101, the raw
+ *                     console both ways (guest output out, input in)
  *
  * Errors: 400 (the VM's state does not allow it: {"error","code"}), 404,
  * 405.
@@ -68,6 +70,7 @@ export class ApiServer {
     const server = createServer((req, res) => {
       void handle(vm, req, res, started).catch((err: unknown) => send(res, 500, { error: String((err as Error).message ?? err) }));
     });
+    server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => attachConsole(vm, req, socket, head));
     server.on('connection', (socket: Socket) => {
       const uid = options.peerUid(socket);
       if (me !== undefined && uid !== me) socket.destroy();
@@ -113,6 +116,36 @@ function answers(path: string): Promise<boolean> {
       });
       s.once('error', () => resolve(false));
     }, () => resolve(false));
+  });
+}
+
+/** Output an attached client has not taken beyond which it is dropped: a stuck client must not grow the VMM. */
+const ATTACH_BACKLOG_LIMIT = 1024 * 1024;
+
+/** `GET /vm/console` with `Upgrade: tsvmm-console`: the console as a raw byte stream until either side closes. */
+function attachConsole(vm: VirtualMachine, req: IncomingMessage, socket: Socket, head: Buffer): void {
+  if (req.url !== '/vm/console' || req.headers.upgrade?.toLowerCase() !== 'tsvmm-console') {
+    socket.end('HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
+    return;
+  }
+  if (vm.state === 'ended') {
+    socket.end('HTTP/1.1 409 Conflict\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
+    return;
+  }
+  socket.write('HTTP/1.1 101 Switching Protocols\r\nupgrade: tsvmm-console\r\nconnection: upgrade\r\n\r\n');
+  const onOutput = (chunk: Buffer) => {
+    if (socket.writableLength > ATTACH_BACKLOG_LIMIT) socket.destroy();
+    else socket.write(chunk);
+  };
+  const onEnd = () => socket.end();
+  vm.console.on('data', onOutput);
+  vm.console.once('end', onEnd);
+  if (head.length > 0) vm.console.write(head);
+  socket.on('data', (d: Buffer) => vm.console.write(d));
+  socket.on('error', () => socket.destroy());
+  socket.once('close', () => {
+    vm.console.off('data', onOutput);
+    vm.console.off('end', onEnd);
   });
 }
 

@@ -115,4 +115,37 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
     }),
     RETRY_TIMEOUT_MS,
   );
+
+  it(
+    'starts a VM with --detach, attaches to its console, runs a command, and detaches with the VM still running',
+    retryEmulatorFault(async () => {
+      const fx = fixtures();
+      const name = `api-det-${process.pid}`;
+      const started = tsvmm('run', '--detach', '--name', name, '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--cmdline', testCmdline());
+      expect(started.code, started.stderr).toBe(0);
+      expect(started.stdout.trim()).toBe(name);
+      try {
+        expect(JSON.parse(tsvmm('info', name).stdout).state).toBe('running');
+        // Typed before the shell is up, the line waits in the guest's tty.
+        const attached = await runCli(['console', name], {
+          drive: (child, out) => {
+            child.stdin.write('echo "@@AT""TACHED $((40+2))"\n');
+            void until(out, /@@ATTACHED 42/).then(
+              () => child.stdin.write('\x01x'), // Ctrl-A x
+              () => child.kill('SIGKILL'),
+            );
+          },
+        });
+        expect(attached.code, attached.stderr).toBe(0);
+        expect(attached.stdout).toContain('@@ATTACHED 42');
+        expect(attached.stderr).toContain('detached; the VM runs on');
+        expect(JSON.parse(tsvmm('info', name).stdout).state).toBe('running');
+        expect(tsvmm('stop', name).stdout.trim()).toBe(`${name}: ended`);
+      } finally {
+        tsvmm('stop', name);
+      }
+      await until(() => tsvmm('ls').stdout, new RegExp(`^(?![\\s\\S]*${name})`), 30_000);
+    }),
+    RETRY_TIMEOUT_MS,
+  );
 });
