@@ -6,6 +6,7 @@ import { readdirSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { apiSocketDir, apiSocketPath } from './vmm/api.js';
+import { EscapeKeys } from './escape-keys.js';
 
 export interface ApiReply {
   status: number;
@@ -38,8 +39,6 @@ export function apiRequest(socketPath: string, method: 'GET' | 'PUT', path: stri
   });
 }
 
-/** Ctrl-A: the console's escape key, as in `tsvmm run`. */
-const ESCAPE = 0x01;
 
 /**
  * `tsvmm console NAME`: the terminal joined to the VM's console until
@@ -59,7 +58,6 @@ export function attachConsole(socketPath: string): Promise<number> {
       const stdin = process.stdin;
       const raw = stdin.isTTY === true;
       if (raw) stdin.setRawMode(true);
-      let escaped = false;
       let detached = false;
       const finish = (code: number) => {
         stdin.off('data', onData);
@@ -69,25 +67,16 @@ export function attachConsole(socketPath: string): Promise<number> {
         socket.destroy();
         resolve(code);
       };
+      const keys = new EscapeKeys();
       const onData = (chunk: Buffer) => {
-        const out: number[] = [];
-        for (const b of chunk) {
-          if (escaped) {
-            escaped = false;
-            if (b === 0x78 /* x */) {
-              if (out.length > 0) socket.write(Buffer.from(out));
-              detached = true;
-              process.stderr.write('\r\ntsvmm: detached; the VM runs on\r\n');
-              socket.end(() => finish(0));
-              return;
-            }
-            if (b === ESCAPE) out.push(ESCAPE);
-            continue;
-          }
-          if (b === ESCAPE) escaped = true;
-          else out.push(b);
+        const typed = keys.filter(chunk);
+        if (typed.bytes.length > 0) socket.write(typed.bytes);
+        if (typed.help) process.stderr.write('\r\ntsvmm: Ctrl-A x detaches, Ctrl-A Ctrl-A sends Ctrl-A\r\n');
+        if (typed.quit) {
+          detached = true;
+          process.stderr.write('\r\ntsvmm: detached; the VM runs on\r\n');
+          socket.end(() => finish(0));
         }
-        if (out.length > 0) socket.write(Buffer.from(out));
       };
       const onStdinEnd = () => {
         detached = true;

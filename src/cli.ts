@@ -18,9 +18,8 @@ import { ConfigFileError, readVmConfigFile, type FileVmConfig } from './config-f
 import { ApiServer, apiSocketPath } from './vmm/api.js';
 import { apiRequest, attachConsole, listSockets, socketFor, unreachable } from './api-client.js';
 import { native } from './native.js';
+import { EscapeKeys } from './escape-keys.js';
 
-/** Ctrl-A, the console escape key (as in QEMU and screen). */
-const ESCAPE = 0x01;
 
 interface RunOptions {
   config?: string;
@@ -113,7 +112,6 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void, consoleLog?: num
   const stdin = process.stdin;
   const raw = stdin.isTTY === true;
   if (raw) stdin.setRawMode(true);
-  let escaped = false;
   // Back-pressure for piped input: stop reading while the guest is behind.
   // Not for a terminal, typed at human speed, whose Ctrl-A x must always work.
   let connected = true;
@@ -123,27 +121,16 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void, consoleLog?: num
       vm.console.once('drain', () => connected && stdin.resume());
     }
   };
+  const keys = new EscapeKeys();
   const onData = (chunk: Buffer) => {
     if (!raw) {
       send(chunk);
       return;
     }
-    const out: number[] = [];
-    for (const b of chunk) {
-      if (escaped) {
-        escaped = false;
-        if (b === 0x78 /* x */) {
-          onQuit();
-          return;
-        }
-        if (b === ESCAPE) out.push(ESCAPE);
-        else if (b === 0x68 /* h */) process.stderr.write('\r\ntsvmm: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A\r\n');
-        continue;
-      }
-      if (b === ESCAPE) escaped = true;
-      else out.push(b);
-    }
-    if (out.length > 0) send(Buffer.from(out));
+    const typed = keys.filter(chunk);
+    if (typed.bytes.length > 0) send(typed.bytes);
+    if (typed.help) process.stderr.write('\r\ntsvmm: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A\r\n');
+    if (typed.quit) onQuit();
   };
   stdin.on('data', onData);
   // Back-pressure the other way: a terminal or pipe that does not keep up

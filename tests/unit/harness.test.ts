@@ -9,6 +9,7 @@ import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CONSOLE_TRANSCRIPT_LIMIT, ConsoleStream, ConsoleWaitError } from '../../src/vmm/console.js';
 import { runOnConsole } from '../../src/vmm/shell.js';
+import { EscapeKeys } from '../../src/escape-keys.js';
 
 function rejection(p: Promise<unknown>): Promise<ConsoleWaitError> {
   return p.then(
@@ -164,5 +165,15 @@ describe('vm.run on a shell', () => {
     const running = runOnConsole(c, 'sleep 5', { signal: ac.signal });
     setTimeout(() => ac.abort(), 50);
     expect((await rejection(running)).code).toBe('ERR_TSVMM_WAIT_ABORTED');
+  });
+});
+
+describe('console escape keys (Ctrl-A)', () => {
+  it('passes typed bytes, turns Ctrl-A Ctrl-A into one Ctrl-A, and stops at Ctrl-A x, also across chunks', () => {
+    const keys = new EscapeKeys();
+    expect(keys.filter(Buffer.from('ls\n'))).toEqual({ bytes: Buffer.from('ls\n'), quit: false, help: false });
+    expect(keys.filter(Buffer.from('a\x01\x01b\x01h\x01zc'))).toEqual({ bytes: Buffer.from('a\x01bc'), quit: false, help: true });
+    expect(keys.filter(Buffer.from('de\x01'))).toEqual({ bytes: Buffer.from('de'), quit: false, help: false });
+    expect(keys.filter(Buffer.from('xignored'))).toEqual({ bytes: Buffer.alloc(0), quit: true, help: false });
   });
 });
