@@ -352,7 +352,6 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   readonly log: Logger;
   private readonly exitCounts = new Map<string, number>();
   private readonly fallbacks: EmulationFallback[] = [];
-  private finished: VmOutcome | undefined;
   private stopping: VmOutcome | undefined;
   private readonly done: Promise<VmOutcome>;
   private resolveDone!: (o: VmOutcome) => void;
@@ -891,21 +890,36 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     if (this.coalescedTimer) clearTimeout(this.coalescedTimer);
     this.coalescedTimer = undefined;
     this.log.info({ outcome: result.kind, message: result.message }, 'vm ending');
-    void Promise.all(this.vcpus.map((v) => v.stop()))
-      .then(() => this.virtio.drain())
-      .then(() => {
-      // The guest's last output may still wait in the ring.
-      this.drainCoalesced();
-      this.pit?.dispose();
-      this.virtio.close();
-      this.console.finish();
-      for (const v of this.vcpus) v.close();
-      this.vm.close();
-      this.kvm.close();
-      this.finished = result;
-      this.emit('exit', result);
-      this.resolveDone(result);
-    });
+    void this.teardown(result);
+  }
+
+  /**
+   * Stops the vCPUs, lets device I/O drain, then closes everything in
+   * order. Total: a step that fails is logged and the rest still runs, and
+   * wait() always settles.
+   */
+  private async teardown(result: VmOutcome): Promise<void> {
+    const failed = (what: string, err: unknown) => this.log.error({ err, step: what }, 'vm teardown step failed');
+    const step = (what: string, f: () => void): void => {
+      try {
+        f();
+      } catch (err) {
+        failed(what, err);
+      }
+    };
+    await Promise.all(this.vcpus.map((v) => v.stop())).catch((err: unknown) => failed('stop vCPUs', err));
+    await this.virtio.drain().catch((err: unknown) => failed('drain device I/O', err));
+    // From here on synchronous, so 'exit' listeners run before anything
+    // awaiting the console's end or wait() learns of it.
+    step('drain the coalesced ring', () => this.drainCoalesced()); // the guest's last output may still wait there
+    step('stop the PIT', () => this.pit?.dispose());
+    step('close devices', () => this.virtio.close());
+    step('end the console', () => this.console.finish());
+    for (const v of this.vcpus) step(`close vCPU ${v.id}`, () => v.close());
+    step('close the VM', () => this.vm.close());
+    step('close /dev/kvm', () => this.kvm.close());
+    step("emit 'exit'", () => this.emit('exit', result));
+    this.resolveDone(result);
   }
 }
 
