@@ -686,9 +686,24 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     return { files, vcpuThreads };
   }
 
-  /** Resolves with the outcome once the VM has ended and every vCPU thread has stopped. */
-  wait(): Promise<VmOutcome> {
-    return this.done;
+  /**
+   * Resolves with the outcome once the VM has ended and every vCPU thread
+   * has stopped. With `signal`, rejects with an AbortError when it aborts
+   * first (the VM runs on).
+   */
+  wait(options: { signal?: AbortSignal } = {}): Promise<VmOutcome> {
+    const { signal } = options;
+    if (!signal) return this.done;
+    const aborted = () => new DOMException('vm.wait() aborted', 'AbortError');
+    if (signal.aborted) return Promise.reject(Object.assign(aborted(), { cause: signal.reason }));
+    return new Promise((resolve, reject) => {
+      const onAbort = () => reject(Object.assign(aborted(), { cause: signal.reason }));
+      signal.addEventListener('abort', onAbort, { once: true });
+      void this.done.then((o) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(o);
+      });
+    });
   }
 
   /** Stops the VM from the host side. */

@@ -1,6 +1,7 @@
 /**
  * Teardown is total: a close that throws is logged, everything after it
- * still closes (no fd of the VM left), and wait() settles.
+ * still closes (no fd of the VM left), and wait() settles; a wait with an
+ * AbortSignal ends on the abort.
  */
 import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -31,6 +32,12 @@ describe.skipIf(noKvm !== undefined)(`VM teardown${noKvm ? ` (skipped: ${noKvm})
       throw new Error('close failed on purpose');
     };
     vm.start();
+    // A wait with a signal ends on the abort; the VM runs on.
+    const ac = new AbortController();
+    const waiting = vm.wait({ signal: ac.signal });
+    ac.abort(new Error('enough waiting'));
+    await expect(waiting).rejects.toMatchObject({ name: 'AbortError', cause: { message: 'enough waiting' } });
+    expect(vm.state).toBe('running');
     const outcome = await vm.stop('test over');
     expect(outcome.kind).toBe('stopped');
     expect(lines.join('')).toMatch(/"step":"close devices".*vm teardown step failed|vm teardown step failed.*"step":"close devices"/);
