@@ -5,10 +5,11 @@
  * it, `stop` ends a VM with its exit code; another user is refused.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildPrintAndHaltKernel } from '../../src/vmm/boot/synthetic.js';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, CLI, PROMPT, kvmUnavailable, runCli, testCmdline, until, type CliResult, type ConsoleOutput } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
@@ -16,9 +17,13 @@ import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 const noKvm = kvmUnavailable();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 let runtime: string;
+/** The second VM's kernel: prints a line and halts (an idle VM costs nothing; two busy guests at once kill the emulated AMD-V host). */
+let idleKernel: string;
 beforeAll(() => {
   runtime = mkdtempSync(join(tmpdir(), 'tsvmm-api-'));
   process.env.XDG_RUNTIME_DIR = runtime; // the children's default socket directory
+  idleKernel = join(runtime, 'idle.elf');
+  writeFileSync(idleKernel, buildPrintAndHaltKernel('@@IDLE up\n'));
 });
 afterAll(() => {
   rmSync(runtime, { recursive: true, force: true });
@@ -54,27 +59,30 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
       const fx = fixtures();
       const names = [`api-a-${process.pid}`, `api-b-${process.pid}`];
       const outs: ConsoleOutput[] = [];
-      const runs: Promise<CliResult>[] = names.map((name) =>
-        runCli(['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--cmdline', testCmdline(), '--name', name], {
+      // VM a boots Linux and runs a ticker (a line every 100 ms of guest time); VM b is idle.
+      const runs: Promise<CliResult>[] = [
+        runCli(['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--cmdline', testCmdline(), '--name', names[0]!], {
           drive: (child, out) => {
-            outs.push(out);
-            // A ticker: a line every 100 ms of guest time.
+            outs[0] = out;
             void until(out, PROMPT).then(
               () => child.stdin.write('(i=0; while :; do i=$((i+1)); echo "@@TI""CK $i"; sleep 0.1; done) &\n'),
               () => child.kill('SIGKILL'),
             );
           },
         }),
-      );
+        runCli(['run', '--kernel', idleKernel, '--memory', '32M', '--name', names[1]!], { drive: (_child, out) => (outs[1] = out) }),
+      ];
       try {
-        for (const out of outs) await until(out, /@@TICK 2\r?\n/, BOOT_TIMEOUT_MS);
+        await until(outs[1]!, /@@IDLE up/, BOOT_TIMEOUT_MS);
+        await until(outs[0]!, /@@TICK 2\r?\n/, BOOT_TIMEOUT_MS);
         const sock = join(runtime, 'tsvmm', `${names[0]}.sock`);
         expect(statSync(sock).mode & 0o777).toBe(0o600);
         expect(statSync(join(runtime, 'tsvmm')).mode & 0o777).toBe(0o700);
 
         const ls = tsvmm('ls');
         expect(ls.code, ls.stderr).toBe(0);
-        for (const n of names) expect(ls.stdout).toMatch(new RegExp(`^${n}\\s+running\\s+\\d+\\s+1\\s+128M\\s`, 'm'));
+        expect(ls.stdout).toMatch(new RegExp(`^${names[0]}\\s+running\\s+\\d+\\s+1\\s+128M\\s`, 'm'));
+        expect(ls.stdout).toMatch(new RegExp(`^${names[1]}\\s+running\\s+\\d+\\s+1\\s+32M\\s`, 'm'));
 
         const info = tsvmm('info', names[0]!);
         expect(info.code, info.stderr).toBe(0);
