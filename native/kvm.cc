@@ -493,6 +493,7 @@ struct VcpuThread {
   // Pause: the thread leaves KVM_RUN, reports kPaused, and waits on pauseCv
   // (under mu) until resumed or stopped.
   std::atomic<bool> pauseRequested{false};
+  uint64_t pauseSeq = 0;  // pause requests so far (under mu)
   std::condition_variable pauseCv;
   std::atomic<bool> sampleRequested{false};
 
@@ -601,18 +602,28 @@ void VcpuLoop(VcpuThread* v) {
     int err = r < 0 ? errno : 0;
     if (r < 0 && (err == EINTR || err == EAGAIN)) {
       // Safe: run points at this vCPU's kvm_run mapping, alive while the thread runs.
-      __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_RELAXED);
+      // Sequentially consistent: the flag loads below must not pass this
+      // store, or a Kick between them would be lost (its 1 overwritten).
+      __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
       if (v->stopRequested.load()) break;
       if (v->sampleRequested.exchange(false)) RecordSample(v);
       if (v->kickRequested.exchange(false)) {
         if (ReportAndWait(v, kKicked, 0) == kStop) break;
       }
       if (v->pauseRequested.load()) {
-        v->tsfn.NonBlockingCall(v, [](Napi::Env env, Napi::Function cb, VcpuThread*) {
-          if (env != nullptr && cb != nullptr) cb.Call({Napi::Number::New(env, kPaused), Napi::Number::New(env, 0)});
-        });
+        // One Paused report per pause request, also for a request made
+        // while the thread is still parked from the one before (a resume
+        // and a pause in quick succession).
         std::unique_lock<std::mutex> lock(v->mu);
-        v->pauseCv.wait(lock, [v] { return !v->pauseRequested.load() || v->stopRequested.load(); });
+        while (v->pauseRequested.load() && !v->stopRequested.load()) {
+          uint64_t seq = v->pauseSeq;
+          lock.unlock();
+          v->tsfn.NonBlockingCall(v, [](Napi::Env env, Napi::Function cb, VcpuThread*) {
+            if (env != nullptr && cb != nullptr) cb.Call({Napi::Number::New(env, kPaused), Napi::Number::New(env, 0)});
+          });
+          lock.lock();
+          v->pauseCv.wait(lock, [v, seq] { return !v->pauseRequested.load() || v->stopRequested.load() || v->pauseSeq != seq; });
+        }
       }
       continue;
     }
@@ -935,7 +946,9 @@ void LoopBurst(uv_idle_t* handle) {
     int err = r < 0 ? errno : 0;
     if (r < 0 && (err == EINTR || err == EAGAIN)) {
       EatKickSignals();
-      __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_RELAXED);
+      // Sequentially consistent: the flag loads below must not pass this
+      // store, or a Kick between them would be lost (its 1 overwritten).
+      __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
       if (v->stopRequested.load()) break;
       if (v->sampleRequested.exchange(false)) RecordSample(v);
       if (v->kickRequested.exchange(false) && LoopReport(v, kKicked, 0) == kStop) {
@@ -1072,7 +1085,12 @@ Napi::Value StopVcpu(const Napi::CallbackInfo& info) {
 Napi::Value PauseVcpu(const Napi::CallbackInfo& info) {
   VcpuThread* v = FindVcpu(info);
   if (v->onLoop) ThrowType(info.Env(), "pause needs a vCPU on a thread of its own");
-  v->pauseRequested.store(true);
+  {
+    std::lock_guard<std::mutex> lock(v->mu);
+    v->pauseRequested.store(true);
+    v->pauseSeq++;
+  }
+  v->pauseCv.notify_all();  // a thread still parked reports this request too
   Kick(v);
   return info.Env().Undefined();
 }

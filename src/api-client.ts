@@ -2,7 +2,7 @@
  * The CLI's side of the control socket (src/vmm/api.ts): `tsvmm ls`,
  * `info`, `pause`, `resume`, `stop`.
  */
-import { readdirSync } from 'node:fs';
+import { lstatSync, readdirSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { apiSocketDir, apiSocketPath } from './vmm/api.js';
@@ -18,9 +18,27 @@ export function socketFor(nameOrPath: string): string {
   return nameOrPath.includes('/') ? nameOrPath : apiSocketPath(nameOrPath);
 }
 
+/**
+ * Refuses a socket another user owns: what is typed into `tsvmm console`
+ * (passwords too) must reach only one's own VM.
+ */
+function checkOwner(socketPath: string): void {
+  const me = process.getuid?.();
+  let uid: number;
+  try {
+    uid = lstatSync(socketPath).uid;
+  } catch {
+    return; // connecting says why (ENOENT, EACCES)
+  }
+  if (me !== undefined && me !== 0 && uid !== me) {
+    throw Object.assign(new Error(`${socketPath} belongs to uid ${uid}, not to you: it is not your VM's socket`), { code: 'EREFUSED' });
+  }
+}
+
 /** One request to the control socket at `socketPath`. */
 export function apiRequest(socketPath: string, method: 'GET' | 'PUT', path: string, timeoutMs = 30_000): Promise<ApiReply> {
   return new Promise((resolve, reject) => {
+    checkOwner(socketPath);
     const req = request({ socketPath, method, path, timeout: timeoutMs }, (res) => {
       let text = '';
       res.setEncoding('utf8');
@@ -48,6 +66,7 @@ export function apiRequest(socketPath: string, method: 'GET' | 'PUT', path: stri
  */
 export function attachConsole(socketPath: string): Promise<number> {
   return new Promise((resolve, reject) => {
+    checkOwner(socketPath);
     const req = request({ socketPath, method: 'GET', path: '/vm/console', headers: { connection: 'upgrade', upgrade: 'tsvmm-console' } });
     req.on('error', reject);
     req.on('response', (res) => {
@@ -103,6 +122,8 @@ export function attachConsole(socketPath: string): Promise<number> {
 /** Why a socket could not be reached, in words and with the fix. */
 export function unreachable(socketPath: string, err: NodeJS.ErrnoException): string {
   switch (err.code) {
+    case 'EREFUSED':
+      return err.message;
     case 'ENOENT':
       return `no VM serves ${socketPath}: check the name with tsvmm ls (a VM has a socket when started with --name or --api-socket)`;
     case 'EACCES':

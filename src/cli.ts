@@ -108,7 +108,7 @@ function collect<T>(parse: (v: string) => T) {
  * Forwards the terminal to the guest. In raw mode, Ctrl-A x quits,
  * Ctrl-A Ctrl-A sends one Ctrl-A, and Ctrl-A h prints the keys.
  */
-function connectConsole(vm: VirtualMachine, onQuit: () => void, consoleLog?: number): () => void {
+function connectConsole(vm: VirtualMachine, onQuit: () => void): () => void {
   const stdin = process.stdin;
   const raw = stdin.isTTY === true;
   if (raw) stdin.setRawMode(true);
@@ -136,7 +136,6 @@ function connectConsole(vm: VirtualMachine, onQuit: () => void, consoleLog?: num
   // Back-pressure the other way: a terminal or pipe that does not keep up
   // pauses the console stream, which then holds up to CONSOLE_OUTPUT_LIMIT.
   vm.console.on('data', (chunk: Buffer) => {
-    if (consoleLog !== undefined) writeAll(consoleLog, chunk);
     if (!process.stdout.write(chunk)) {
       vm.console.pause();
       process.stdout.once('drain', () => vm.console.resume());
@@ -267,7 +266,11 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
       api = await ApiServer.listen(vm, socketPath, {
         peerUid: (socket) => {
           const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-          return fd === undefined || fd < 0 ? undefined : addon.peerUid(fd);
+          try {
+            return fd === undefined || fd < 0 ? undefined : addon.peerUid(fd);
+          } catch {
+            return undefined; // refused: the owner check needs the peer's uid
+          }
         },
       });
     } catch (err) {
@@ -278,13 +281,11 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
   }
 
   let signalCode: number | undefined;
-  const disconnect = connectConsole(
-    vm,
-    () => {
-      void vm.stop('quit from the console (Ctrl-A x)');
-    },
-    consoleLog,
-  );
+  const disconnect = connectConsole(vm, () => {
+    void vm.stop('quit from the console (Ctrl-A x)');
+  });
+  // The log gets every byte, whatever stdout's back-pressure; it stops before its fd closes.
+  const untapLog = consoleLog === undefined ? undefined : vm.console.tap((chunk) => writeAll(consoleLog, chunk));
   // --expect: the pattern, looked for in all the output; --timeout: a deadline for the whole run.
   let expected = false;
   let timedOut = false;
@@ -301,6 +302,7 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
     opts.timeout === undefined
       ? undefined
       : setTimeout(() => {
+          if (vm.state === 'ended') return; // it ended on its own, just now
           timedOut = true;
           void vm.stop(`--timeout ${showDuration(opts.timeout!)} passed`);
         }, opts.timeout);
@@ -316,13 +318,17 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
     vm.start();
   } catch (err) {
     process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    if (deadline) clearTimeout(deadline);
     disconnect();
+    untapLog?.();
     await vm.stop('could not start');
+    await api?.close();
     return EXIT_CODES.error;
   }
   const result: VmOutcome = await vm.wait();
-  await api?.close();
   if (deadline) clearTimeout(deadline);
+  untapLog?.();
+  await api?.close();
   disconnect();
   process.off('SIGINT', onSignal);
   process.off('SIGTERM', onSignal);
@@ -358,7 +364,7 @@ async function detach(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
   const logPath = socketPath.replace(/\.sock$/, '') + '.log';
   mkdirSync(dirname(logPath), { recursive: true, mode: 0o700 });
   const logFd = openSync(logPath, 'w', 0o600);
-  const child = spawn(process.execPath, [process.argv[1]!, ...argv], { detached: true, stdio: ['ignore', 'ignore', logFd] });
+  const child = spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { detached: true, stdio: ['ignore', 'ignore', logFd] });
   closeSync(logFd);
   let exited: number | undefined;
   child.once('exit', (code) => (exited = code ?? 1));
@@ -369,7 +375,9 @@ async function detach(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
       return exited === 0 ? EXIT_CODES.error : exited;
     }
     try {
-      await apiRequest(socketPath, 'GET', '/vm', 2000);
+      const { body } = await apiRequest(socketPath, 'GET', '/vm', 2000);
+      // Another VM may answer there (the child then fails): only ours counts.
+      if (body.pid !== child.pid) throw new Error('not ours');
       child.unref();
       process.stdout.write(`${name}\n`);
       return 0;

@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { z } from 'zod';
 import { TsvmmError } from './errors.js';
-import { MAX_CPUS, parseMemorySize, type VmConfig } from './vmm/machine.js';
+import { MAX_CPUS, parseMemorySize } from './vmm/machine.js';
 import { MAX_PROFILE_RATE_HZ } from './vmm/profiler.js';
 
 /** A config file that cannot be read, is not JSON, or has a field that is wrong. */
@@ -33,7 +33,8 @@ const memory = z.union([z.number(), z.string()]).superRefine((v, ctx) => {
 
 /** The JSON form of {@link VmConfig}: unknown fields are refused (a typo must not pass silently). */
 export const vmConfigSchema = z.strictObject({
-  kernel: z.string().min(1),
+  /** Optional here: `--kernel` may give it (the CLI checks that one of them does). */
+  kernel: z.string().min(1).optional(),
   initrd: z.string().min(1).optional(),
   cmdline: z.string().optional(),
   memory: memory.optional(),
@@ -88,7 +89,7 @@ export function parseVmConfig(value: unknown, source: string, baseDir?: string):
   const at = (p: string) => resolve(baseDir, p);
   return {
     ...c,
-    kernel: at(c.kernel),
+    ...(c.kernel !== undefined ? { kernel: at(c.kernel) } : {}),
     ...(c.initrd !== undefined ? { initrd: at(c.initrd) } : {}),
     ...(c.disks ? { disks: c.disks.map((d) => ({ ...d, path: at(d.path) })) } : {}),
     ...(c.profile ? { profile: { ...c.profile, path: at(c.profile.path), ...(c.profile.systemMap ? { systemMap: at(c.profile.systemMap) } : {}) } } : {}),
@@ -116,7 +117,3 @@ export function readVmConfigFile(path: string): FileVmConfig {
   return parseVmConfig(value, path, dirname(resolve(path)));
 }
 
-/** Checks that a FileVmConfig is a VmConfig (it is, field for field); for callers that pass it on. */
-export function asVmConfig(c: FileVmConfig): VmConfig {
-  return c;
-}

@@ -23,6 +23,9 @@ import { dirname, join } from 'node:path';
 import { TsvmmError } from '../errors.js';
 import { VmStateError, type VirtualMachine } from './machine.js';
 
+/** How long close() lets unfinished requests run before it cuts them. */
+const CLOSE_GRACE_MS = 2000;
+
 /** A control socket that cannot be set up. */
 export class ApiSocketError extends TsvmmError {
   constructor(message: string, options?: { cause?: unknown }) {
@@ -51,6 +54,7 @@ export class ApiServer {
   private constructor(
     private readonly server: Server,
     readonly path: string,
+    private readonly attached: Set<Socket>,
   ) {}
 
   static async listen(vm: VirtualMachine, path: string, options: ApiServerOptions): Promise<ApiServer> {
@@ -60,17 +64,27 @@ export class ApiServer {
     } catch (err) {
       throw new ApiSocketError(`cannot create the directory ${dir} for the control socket (${(err as NodeJS.ErrnoException).code})`, { cause: err });
     }
+    // A directory someone else made (another user can create /tmp/tsvmm-<uid> first) could hold their socket.
+    const d = lstatSync(dir);
+    const me = process.getuid?.();
+    if (!d.isDirectory() || (me !== undefined && d.uid !== me) || (d.mode & 0o077) !== 0) {
+      throw new ApiSocketError(`${dir} must be a directory of this user's with mode 0700 (it is ${d.isSymbolicLink() ? 'a symbolic link' : `owned by uid ${d.uid}, mode ${(d.mode & 0o777).toString(8)}`}): remove it, or give --api-socket another path`);
+    }
     if (existsSync(path)) {
       if (!lstatSync(path).isSocket()) throw new ApiSocketError(`${path} exists and is not a socket: choose another --api-socket path`);
       if (await answers(path)) throw new ApiSocketError(`a VM already serves ${path}: give this one another --name or --api-socket`);
       unlinkSync(path); // left by a VMM that died
     }
     const started = new Date().toISOString();
-    const me = process.getuid?.();
+    const attached = new Set<Socket>();
     const server = createServer((req, res) => {
       void handle(vm, req, res, started).catch((err: unknown) => send(res, 500, { error: String((err as Error).message ?? err) }));
     });
-    server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => attachConsole(vm, req, socket, head));
+    server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
+      attached.add(socket);
+      socket.once('close', () => attached.delete(socket));
+      attachConsole(vm, req, socket, head);
+    });
     server.on('connection', (socket: Socket) => {
       const uid = options.peerUid(socket);
       if (me !== undefined && uid !== me) socket.destroy();
@@ -91,12 +105,20 @@ export class ApiServer {
     }
     chmodSync(path, 0o600);
     server.unref();
-    return new ApiServer(server, path);
+    return new ApiServer(server, path, attached);
   }
 
-  /** Stops serving and removes the socket. */
+  /** Stops serving (ending every connection, attached consoles too) and removes the socket. */
   async close(): Promise<void> {
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    // A request the VM's end answers (PUT /vm/stop) gets its answer out first.
+    await new Promise((r) => setImmediate(r));
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    this.server.closeIdleConnections();
+    for (const s of this.attached) s.destroy();
+    // A client that keeps a request open does not hold the VMM for long.
+    const grace = setTimeout(() => this.server.closeAllConnections(), CLOSE_GRACE_MS);
+    await closed;
+    clearTimeout(grace);
     try {
       unlinkSync(this.path);
     } catch {
@@ -141,7 +163,13 @@ function attachConsole(vm: VirtualMachine, req: IncomingMessage, socket: Socket,
   vm.console.on('data', onOutput);
   vm.console.once('end', onEnd);
   if (head.length > 0) vm.console.write(head);
-  socket.on('data', (d: Buffer) => vm.console.write(d));
+  // Input waits while the guest is behind (the console holds a write until it reads below its limit).
+  socket.on('data', (d: Buffer) => {
+    if (!vm.console.write(d)) {
+      socket.pause();
+      vm.console.once('drain', () => socket.resume());
+    }
+  });
   socket.on('error', () => socket.destroy());
   socket.once('close', () => {
     vm.console.off('data', onOutput);

@@ -32,6 +32,12 @@ export const CONSOLE_OUTPUT_LIMIT = 16 * 1024 * 1024;
  * newest 1 MiB (a boot log is tens of KiB).
  */
 export const CONSOLE_TRANSCRIPT_LIMIT = 1024 * 1024;
+/**
+ * How far back into output it has already searched a pending wait looks
+ * again when more arrives: a match must end in new output and begin at
+ * most this far before it (64 KiB; a console line is far shorter).
+ */
+export const WAIT_RESCAN_BYTES = 64 * 1024;
 /** Lines of console output a failed wait carries. */
 export const CONSOLE_TAIL_LINES = 20;
 
@@ -239,9 +245,13 @@ export class ConsoleStream extends Duplex {
           new ConsoleWaitError(code, `${why} waiting for ${shown} on the guest console; its last lines:\n${tail}`, shown, tail, cause === undefined ? undefined : { cause }),
         );
       };
+      // Output already searched is searched again only near its end: a
+      // chatty guest must not cost a rescan of the whole transcript per chunk.
+      let searchedTo = from;
       const check = (): void => {
         if (settled) return;
-        const base = Math.max(from, this.transcriptStart);
+        const base = Math.max(from, searchedTo - WAIT_RESCAN_BYTES, this.transcriptStart);
+        searchedTo = this.outputLength;
         const m = re.exec(this.transcript.slice(base - this.transcriptStart));
         if (m) {
           done();
@@ -273,7 +283,20 @@ export class ConsoleStream extends Duplex {
     });
   }
 
+  /**
+   * Calls `listener` with every chunk of output as it is recorded, whether
+   * or not the stream is read or paused (a console log must not depend on
+   * a slow terminal). Returns the function that removes it.
+   */
+  tap(listener: (chunk: Buffer) => void): () => void {
+    this.taps.add(listener);
+    return () => this.taps.delete(listener);
+  }
+
+  private readonly taps = new Set<(chunk: Buffer) => void>();
+
   private record(chunk: Buffer): void {
+    for (const t of this.taps) t(chunk);
     this.transcript += chunk.toString('latin1');
     const over = this.transcript.length - CONSOLE_TRANSCRIPT_LIMIT;
     if (over > 0) {

@@ -11,7 +11,7 @@
  * of that line never matches them.
  */
 import { randomBytes } from 'node:crypto';
-import { ConsoleWaitError, type ConsoleStream } from './console.js';
+import { CONSOLE_TRANSCRIPT_LIMIT, ConsoleWaitError, type ConsoleStream } from './console.js';
 
 export interface RunOptions {
   /** Milliseconds for the whole command; default: no limit. */
@@ -44,7 +44,11 @@ export async function runOnConsole(console: ConsoleStream, command: string, opti
   try {
     const started = await console.waitFor(new RegExp(`${begin}\\r?\\n`), { from, timeout: left(), signal: options.signal });
     const ended = await console.waitFor(new RegExp(`${end} (\\d+)\\r?\\n`), { from: started.end, timeout: left(), signal: options.signal });
-    const output = console.text(started.end).slice(0, ended.index - started.end).replace(/\r/g, '');
+    const text = console.text(started.end);
+    if (console.outputLength - text.length > started.end) {
+      throw new RangeError(`vm.run: ${JSON.stringify(command)} printed more than the console keeps (${CONSOLE_TRANSCRIPT_LIMIT} bytes); redirect its output to a file in the guest`);
+    }
+    const output = text.slice(0, ended.index - started.end).replace(/\r/g, '');
     return { output, status: Number(ended.groups[1]) };
   } catch (err) {
     if (err instanceof ConsoleWaitError) {

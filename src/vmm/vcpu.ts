@@ -241,18 +241,15 @@ export class Vcpu {
           case VcpuReport.FilterError:
             handlers.onError(new VcpuError(this.id, `its thread could not install the sandbox's seccomp filter (errno ${errno}); run with the sandbox off`));
             return VcpuAction.Stop;
-          case VcpuReport.Paused: {
-            const paused = this.pausedResolve;
-            this.pausedResolve = undefined;
-            paused?.();
+          case VcpuReport.Paused:
+            // The thread is parked: every pause waiting for it is over.
+            for (const r of this.pausedResolves.splice(0)) r();
             return VcpuAction.Continue;
-          }
           case VcpuReport.Stopped:
             this.running = false;
             this.stoppedResolve();
-            // A pause still waiting for this thread is over too.
-            this.pausedResolve?.();
-            this.pausedResolve = undefined;
+            // Pauses still waiting for this thread are over too.
+            for (const r of this.pausedResolves.splice(0)) r();
             return VcpuAction.Stop;
         }
       } catch (err) {
@@ -266,7 +263,7 @@ export class Vcpu {
       : this.addon.startVcpu(this.fd, this.run, onReport, handlers.filter);
   }
 
-  private pausedResolve: (() => void) | undefined;
+  private readonly pausedResolves: Array<() => void> = [];
 
   /**
    * Takes the vCPU out of guest mode until {@link resume}: resolves once
@@ -274,9 +271,7 @@ export class Vcpu {
    */
   pause(): Promise<void> {
     if (this.handle === undefined || !this.running) return Promise.resolve();
-    const out = new Promise<void>((resolve) => {
-      this.pausedResolve = resolve;
-    });
+    const out = new Promise<void>((resolve) => this.pausedResolves.push(resolve));
     this.addon.pauseVcpu(this.handle);
     return out;
   }

@@ -53,6 +53,13 @@ describe.skipIf(noKvm !== undefined)(`pause and resume${noKvm ? ` (skipped: ${no
       const up2 = Number((await vm.run('cat /proc/uptime', { timeout: BOOT_TIMEOUT_MS })).output.trim().split('\n').at(-1)!.split(' ')[0]);
       expect(up2).toBeGreaterThan(up1); // the guest's clock went on, forwards
 
+      // A pause right after a resume (the vCPU threads may still be parked) completes too.
+      await vm.pause();
+      vm.resume();
+      await vm.pause();
+      expect(vm.state).toBe('paused');
+      vm.resume();
+
       // Stopping a paused VM ends it, and its threads.
       await vm.pause();
       const outcome = await vm.stop('stopped while paused');

@@ -5,7 +5,7 @@
  * it, `stop` ends a VM with its exit code; another user is refused.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -53,6 +53,15 @@ describe('tsvmm info/pause/stop: no such VM', () => {
 });
 
 describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
+  it('refuses a socket directory that others could write to', async () => {
+    const dir = join(runtime, 'open', 'tsvmm');
+    mkdirSync(dir, { recursive: true });
+    chmodSync(dir, 0o777);
+    const r = await runCli(['run', '--kernel', idleKernel, '--memory', '32M', '--api-socket', join(dir, 'x.sock')]);
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim()).toMatch(/^tsvmm: .*open\/tsvmm must be a directory of this user's with mode 0700 \(it is owned by uid \d+, mode 777\): remove it, or give --api-socket another path$/);
+  });
+
   it(
     'lists two VMs, pauses and resumes one, stops the other, and refuses another user',
     retryEmulatorFault(async () => {

@@ -69,7 +69,12 @@ describe('tsvmm config --print', () => {
     const missing = await runCli(['run', '--config', join(dir, 'none.json')]);
     expect(oneLine(missing.stderr)).toMatch(/cannot read the config file .*none\.json \(ENOENT\): give --config the path of a JSON file$/);
     const noKernel = await runCli(['run', '--config', configFile('nokernel.json', { memory: '1G' })]);
-    expect(oneLine(noKernel.stderr)).toMatch(/"kernel": Invalid input: expected string, received undefined$/);
+    expect(noKernel.code).toBe(2);
+    expect(oneLine(noKernel.stderr)).toMatch(/no kernel to boot: pass --kernel <path>, or set "kernel" in the --config file$/);
+    // The kernel may come from the command line alone.
+    const flagKernel = await runCli(['config', '--config', configFile('nokernel2.json', { memory: '1G' }), '--kernel', '/boot/k']);
+    expect(flagKernel.code, flagKernel.stderr).toBe(0);
+    expect(JSON.parse(flagKernel.stdout)).toMatchObject({ kernel: '/boot/k', memory: '1G' });
     const none = await runCli(['run']);
     expect(none.code).toBe(2);
     expect(oneLine(none.stderr)).toMatch(/no kernel to boot: pass --kernel <path>, or set "kernel" in the --config file$/);
