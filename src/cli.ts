@@ -422,7 +422,8 @@ async function control(verb: 'info' | 'pause' | 'resume' | 'stop', name: string)
       process.stderr.write(`tsvmm: ${name}: ${String(r.body.error)}\n`);
       return EXIT_CODES.error;
     }
-    process.stdout.write(`${name}: ${String(r.body.state)}\n`);
+    const ended = r.body.outcome as { exitCode?: number; message?: string } | undefined;
+    process.stdout.write(`${name}: ${String(r.body.state)}${ended ? `, exit code ${ended.exitCode} (${ended.message})` : ''}\n`);
     return 0;
   } catch (err) {
     process.stderr.write(`tsvmm: ${unreachable(path, err as NodeJS.ErrnoException)}\n`);
