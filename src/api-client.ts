@@ -57,7 +57,6 @@ export function apiRequest(socketPath: string, method: 'GET' | 'PUT', path: stri
   });
 }
 
-
 /**
  * `tsvmm console NAME`: the terminal joined to the VM's console until
  * Ctrl-A x (or the end of stdin), which detaches and leaves the VM

@@ -334,16 +334,15 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
   process.off('SIGTERM', onSignal);
   process.off('SIGHUP', onSignal);
   if (opts.stats) process.stderr.write(`${JSON.stringify({ outcome: result.kind, ...vm.stats() }, null, 2)}\n`);
-  const tail = () => vm.console.tail();
-  if (opts.expect !== undefined && expected && opts.expectExit && result.kind === 'stopped' && !timedOut && signalCode === undefined) return 0;
+  if (expected && opts.expectExit && result.kind === 'stopped' && !timedOut && signalCode === undefined) return 0;
   if (timedOut) {
     const waiting = opts.expect !== undefined && !expected ? ` waiting for /${opts.expect.source}/ (--expect)` : '';
-    process.stderr.write(`\ntsvmm: --timeout ${showDuration(opts.timeout!)} passed${waiting}; stopped the VM. The console's last lines:\n${tail()}\n`);
+    process.stderr.write(`\ntsvmm: --timeout ${showDuration(opts.timeout!)} passed${waiting}; stopped the VM. The console's last lines:\n${vm.console.tail()}\n`);
     return EXIT_TIMEOUT;
   }
   if (result.kind !== 'reboot' && result.kind !== 'poweroff') process.stderr.write(`\ntsvmm: ${result.message}\n`);
   if (opts.expect !== undefined && !expected && signalCode === undefined) {
-    process.stderr.write(`tsvmm: the VM ended (${result.message}) before its console printed a match for /${opts.expect.source}/ (--expect). The console's last lines:\n${tail()}\n`);
+    process.stderr.write(`tsvmm: the VM ended (${result.message}) before its console printed a match for /${opts.expect.source}/ (--expect). The console's last lines:\n${vm.console.tail()}\n`);
     return EXIT_EXPECT_UNMET;
   }
   return result.kind === 'stopped' && signalCode !== undefined ? signalCode : result.exitCode;

@@ -96,7 +96,7 @@ function toRegExp(pattern: RegExp | string): RegExp {
 }
 
 /** The last `n` lines of `text`, carriage returns removed. */
-export function lastLines(text: string, n = CONSOLE_TAIL_LINES): string {
+function lastLines(text: string, n = CONSOLE_TAIL_LINES): string {
   const lines = text.replace(/\r/g, '').split('\n');
   if (lines.at(-1) === '') lines.pop();
   return lines.slice(-n).join('\n');
@@ -211,11 +211,6 @@ export class ConsoleStream extends Duplex {
     return lastLines(this.transcript.slice(-64 * 1024), n);
   }
 
-  /** Moves the cursor the next {@link waitFor} starts from by default. */
-  seek(offset: number): void {
-    this.cursor = Math.max(0, Math.min(offset, this.outputLength));
-  }
-
   /**
    * Resolves when the guest's output matches `pattern` (a RegExp, or a
    * string matched literally), from the cursor on (see
@@ -325,6 +320,11 @@ export class ConsoleStream extends Duplex {
 export type ConsoleEvent = 'panic' | 'power-down' | 'halted';
 
 const PANIC_MARK = 'Kernel panic - not syncing';
+
+/** The kernel's own words from a console line that carries its panic mark ("Kernel panic - not syncing: ..."). */
+export function panicMessage(line: string): string {
+  return line.slice(line.indexOf(PANIC_MARK));
+}
 const POWER_DOWN_MARK = 'reboot: Power down';
 const HALTED_MARK = 'reboot: System halted';
 
@@ -360,7 +360,7 @@ export class ConsoleWatcher {
     this.lines++;
     this.onLine?.(line);
     if (line.includes(PANIC_MARK)) {
-      if (this.panicLine === undefined) this.panicLine = line.slice(line.indexOf(PANIC_MARK));
+      if (this.panicLine === undefined) this.panicLine = panicMessage(line);
       this.onEvent('panic', line);
     } else if (line.includes(POWER_DOWN_MARK)) {
       this.onEvent('power-down', line);

@@ -15,7 +15,7 @@ import { Cmos } from '../devices/cmos.js';
 import { DebugPort, IgnoredPorts } from '../devices/legacy.js';
 import type { IrqLine } from '../devices/irq.js';
 import { Bus } from './bus.js';
-import { ConsoleStream, ConsoleWatcher } from './console.js';
+import { ConsoleStream, ConsoleWatcher, panicMessage } from './console.js';
 import { runOnConsole, type RunOptions, type RunResult } from './shell.js';
 import { TsvmmError } from '../errors.js';
 import { cpuidForVcpu, parseCpuid } from './cpuid.js';
@@ -357,9 +357,8 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private resolveDone!: (o: VmOutcome) => void;
   private started = false;
   private panicSeen = false;
-  /** While paused: the kvmclock KVM_GET_CLOCK gave at the pause (-1n: none). */
-  private pausedClock: bigint | undefined;
-  private pausing = false;
+  /** Set from pause() until resume(); `clock` is the kvmclock KVM_GET_CLOCK gave (undefined: none, or still pausing). */
+  private paused: { clock: bigint | undefined; pausing: boolean } | undefined;
   /** The console's first "Kernel panic - not syncing: ..." line. */
   private panicLine: string | undefined;
   private profiler: Profiler | undefined;
@@ -621,11 +620,16 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     }
   }
 
+  /** exitPath 'loop' puts a single vCPU on the event loop's thread; an SMP guest always has threads. */
+  private get onLoop(): boolean {
+    return this.config.exitPath === 'loop' && this.vcpus.length === 1;
+  }
+
   /** Starts every vCPU thread. The VM runs until the guest ends it or {@link stop}. */
   start(): void {
     if (this.started) throw new Error('VM already started');
     this.started = true;
-    const onLoop = this.config.exitPath === 'loop' && this.vcpus.length === 1;
+    const onLoop = this.onLoop;
     if (this.config.sandbox) this.sandboxStatus = this.confine(onLoop);
     this.startupClock?.mark('toStart');
     if (this.startupClock) this.log.info({ startupMs: this.startupClock.times }, 'start-up');
@@ -739,7 +743,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   get state(): VmState {
     if (this.stopping) return 'ended';
     if (!this.started) return 'created';
-    return this.pausedClock !== undefined || this.pausing ? 'paused' : 'running';
+    return this.paused ? 'paused' : 'running';
   }
 
   /**
@@ -751,18 +755,18 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
    */
   async pause(): Promise<void> {
     if (this.state !== 'running') throw new VmStateError(`cannot pause a VM that is ${this.state}`);
-    if (this.config.exitPath === 'loop' && this.vcpus.length === 1) throw new VmStateError("pause needs vCPUs on threads of their own: exitPath 'thread' (the default), not 'loop'");
-    this.pausing = true;
+    if (this.onLoop) throw new VmStateError("pause needs vCPUs on threads of their own: exitPath 'thread' (the default), not 'loop'");
+    const paused: NonNullable<typeof this.paused> = { clock: undefined, pausing: true };
+    this.paused = paused;
     try {
       await Promise.all(this.vcpus.map((v) => v.pause()));
     } finally {
-      this.pausing = false;
+      paused.pausing = false;
     }
     if (this.stopping) return;
     try {
-      this.pausedClock = this.kvm.addon.getClock(this.vm.fd);
+      paused.clock = this.kvm.addon.getClock(this.vm.fd);
     } catch (err) {
-      this.pausedClock = -1n; // paused, without a clock to put back
       this.log.warn({ err }, 'KVM_GET_CLOCK failed: the guest will see the pause as time passed');
     }
     this.log.info('vm paused');
@@ -770,15 +774,16 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
 
   /** Lets a paused VM run on, with its kvmclock where the pause left it. */
   resume(): void {
-    if (this.state !== 'paused' || this.pausedClock === undefined) throw new VmStateError(`cannot resume a VM that is ${this.pausing ? 'still pausing' : this.state}`);
-    if (this.pausedClock >= 0n) {
+    const paused = this.paused;
+    if (!paused || paused.pausing || this.stopping) throw new VmStateError(`cannot resume a VM that is ${paused?.pausing ? 'still pausing' : this.state}`);
+    if (paused.clock !== undefined) {
       try {
-        this.kvm.addon.setClock(this.vm.fd, this.pausedClock);
+        this.kvm.addon.setClock(this.vm.fd, paused.clock);
       } catch (err) {
         this.log.warn({ err }, 'KVM_SET_CLOCK failed: the guest will see the pause as time passed');
       }
     }
-    this.pausedClock = undefined;
+    this.paused = undefined;
     for (const v of this.vcpus) v.resume();
     this.log.info('vm resumed');
   }
@@ -819,7 +824,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     }
     if (event === 'panic') {
       this.panicSeen = true;
-      this.panicLine ??= line.slice(Math.max(0, line.indexOf('Kernel panic'))).trim();
+      this.panicLine ??= panicMessage(line).trim();
       this.log.warn({ line }, 'guest kernel panic');
     } else if (event === 'power-down') {
       this.onGuestStop({ kind: 'poweroff' });
