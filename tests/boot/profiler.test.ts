@@ -4,51 +4,44 @@
  * kernel functions from its System.map, with the console timeline. Also
  * the CLI's refusals, which need no KVM: they happen before the guest runs.
  */
-import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { ProfileReport } from '../../src/vmm/profiler.js';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
-import { oneLine } from '../helpers/assert.js';
+import { oneLine, useTempDir } from '../helpers/assert.js';
 
-let dir: string;
-beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), 'tsvmm-profile-'));
-});
-afterAll(() => {
-  rmSync(dir, { recursive: true, force: true });
-});
+const dir = useTempDir('tsvmm-profile-');
 
 describe('tsvmm run --profile: bad input', () => {
   it('refuses an unreadable System.map before the guest runs', async () => {
-    const kernel = join(dir, 'vmlinux-dummy');
+    const kernel = join(dir.path, 'vmlinux-dummy');
     writeFileSync(kernel, 'not run');
-    const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir, 'p.txt'), '--system-map', join(dir, 'missing.map')], { timeoutMs: 60_000 });
+    const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir.path, 'p.txt'), '--system-map', join(dir.path, 'missing.map')], { timeoutMs: 60_000 });
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/cannot read System\.map .*missing\.map: no such file; pass the kernel's System\.map with --system-map <path>/);
     expect(r.stdout).toBe('');
-    expect(existsSync(join(dir, 'p.txt'))).toBe(false);
+    expect(existsSync(join(dir.path, 'p.txt'))).toBe(false);
   });
 
   it('refuses a kernel with no System.map next to it', async () => {
-    const kernel = join(dir, 'bzImage');
+    const kernel = join(dir.path, 'bzImage');
     writeFileSync(kernel, 'not run');
-    const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir, 'p.txt')], { timeoutMs: 60_000 });
+    const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir.path, 'p.txt')], { timeoutMs: 60_000 });
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/no System\.map next to the kernel .*bzImage .*: pass the kernel's System\.map with --system-map <path>/);
   });
 
   it('refuses a rate out of range, and profile options without --profile', async () => {
-    const kernel = join(dir, 'vmlinux-dummy');
+    const kernel = join(dir.path, 'vmlinux-dummy');
     writeFileSync(kernel, 'not run');
-    let r = await runCli(['run', '--kernel', kernel, '--profile', join(dir, 'p.txt'), '--profile-rate', '5000'], { timeoutMs: 60_000 });
+    let r = await runCli(['run', '--kernel', kernel, '--profile', join(dir.path, 'p.txt'), '--profile-rate', '5000'], { timeoutMs: 60_000 });
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/--profile-rate must be 1 to 1000 Hz \(got 5000\)/);
 
-    r = await runCli(['run', '--kernel', kernel, '--system-map', join(dir, 'System.map')], { timeoutMs: 60_000 });
+    r = await runCli(['run', '--kernel', kernel, '--system-map', join(dir.path, 'System.map')], { timeoutMs: 60_000 });
     expect(r.code).toBe(2);
     expect(oneLine(r.stderr)).toMatch(/only apply to a profile: add --profile <file>/);
   });
@@ -61,7 +54,7 @@ describe.skipIf(noKvm !== undefined)(`profiling a Linux boot${noKvm ? ` (skipped
     'samples the boot and names kernel functions from System.map, with the console timeline',
     retryEmulatorFault(async () => {
       const fx = fixtures();
-      const out = join(dir, 'boot-profile.json');
+      const out = join(dir.path, 'boot-profile.json');
       // No --system-map: the fixture's System.map sits next to its vmlinux.
       const r = await runCli([
         'run',

@@ -4,26 +4,19 @@
  * file, flags given on the command line overriding the file; and one boot
  * from a config file.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
-import { oneLine } from '../helpers/assert.js';
+import { oneLine, useTempDir } from '../helpers/assert.js';
 
 const noKvm = kvmUnavailable();
-let dir: string;
-beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), 'tsvmm-config-'));
-});
-afterAll(() => {
-  rmSync(dir, { recursive: true, force: true });
-});
+const dir = useTempDir('tsvmm-config-');
 
 function configFile(name: string, value: unknown): string {
-  const path = join(dir, name);
+  const path = join(dir.path, name);
   writeFileSync(path, typeof value === 'string' ? value : JSON.stringify(value));
   return path;
 }
@@ -35,7 +28,7 @@ describe('tsvmm config --print', () => {
     expect(r.code, r.stderr).toBe(0);
     const c = JSON.parse(r.stdout) as Record<string, unknown>;
     expect(c).toMatchObject({
-      kernel: join(dir, 'k/bzImage'),
+      kernel: join(dir.path, 'k/bzImage'),
       memory: '512M', // from the file
       cpus: 3, // the flag
       disks: [{ path: '/srv/b.img', serial: 'b' }], // a repeatable flag replaces the file's list
@@ -66,7 +59,7 @@ describe('tsvmm config --print', () => {
       expect(r.code, r.stderr).toBe(1);
       expect(oneLine(r.stderr)).toMatch(message);
     }
-    const missing = await runCli(['run', '--config', join(dir, 'none.json')]);
+    const missing = await runCli(['run', '--config', join(dir.path, 'none.json')]);
     expect(oneLine(missing.stderr)).toMatch(/cannot read the config file .*none\.json \(ENOENT\): give --config the path of a JSON file$/);
     const noKernel = await runCli(['run', '--config', configFile('nokernel.json', { memory: '1G' })]);
     expect(noKernel.code).toBe(2);

@@ -3,21 +3,14 @@
  * the problem and the fix, a non-zero exit, and no guest runs.
  */
 import { execFileSync } from 'node:child_process';
-import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { chmodSync, copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { runCli } from '../helpers/guest.js';
-import { oneLine } from '../helpers/assert.js';
+import { oneLine, useTempDir } from '../helpers/assert.js';
 
-let dir: string;
-beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), 'tsvmm-cli-'));
-});
-afterAll(() => {
-  rmSync(dir, { recursive: true, force: true });
-});
+const dir = useTempDir('tsvmm-cli-');
 
 describe('tsvmm --version', () => {
   it("prints the package's version and exits 0", async () => {
@@ -30,20 +23,20 @@ describe('tsvmm --version', () => {
 
 describe('tsvmm run: bad input', () => {
   it('refuses a missing kernel', async () => {
-    const r = await runCli(['run', '--kernel', join(dir, 'nope')]);
+    const r = await runCli(['run', '--kernel', join(dir.path, 'nope')]);
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/cannot read kernel .*nope: no such file; pass the path of a readable bzImage or vmlinux/);
     expect(r.stdout).toBe('');
   });
 
   it('refuses an unreadable kernel', async () => {
-    const r = await runCli(['run', '--kernel', dir]);
+    const r = await runCli(['run', '--kernel', dir.path]);
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/cannot read kernel .*: is a directory/);
   });
 
   it('refuses a file that is not a kernel', async () => {
-    const junk = join(dir, 'junk');
+    const junk = join(dir.path, 'junk');
     writeFileSync(junk, Buffer.alloc(64 * 1024, 0x42));
     const r = await runCli(['run', '--kernel', junk, '--emulation-fallback', 'off']);
     expect(r.code).toBe(1);
@@ -66,14 +59,14 @@ describe('tsvmm run: bad input', () => {
 
   it('refuses a missing initrd', async () => {
     const fx = fixtures();
-    const r = await runCli(['run', '--kernel', fx.bzImage, '--initrd', join(dir, 'missing.cpio')]);
+    const r = await runCli(['run', '--kernel', fx.bzImage, '--initrd', join(dir.path, 'missing.cpio')]);
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/cannot read initrd .*missing\.cpio: no such file/);
   });
 
   it('says what to do when there is no KVM device', async () => {
     const fx = fixtures();
-    const r = await runCli(['run', '--kernel', fx.bzImage, '--kvm-device', join(dir, 'kvm')]);
+    const r = await runCli(['run', '--kernel', fx.bzImage, '--kvm-device', join(dir.path, 'kvm')]);
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/not found: this host has no KVM; enable VT-x\/AMD-V/);
   });
@@ -81,11 +74,11 @@ describe('tsvmm run: bad input', () => {
   it('says what to do without permission on /dev/kvm', async () => {
     // As an unprivileged user (root would bypass the permission check).
     const fx = fixtures();
-    const kernel = join(dir, 'bzImage');
+    const kernel = join(dir.path, 'bzImage');
     copyFileSync(fx.bzImage, kernel);
-    chmodSync(dir, 0o755);
+    chmodSync(dir.path, 0o755);
     chmodSync(kernel, 0o644);
-    const fakeKvm = join(dir, 'kvm-no-access');
+    const fakeKvm = join(dir.path, 'kvm-no-access');
     writeFileSync(fakeKvm, '');
     chmodSync(fakeKvm, 0o600);
     let setpriv: string[] = [];
@@ -115,7 +108,7 @@ describe('tsvmm run: bad input', () => {
 
   it('refuses a missing disk image and a TAP device it cannot open', async () => {
     const fx = fixtures();
-    const disk = await runCli(['run', '--kernel', fx.bzImage, '--disk', join(dir, 'no-disk.img')]);
+    const disk = await runCli(['run', '--kernel', fx.bzImage, '--disk', join(dir.path, 'no-disk.img')]);
     expect(disk.code).toBe(1);
     expect(oneLine(disk.stderr)).toMatch(/no-disk\.img/);
     const tap = await runCli(['run', '--kernel', fx.bzImage, '--net', 'tap=this-name-is-far-too-long-for-a-tap']);

@@ -3,23 +3,16 @@
  * --timeout and --console-log, through the real CLI and real boots; and
  * their bad input, which never starts a guest.
  */
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { fixtures } from '../helpers/fixtures.js';
 import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
-import { oneLine } from '../helpers/assert.js';
+import { oneLine, useTempDir } from '../helpers/assert.js';
 
 const noKvm = kvmUnavailable();
-let dir: string;
-beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), 'tsvmm-expect-'));
-});
-afterAll(() => {
-  rmSync(dir, { recursive: true, force: true });
-});
+const dir = useTempDir('tsvmm-expect-');
 
 describe('tsvmm run --expect, --timeout, --console-log: bad input', () => {
   it('refuses a bad regular expression, a bad duration, and --expect-exit alone', async () => {
@@ -38,7 +31,7 @@ describe('tsvmm run --expect, --timeout, --console-log: bad input', () => {
 
   it('refuses a console log it cannot write, before building a VM', async () => {
     const fx = fixtures();
-    const r = await runCli(['run', '--kernel', fx.bzImage, '--console-log', join(dir, 'missing', 'log.txt')]);
+    const r = await runCli(['run', '--kernel', fx.bzImage, '--console-log', join(dir.path, 'missing', 'log.txt')]);
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/cannot write the console log .*missing\/log\.txt \(ENOENT\): give --console-log a file in a writable directory/);
   });
@@ -50,7 +43,7 @@ describe.skipIf(noKvm !== undefined)(`tsvmm run --expect, --timeout, --console-l
   it(
     'exits 0 when the line appears and the guest then ends cleanly, with the whole console in --console-log',
     retryEmulatorFault(async () => {
-      const log = join(dir, 'console.log');
+      const log = join(dir.path, 'console.log');
       const r = await runCli([...base(), '--initrd', fixtures().initramfs, '--cmdline', testCmdline(), '--expect', 'TSVMM-INIT-(\\w+)', '--console-log', log], {
         drive: (child, out) => {
           void until(out, PROMPT).then(

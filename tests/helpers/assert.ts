@@ -1,5 +1,8 @@
 /** Assertions shared by test files (vitest only: bench/ uses the other helpers outside vitest). */
-import { expect } from 'vitest';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, expect } from 'vitest';
 
 /** Asserts stderr is exactly one line starting with "tsvmm: ", and returns it. */
 export function oneLine(stderr: string): string {
@@ -7,4 +10,20 @@ export function oneLine(stderr: string): string {
   expect(lines).toHaveLength(1);
   expect(lines[0]).toMatch(/^tsvmm: /);
   return lines[0]!;
+}
+
+/**
+ * A temporary directory for the test file that calls this at its top
+ * level: made before its tests, removed with everything in it after them.
+ * `path` is valid inside tests and hooks.
+ */
+export function useTempDir(prefix: string): { readonly path: string } {
+  const dir = { path: '' };
+  beforeAll(() => {
+    dir.path = mkdtempSync(join(tmpdir(), prefix));
+  });
+  afterAll(() => {
+    rmSync(dir.path, { recursive: true, force: true });
+  });
+  return dir;
 }
