@@ -18,8 +18,8 @@
  */
 import os from 'node:os';
 import { createVm, type BootMode } from '../src/index.js';
-import { fixtures } from '../tests/helpers/fixtures.js';
-import { testCmdline } from '../tests/helpers/guest.js';
+import { fixtures } from '../fixtures/index.js';
+import { testCmdline } from '../fixtures/index.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
 import { timeBoot } from './lib/boot-timer.js';
 import { median, round, secondsSince } from './lib/stats.js';

@@ -23,7 +23,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { fixtures } from '../tests/helpers/fixtures.js';
+import { fixtures } from '../fixtures/index.js';
 import { GuestSession, PROMPT, testCmdline } from './lib/guest.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
 import { HOST_BUSYBOX, runTimed, runTimedOnHost, shellQuote, type ShellGuest } from './lib/guest-shell.js';

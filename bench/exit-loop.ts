@@ -1,7 +1,7 @@
 /**
  * Exit round trip: what one guest `out` costs from guest to VMM and back.
  *
- * The guest is tsvmm's TinyGuest (src/vmm/probe.ts) running
+ * The guest is tsvmm's TinyGuest (src/kvm/probe.ts) running
  * portWriteLoopCode(N): N writes to port 0x511, then hlt. Three ways to
  * serve the same exits, interleaved round by round (the order rotates each
  * round) so that load from other work on the host hits all three alike:
@@ -36,10 +36,10 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Bus, type BusDevice } from '../src/vmm/bus.js';
-import { handleExit, type ExitContext } from '../src/vmm/exits.js';
-import { Kvm } from '../src/vmm/kvm.js';
-import { portWriteLoopCode, TinyGuest } from '../src/vmm/probe.js';
+import { Bus, type BusDevice } from '../src/base/bus.js';
+import { handleExit, type ExitContext } from '../src/kvm/exits.js';
+import { Kvm } from '../src/kvm/kvm.js';
+import { portWriteLoopCode, TinyGuest } from '../src/kvm/probe.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
 import { max, median, min, round, secondsSince } from './lib/stats.js';
 

@@ -8,8 +8,8 @@
  * share of one host core the whole VMM process used.
  */
 import { createVm } from '../src/index.js';
-import { fixtures } from '../tests/helpers/fixtures.js';
-import { PROMPT, testCmdline } from '../tests/helpers/guest.js';
+import { fixtures } from '../fixtures/index.js';
+import { PROMPT, testCmdline } from '../fixtures/index.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
 import { round } from './lib/stats.js';
 

@@ -16,7 +16,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createVm } from '../src/index.js';
-import { buildPrintAndHaltKernel } from '../src/vmm/boot/synthetic.js';
+import { buildPrintAndHaltKernel } from '../src/testing/index.js';
 import type { Benchmark, BenchContext, BenchResult } from './lib/benchmark.js';
 import { processUsage, type ProcessUsage } from './lib/process-usage.js';
 import { round } from './lib/stats.js';

@@ -16,7 +16,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createVm, type VirtualMachine } from '../src/index.js';
-import { fixtures } from '../tests/helpers/fixtures.js';
+import { fixtures } from '../fixtures/index.js';
 import type { Benchmark, BenchContext, BenchResult } from './lib/benchmark.js';
 import { BOOT_TIMEOUT_MS, PROMPT, testCmdline } from './lib/guest.js';
 import { processUsage, type ProcessUsage } from './lib/process-usage.js';

@@ -25,7 +25,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
-import { fixtures } from '../tests/helpers/fixtures.js';
+import { fixtures } from '../fixtures/index.js';
 import { BOOT_TIMEOUT_MS, PROMPT, runCli, testCmdline, type CliResult } from './lib/guest.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
 import { CliGuest, HOST_BUSYBOX, runTimed, runTimedOnHost, shellQuote } from './lib/guest-shell.js';

@@ -1,7 +1,7 @@
 /**
  * What the guest boot profiler costs: time from vm.start() to /init
  * (TSVMM-INIT-OK) with and without `profile: { path, rateHz }` in the
- * VmConfig (src/vmm/profiler.ts), booted through the library as bench/boot.ts
+ * VmConfig (src/tools/profiler.ts), booted through the library as bench/boot.ts
  * does. The fixture bzImage (host-decompressed) with its System.map given
  * explicitly; /init runs `reboot -f` (tsvmm.mode=reboot).
  *
@@ -16,8 +16,8 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { createVm } from '../src/index.js';
-import type { ProfileReport } from '../src/vmm/profiler.js';
-import { fixtures } from '../tests/helpers/fixtures.js';
+import type { ProfileReport } from '../src/tools/profiler.js';
+import { fixtures } from '../fixtures/index.js';
 import { testCmdline } from './lib/guest.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
 import { timeBoot } from './lib/boot-timer.js';

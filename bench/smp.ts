@@ -26,7 +26,7 @@
  * up to three times.
  */
 import os from 'node:os';
-import { fixtures } from '../tests/helpers/fixtures.js';
+import { fixtures } from '../fixtures/index.js';
 import { GuestSession, PROMPT, testCmdline } from './lib/guest.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
 import { HOST_BUSYBOX, runTimed, runTimedOnHost, type Timed } from './lib/guest-shell.js';

@@ -8,8 +8,8 @@
  */
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import { fixtures } from '../tests/helpers/fixtures.js';
-import { testCmdline } from '../tests/helpers/guest.js';
+import { fixtures } from '../fixtures/index.js';
+import { testCmdline } from '../fixtures/index.js';
 import type { StartupTimes } from '../src/index.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
 import { median, round } from './lib/stats.js';

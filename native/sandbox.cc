@@ -1,6 +1,6 @@
 // tsvmm native addon: the system calls of the sandbox.
 //
-// Two mechanisms, both decided in TypeScript (src/vmm/sandbox.ts), which
+// Two mechanisms, both decided in TypeScript (src/kvm/sandbox.ts), which
 // computes the Landlock access masks for the kernel's ABI and assembles the
 // seccomp program; this file only makes the calls:
 //

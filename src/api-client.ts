@@ -1,11 +1,11 @@
 /**
- * The CLI's side of the control socket (src/vmm/api.ts): `tsvmm ls`,
+ * The CLI's side of the control socket (src/tools/api.ts): `tsvmm ls`,
  * `info`, `pause`, `resume`, `stop`.
  */
 import { lstatSync, readdirSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
-import { apiSocketDir, apiSocketPath } from './vmm/api.js';
+import { apiSocketDir, apiSocketPath } from './tools/api.js';
 import { EscapeKeys } from './escape-keys.js';
 
 export interface ApiReply {

@@ -8,16 +8,17 @@ import { randomBytes } from 'node:crypto';
 import { closeSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { createLogger, LOG_LEVELS, type Logger, type LogLevel } from './log.js';
-import { VirtualMachine, DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize, type VmConfig } from './vmm/machine.js';
+import { createLogger, LOG_LEVELS, type Logger, type LogLevel } from './base/log.js';
+import { DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize, type VirtualMachine } from './vmm/machine.js';
+import { createVm, type VmConfig } from './vm.js';
 import { EXIT_CODES, EXIT_EXPECT_UNMET, EXIT_TIMEOUT, EXIT_USAGE, type VmOutcome } from './vmm/outcome.js';
 import type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 import { parseDiskOption, parseNetOption } from './vmm/virtio-devices.js';
-import { DEFAULT_PROFILE_RATE_HZ, MAX_PROFILE_RATE_HZ } from './vmm/profiler.js';
+import { DEFAULT_PROFILE_RATE_HZ, MAX_PROFILE_RATE_HZ } from './tools/profiler.js';
 import { ConfigFileError, readVmConfigFile, type FileVmConfig } from './config-file.js';
-import { ApiServer, apiSocketPath } from './vmm/api.js';
+import { ApiServer, apiSocketPath } from './tools/api.js';
 import { apiRequest, attachConsole, listSockets, socketFor, unreachable } from './api-client.js';
-import { native } from './native.js';
+import { native } from './kvm/native.js';
 import { EscapeKeys } from './escape-keys.js';
 
 
@@ -252,7 +253,7 @@ async function run(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
 async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog: number | undefined, socketPath: string | undefined): Promise<number> {
   let vm: VirtualMachine;
   try {
-    vm = await VirtualMachine.create(config);
+    vm = await createVm(config);
   } catch (err) {
     process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
     log.debug({ err }, 'vm creation failed');

@@ -6,9 +6,9 @@
 import { readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { z } from 'zod';
-import { TsvmmError } from './errors.js';
+import { TsvmmError } from './base/errors.js';
 import { MAX_CPUS, parseMemorySize } from './vmm/machine.js';
-import { MAX_PROFILE_RATE_HZ } from './vmm/profiler.js';
+import { MAX_PROFILE_RATE_HZ } from './tools/profiler.js';
 
 /** A config file that cannot be read, is not JSON, or has a field that is wrong. */
 export class ConfigFileError extends TsvmmError {

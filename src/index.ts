@@ -19,12 +19,7 @@
  * const { output, status } = await vm.run('uname -r');
  * ```
  */
-import { VirtualMachine, type VmConfig } from './vmm/machine.js';
-
-/** Builds a VM (nothing runs until `start()`). Bad input rejects with a one-line error. */
-export function createVm(config: VmConfig): Promise<VirtualMachine> {
-  return VirtualMachine.create(config);
-}
+export { createVm, type VmConfig } from './vm.js';
 
 export {
   VirtualMachine,
@@ -36,7 +31,8 @@ export {
   defaultCmdline,
   MAX_CPUS,
   parseMemorySize,
-  type VmConfig,
+  type MachineConfig,
+  type VmObserver,
   type VmStats,
   type StartupTimes,
   type BootMode,
@@ -53,13 +49,13 @@ export {
   type WaitForOptions,
 } from './vmm/console.js';
 export type { RunOptions, RunResult } from './vmm/shell.js';
-export { TsvmmError } from './errors.js';
-export { SandboxError, type SandboxConfig, type SandboxStatus } from './vmm/sandbox.js';
+export { TsvmmError } from './base/errors.js';
+export { SandboxError, type SandboxConfig, type SandboxStatus } from './kvm/sandbox.js';
 export type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 export { EXIT_CODES, EXIT_EXPECT_UNMET, EXIT_TIMEOUT, type VmOutcome, type OutcomeKind } from './vmm/outcome.js';
 export { ConfigFileError, parseVmConfig, readVmConfigFile, vmConfigSchema, type FileVmConfig } from './config-file.js';
-export { KvmError } from './vmm/kvm.js';
-export { BootError } from './vmm/boot/errors.js';
-export { createLogger, type LogLevel } from './log.js';
-export { ProfileError, DEFAULT_PROFILE_RATE_HZ, type ProfileConfig, type ProfileFormat, type ProfileReport } from './vmm/profiler.js';
-export { SymbolTable, type SymbolHit } from './vmm/symbols.js';
+export { KvmError } from './kvm/kvm.js';
+export { BootError } from './arch/boot/errors.js';
+export { createLogger, type LogLevel } from './base/log.js';
+export { ProfileError, DEFAULT_PROFILE_RATE_HZ, type ProfileConfig, type ProfileFormat, type ProfileReport } from './tools/profiler.js';
+export { SymbolTable, type SymbolHit } from './tools/symbols.js';

@@ -1,7 +1,7 @@
 /*
  * exit-loop: the floor for one userspace exit round trip on this host.
  *
- * Builds the same guest as tsvmm's TinyGuest (src/vmm/probe.ts): no
+ * Builds the same guest as tsvmm's TinyGuest (src/kvm/probe.ts): no
  * irqchip, one vCPU, 64 KiB of RAM at guest address 0, real-mode code at
  * 0x1000 with CS base 0, RIP 0x1000, RFLAGS 2; then loops on KVM_RUN on one
  * thread until the guest halts. Each `out` is one KVM_EXIT_IO round trip.

@@ -4,4 +4,4 @@
  * shell; runCli runs the `tsvmm` CLI as a child process). Timeouts are hang
  * guards, never speed checks.
  */
-export { BOOT_TIMEOUT_MS, CLI, GuestSession, PROMPT, REPO, runCli, testCmdline, type CliResult } from '../../tests/helpers/guest.js';
+export { BOOT_TIMEOUT_MS, CLI, GuestSession, PROMPT, REPO, runCli, testCmdline, type CliResult } from '../../fixtures/guest.js';

@@ -6,7 +6,7 @@
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
-import { probeHostOnce } from '../../src/vmm/probe.js';
+import { probeHostOnce } from '../../src/kvm/probe.js';
 
 export interface HostFacts {
   kernelRelease: string;

@@ -12,7 +12,7 @@
  * not written yet: the row says so rather than pretending.
  */
 import { execFileSync } from 'node:child_process';
-import { probeHostOnce } from '../../src/vmm/probe.js';
+import { probeHostOnce } from '../../src/kvm/probe.js';
 import type { Row } from './benchmark.js';
 
 export interface QemuCheck {

@@ -2,7 +2,7 @@
  * The ACPI PM1a event and control blocks (ACPI 6.x, 4.8.3.1 PM1 Event
  * Grouping, 4.8.3.2 PM1 Control Grouping), which the FADT names in
  * PM1a_EVT_BLK / X_PM1a_EVT_BLK and PM1a_CNT_BLK / X_PM1a_CNT_BLK, as one
- * device of {@link ACPI_PM_RANGE_LENGTH} ports:
+ * device of {@link ACPI_PM_PORT_SIZE} ports:
  *
  * | offset | register     | width | access                               |
  * |--------|--------------|-------|--------------------------------------|
@@ -24,8 +24,9 @@
  * with the control block right after the event block (ACPI_PM1A_CNT_PORT =
  * ACPI_PM1A_EVT_PORT + {@link ACPI_PM1_CONTROL}).
  */
-import type { BusDevice } from '../vmm/bus.js';
-import { silentLogger, type Logger } from '../log.js';
+import type { BusDevice } from '../base/bus.js';
+import { silentLogger, type Logger } from '../base/log.js';
+import { ACPI_PM1_CNT_LEN, ACPI_PM1_EVT_LEN, ACPI_S5_SLEEP_TYPE } from '../arch/layout.js';
 
 /** Offset of PM1 status (PM1a_STS) from the start of the event block. */
 export const ACPI_PM1_STATUS = 0;
@@ -33,12 +34,6 @@ export const ACPI_PM1_STATUS = 0;
 export const ACPI_PM1_ENABLE = 2;
 /** Offset of PM1 control (PM1a_CNT): the control block follows the event block. */
 export const ACPI_PM1_CONTROL = 4;
-/** The FADT's PM1_EVT_LEN: status and enable, 2 bytes each. */
-export const ACPI_PM1_EVT_LEN = 4;
-/** The FADT's PM1_CNT_LEN. */
-export const ACPI_PM1_CNT_LEN = 2;
-/** Ports the device covers: the event block then the control block. */
-export const ACPI_PM_RANGE_LENGTH = ACPI_PM1_EVT_LEN + ACPI_PM1_CNT_LEN;
 
 /** PM1 status bits (4.8.3.1.1, Table 4.16). Write 1 to clear. */
 export const PM1_STATUS = {
@@ -83,12 +78,6 @@ export const PM1_CONTROL = {
 /** The control bits that read back what was written. */
 const PM1_CONTROL_STORED = PM1_CONTROL.BM_RLD | PM1_CONTROL.SLP_TYP_MASK;
 
-/**
- * The SLP_TYP value of S5 (soft-off) on this machine: the DSDT's `\_S5_`
- * package carries it and a PM1 control write with it and SLP_EN powers off.
- * 5, so it reads as "S5" in a trace; it fits the 3-bit field.
- */
-export const ACPI_S5_SLEEP_TYPE = 5;
 
 export interface AcpiPmOptions {
   /** Called once, when the guest enters S5. */

@@ -14,8 +14,8 @@
  * re-reading the seconds. Periodic, alarm and update interrupts (IRQ 8) are
  * not emulated: register C always reads 0.
  */
-import type { BusDevice } from '../vmm/bus.js';
-import { silentLogger, type Logger } from '../log.js';
+import type { BusDevice } from '../base/bus.js';
+import { silentLogger, type Logger } from '../base/log.js';
 
 /** Offset of the index port (0x70); bit 7 of the index masks NMIs on a PC. */
 export const CMOS_INDEX = 0;

@@ -18,8 +18,8 @@
  * implements BusDevice with offsets 0 and 4 (length 5), for a bus with
  * nothing at 0x61-0x63.
  */
-import type { BusDevice } from '../vmm/bus.js';
-import { silentLogger, type Logger } from '../log.js';
+import type { BusDevice } from '../base/bus.js';
+import { silentLogger, type Logger } from '../base/log.js';
 
 /** Offset of the data port (0x60) within a 0x60-based range. */
 export const I8042_DATA = 0;

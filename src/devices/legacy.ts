@@ -4,8 +4,8 @@
  * emulate. Mapping them keeps those accesses out of the bus's "unhandled"
  * counts and answers them the way absent or trivial hardware would.
  */
-import type { BusDevice } from '../vmm/bus.js';
-import { silentLogger, type Logger } from '../log.js';
+import type { BusDevice } from '../base/bus.js';
+import { silentLogger, type Logger } from '../base/log.js';
 
 /** The POST code port's usual address; Linux also writes it as an I/O delay (`outb_p`). */
 export const DEBUG_PORT_ADDRESS = 0x80;

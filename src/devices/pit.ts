@@ -22,10 +22,10 @@
  * odd count reads back approximately; the one-clock load delay is ignored;
  * BCD counting is logged and treated as binary.
  */
-import type { BusDevice } from '../vmm/bus.js';
-import type { IrqLine } from './irq.js';
-import { silentLogger, type Logger } from '../log.js';
-import { monotonicClock, realScheduler, type NanoClock, type Scheduler } from './timer.js';
+import type { BusDevice } from '../base/bus.js';
+import type { IrqLine } from '../base/irq.js';
+import { silentLogger, type Logger } from '../base/log.js';
+import { monotonicClock, realScheduler, type NanoClock, type Scheduler } from '../base/clock.js';
 
 // Port offsets from 0x40 (datasheet table 1, A1/A0).
 /** Channel 0 counter: the system timer, IRQ 0. */

@@ -8,8 +8,8 @@
  *
  * Mapping: one port, `bus.insert(pvpanic, PVPANIC_PORT, 1, 'pvpanic')`.
  */
-import type { BusDevice } from '../vmm/bus.js';
-import { silentLogger, type Logger } from '../log.js';
+import type { BusDevice } from '../base/bus.js';
+import { silentLogger, type Logger } from '../base/log.js';
 
 /** Event bits (pvpanic.rst; Linux include/uapi/misc/pvpanic.h). */
 export const PVPANIC_EVENT = {

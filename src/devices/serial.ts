@@ -31,9 +31,9 @@
  *   Option `out2GatesIrq: false` ignores MCR for the line (kvmtool and
  *   Firecracker behave that way).
  */
-import type { BusDevice } from '../vmm/bus.js';
-import type { IrqLine } from './irq.js';
-import { silentLogger, type Logger } from '../log.js';
+import type { BusDevice } from '../base/bus.js';
+import type { IrqLine } from '../base/irq.js';
+import { silentLogger, type Logger } from '../base/log.js';
 
 // Register offsets (PC16550D table 2). Several share an offset; which one is
 // meant depends on the direction and on LCR.DLAB.

@@ -4,7 +4,7 @@
  * device knows nothing about registers; the transport knows nothing about
  * disks or packets.
  */
-import type { GuestMemory } from '../vmm/memory.js';
+import type { GuestMemory } from '../base/memory.js';
 import type { Queue } from './queue.js';
 
 /** How a device signals the driver; implemented by the transport. */

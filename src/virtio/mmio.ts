@@ -11,10 +11,10 @@
  * Interrupts: InterruptStatus bit 0 (used buffer) or bit 1 (configuration
  * change) is set and the line is sent an edge with `irq.trigger()`.
  */
-import type { BusDevice } from '../vmm/bus.js';
-import type { GuestMemory } from '../vmm/memory.js';
-import type { IrqLine } from '../devices/irq.js';
-import { silentLogger, type Logger } from '../log.js';
+import type { BusDevice } from '../base/bus.js';
+import type { GuestMemory } from '../base/memory.js';
+import type { IrqLine } from '../base/irq.js';
+import { silentLogger, type Logger } from '../base/log.js';
 import type { VirtioDevice } from './device.js';
 import { VIRTIO_F_VERSION_1, featureBit } from './features.js';
 import { VirtioTransport, queueAddressAt, type QueueArea, type TransportStats } from './transport.js';

@@ -26,7 +26,7 @@
  * config_msix_vector (NO_VECTOR: none is sent). Without MSI-X, the ISR bit
  * is set and the INTx line is held high until the driver reads the ISR.
  */
-import type { IrqLine } from '../devices/irq.js';
+import type { IrqLine } from '../base/irq.js';
 import {
   PCI_CAP_ID_VENDOR,
   PCI_INTERRUPT_PIN_INTA,
@@ -37,9 +37,9 @@ import {
 } from '../devices/pci/config-space.js';
 import type { PciBar, PciDevice } from '../devices/pci/device.js';
 import { Msix, type MsiSink } from '../devices/pci/msix.js';
-import { silentLogger, type Logger } from '../log.js';
-import type { BusDevice } from '../vmm/bus.js';
-import type { GuestMemory } from '../vmm/memory.js';
+import { silentLogger, type Logger } from '../base/log.js';
+import type { BusDevice } from '../base/bus.js';
+import type { GuestMemory } from '../base/memory.js';
 import type { VirtioDevice } from './device.js';
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from './features.js';
 import { VirtioTransport, queueAddressAt, type QueueArea } from './transport.js';

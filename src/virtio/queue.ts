@@ -34,7 +34,7 @@
  * This reasoning is x86-specific; an arm64 port would need barriers for
  * the first two cases as well.
  */
-import { GuestMemoryError, type GuestMemory } from '../vmm/memory.js';
+import { GuestMemoryError, type GuestMemory } from '../base/memory.js';
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, hasFeature } from './features.js';
 
 /** Descriptor flags (virtio 1.2 section 2.7.5). */

@@ -7,8 +7,8 @@
  * to deliver the two kinds of interrupt; it owns nothing else of the
  * state machine, so both transports behave the same way.
  */
-import { GuestEventLog, type Logger } from '../log.js';
-import type { GuestMemory } from '../vmm/memory.js';
+import { GuestEventLog, type Logger } from '../base/log.js';
+import type { GuestMemory } from '../base/memory.js';
 import type { VirtioDevice, VirtioInterrupt } from './device.js';
 import {
   STATUS_ACKNOWLEDGE,

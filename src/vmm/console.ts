@@ -3,7 +3,7 @@
  * guest's own words about how it ends (panic, power off).
  */
 import { Duplex } from 'node:stream';
-import { TsvmmError } from '../errors.js';
+import { TsvmmError } from '../base/errors.js';
 
 /**
  * How long guest output may wait to be batched. Not setImmediate: a vCPU

@@ -5,41 +5,40 @@
  */
 import { EventEmitter } from 'node:events';
 import { readFile } from 'node:fs/promises';
-import type { Logger } from '../log.js';
-import { silentLogger } from '../log.js';
+import type { Logger } from '../base/log.js';
+import { silentLogger } from '../base/log.js';
 import { Serial16550 } from '../devices/serial.js';
 import { ConsoleDevice } from '../virtio/console/device.js';
 import { Pit8254, PortB } from '../devices/pit.js';
 import { I8042 } from '../devices/i8042.js';
 import { Cmos } from '../devices/cmos.js';
 import { DebugPort, IgnoredPorts } from '../devices/legacy.js';
-import type { IrqLine } from '../devices/irq.js';
-import { Bus } from './bus.js';
+import type { IrqLine } from '../base/irq.js';
+import { Bus } from '../base/bus.js';
 import { ConsoleStream, ConsoleWatcher, panicMessage } from './console.js';
 import { runOnConsole, type RunOptions, type RunResult } from './shell.js';
-import { TsvmmError } from '../errors.js';
-import { cpuidForVcpu, parseCpuid } from './cpuid.js';
-import { handleExit, type ExitContext, type GuestStop } from './exits.js';
-import { EMULATED_HOST_CMDLINE, EMULATED_HOST_SMP_CMDLINE, EmulationFallback } from './fallback.js';
-import { Kvm, VmFd } from './kvm.js';
-import * as layout from './layout.js';
-import { GuestMemory } from './memory.js';
+import { TsvmmError } from '../base/errors.js';
+import { cpuidForVcpu, parseCpuid } from '../arch/cpuid.js';
+import { handleExit, type ExitContext, type GuestStop } from '../kvm/exits.js';
+import { EMULATED_HOST_CMDLINE, EMULATED_HOST_SMP_CMDLINE, EmulationFallback } from '../kvm/fallback.js';
+import { Kvm, VmFd } from '../kvm/kvm.js';
+import * as layout from '../arch/layout.js';
+import { GuestMemory } from '../base/memory.js';
 import { outcome, type VmOutcome } from './outcome.js';
-import { probeHost, type HostProbe } from './probe.js';
-import { Vcpu } from './vcpu.js';
-import { Profiler, type ProfileConfig } from './profiler.js';
-import { CoalescedRing } from './coalesced.js';
-import { confineProcess, vcpuSeccompFilter, VCPU_THREAD_SYSCALLS, type SandboxConfig, type SandboxStatus } from './sandbox.js';
-import { loadLinux, prepareKernel, type BootInfo } from './boot/loader.js';
-import { prepareInitrdAsync } from './boot/initrd.js';
-import { writeMpTable } from './mptable.js';
+import { probeHost, type HostProbe } from '../kvm/probe.js';
+import { Vcpu } from '../kvm/vcpu.js';
+import { CoalescedRing } from '../kvm/coalesced.js';
+import { confineProcess, vcpuSeccompFilter, VCPU_THREAD_SYSCALLS, type SandboxConfig, type SandboxStatus } from '../kvm/sandbox.js';
+import { loadLinux, prepareKernel, type BootInfo } from '../arch/boot/loader.js';
+import { prepareInitrdAsync } from '../arch/boot/initrd.js';
+import { writeMpTable } from '../arch/mptable.js';
 import { VirtioDevices, type DiskConfig, type NetConfig, type VirtioTransportKind } from './virtio-devices.js';
 import { AcpiPm } from '../devices/acpi-pm.js';
 import { PvPanic } from '../devices/pvpanic.js';
 import { PciAllocator } from '../devices/pci/device.js';
 import { PciBarRouter, PciBus, PciConfigIo } from '../devices/pci/pci-bus.js';
-import { layoutAcpiConfig, writeAcpiTables } from './acpi/index.js';
-import { GsiRouting } from './irq-routing.js';
+import { layoutAcpiConfig, writeAcpiTables } from '../arch/acpi/index.js';
+import { GsiRouting } from '../arch/irq-routing.js';
 
 /** The default kernel command line: a microVM with its console on COM1. */
 export const DEFAULT_CMDLINE = 'console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd';
@@ -58,8 +57,24 @@ export const MAX_CPUS = 8;
 export type BootMode = 'auto' | 'host' | 'guest';
 export type ExitPath = 'thread' | 'loop';
 
-/** How a VM is built. Paths or bytes for the kernel and initrd. */
-export interface VmConfig {
+/**
+ * Something that watches a VM from outside the machine: it sees the
+ * console's lines, the vCPUs at start, and the outcome. The profiler
+ * (src/tools/profiler.ts) is one.
+ */
+export interface VmObserver {
+  /** Files the observer writes while or after the VM runs: the sandbox leaves them writable. */
+  readonly outputs?: readonly string[];
+  /** Each complete line of the guest console's output. */
+  consoleLine?(line: string): void;
+  /** When the vCPUs start. */
+  start?(vcpus: readonly Vcpu[]): void;
+  /** When the VM has ended, after every vCPU stopped and before wait() resolves. */
+  finish?(outcome: VmOutcome): void;
+}
+
+/** How the machine is built. Paths or bytes for the kernel and initrd. */
+export interface MachineConfig {
   kernel: string | Uint8Array;
   initrd?: string | Uint8Array;
   /** The kernel command line; defaults to {@link DEFAULT_CMDLINE}. Device and host parameters are appended. */
@@ -135,8 +150,8 @@ export interface VmConfig {
   logger?: Logger;
   /** Device to open for KVM. Default /dev/kvm. */
   kvmDevice?: string;
-  /** Sample the guest's RIP while it runs and write a profile when it ends (see profiler.ts). */
-  profile?: ProfileConfig;
+  /** Watchers of the VM: see {@link VmObserver}. */
+  observers?: readonly VmObserver[];
   /**
    * Let the UART's THR writes skip the exit (KVM's coalesced PIO ring,
    * replayed before the next exit is handled and on a short timer while
@@ -223,7 +238,8 @@ export function parseMemorySize(value: number | string): number {
 export const MIN_MEMORY = 16 * 1024 * 1024;
 export const MAX_MEMORY = 64 * 1024 * 1024 * 1024;
 
-async function readInput(what: 'kernel' | 'initrd', input: string | Uint8Array): Promise<Uint8Array> {
+/** Reads a kernel or initrd given as a path; a VmConfigError names the file and what is wrong. */
+export async function readInput(what: 'kernel' | 'initrd', input: string | Uint8Array): Promise<Uint8Array> {
   if (typeof input !== 'string') return input;
   try {
     return await readFile(input);
@@ -361,7 +377,6 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private paused: { clock: bigint | undefined; pausing: boolean } | undefined;
   /** The console's first "Kernel panic - not syncing: ..." line. */
   private panicLine: string | undefined;
-  private profiler: Profiler | undefined;
   private coalesced: CoalescedRing | undefined;
   private coalescedTimer: NodeJS.Timeout | undefined;
   private coalescedFast = false;
@@ -373,7 +388,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private startupClock: StartupClock | undefined;
 
   private constructor(
-    readonly config: Readonly<VmConfig>,
+    readonly config: Readonly<MachineConfig>,
     private readonly kvm: Kvm,
     private readonly vm: VmFd,
     readonly memory: GuestMemory,
@@ -404,7 +419,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
    * until {@link start}. Bad input throws a one-line error (VmConfigError,
    * KvmError, BootError, or a device's error).
    */
-  static async create(config: VmConfig): Promise<VirtualMachine> {
+  static async create(config: MachineConfig): Promise<VirtualMachine> {
     const clock = new StartupClock();
     const log = config.logger ?? silentLogger;
     const memSize = parseMemorySize(config.memory ?? DEFAULT_MEMORY);
@@ -419,7 +434,6 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
 
     // Inputs first: a bad path fails before KVM is touched.
     const kernelBytes = await readInput('kernel', config.kernel);
-    const profiler = config.profile ? await Profiler.prepare(config.profile, config.kernel, log.child({ part: 'profiler' })) : undefined;
     const initrdBytes = config.initrd !== undefined ? await readInput('initrd', config.initrd) : undefined;
     // Decompressing the kernel and inflating the initramfs run on other
     // threads while the VM and its devices are built; loadLinux waits.
@@ -465,7 +479,10 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
         () => (hvc ? hvc.pendingInput : serial.pendingInput),
       );
       // One watcher per output source, so their lines never interleave.
-      const watch = () => new ConsoleWatcher((event, line) => vmRef?.onConsoleEvent(event, line), (line) => vmRef?.profiler?.consoleLine(line));
+      const observers = config.observers ?? [];
+      const watch = () => new ConsoleWatcher((event, line) => vmRef?.onConsoleEvent(event, line), (line) => {
+        for (const o of observers) o.consoleLine?.(line);
+      });
       const serialWatcher = watch();
       const serialToConsole = consoleKind === 'serial' || config.serial !== 'off';
       const serial = new Serial16550({
@@ -608,7 +625,6 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
 
       const machine = new VirtualMachine(config, kvm, vm, mem, vcpus, boot, host, cmdline, pio, mmioBus, serial, pit, virtio, irqCounter, consoleStream, log);
       vmRef = machine;
-      machine.profiler = profiler;
       if (config.coalescedIo !== false) machine.coalesced = setUpCoalescedPio(kvm, vm, vcpus[0]!, log);
       machine.signals = signals;
       machine.startupClock = clock;
@@ -665,10 +681,10 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       });
     });
     if (this.coalesced) this.pollCoalesced();
-    if (this.profiler) {
-      this.profiler.start(this.vcpus);
+    for (const o of this.config.observers ?? []) {
+      o.start?.(this.vcpus);
       // 'exit' is emitted after every vCPU stopped and before wait() resolves.
-      this.once('exit', (result) => this.profiler?.finish(result));
+      if (o.finish) this.once('exit', (result) => o.finish?.(result));
     }
   }
 
@@ -683,7 +699,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
 
   private confine(onLoop: boolean): SandboxStatus {
     const opts = typeof this.config.sandbox === 'object' ? this.config.sandbox : {};
-    const files = confineProcess(this.kvm.addon, { outputs: this.config.profile ? [this.config.profile.path] : [], allow: opts.allow }, this.log);
+    const files = confineProcess(this.kvm.addon, { outputs: (this.config.observers ?? []).flatMap((o) => o.outputs ?? []), allow: opts.allow }, this.log);
     const vcpuThreads: SandboxStatus['vcpuThreads'] = onLoop
       ? { filtered: false, reason: "exitPath 'loop' runs KVM_RUN on the main thread, which seccomp cannot narrow" }
       : { filtered: true, syscalls: ['ioctl (KVM_RUN, KVM_GET_REGS on its vCPU)', ...VCPU_THREAD_SYSCALLS] };

@@ -12,23 +12,23 @@
  * guest programmed. Each falls back to the plain path (an exit,
  * KVM_IRQ_LINE, KVM_SIGNAL_MSI) where KVM lacks it.
  */
-import type { Logger } from '../log.js';
-import type { IrqLine } from '../devices/irq.js';
+import type { Logger } from '../base/log.js';
+import type { IrqLine } from '../base/irq.js';
 import type { MsiMessage, MsiSink } from '../devices/pci/msix.js';
 import type { PciBus } from '../devices/pci/pci-bus.js';
 import type { PciAllocator } from '../devices/pci/device.js';
-import type { NativeAddon } from '../native.js';
+import type { NativeAddon } from '../kvm/native.js';
 import { createBlkDevice, parseDiskOption, type BlkDevice } from '../virtio/blk/index.js';
 import { createNetDevice, parseNetOption, type NetDevice } from '../virtio/net/index.js';
 import type { ConsoleDevice } from '../virtio/console/device.js';
 import { MMIO_QUEUE_NOTIFY, MMIO_SIZE, MmioTransport, mmioCmdlineFragment } from '../virtio/mmio.js';
 import { VirtioPciTransport } from '../virtio/pci.js';
 import type { VirtioTransport } from '../virtio/transport.js';
-import type { Bus } from './bus.js';
-import type { GsiRouting } from './irq-routing.js';
-import type { VmFd } from './kvm.js';
-import { PCI_INTERRUPT_PIN_INTA_INDEX, pciIntxGsi, virtioMmioSlot } from './layout.js';
-import type { GuestMemory } from './memory.js';
+import type { Bus } from '../base/bus.js';
+import type { GsiRouting } from '../arch/irq-routing.js';
+import type { VmFd } from '../kvm/kvm.js';
+import { PCI_INTERRUPT_PIN_INTA_INDEX, pciIntxGsi, virtioMmioSlot } from '../arch/layout.js';
+import type { GuestMemory } from '../base/memory.js';
 
 export { parseDiskOption, parseNetOption };
 

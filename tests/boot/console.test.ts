@@ -6,7 +6,7 @@
  * boot slow).
  */
 import { describe, expect, it } from 'vitest';
-import { fixtures } from '../helpers/fixtures.js';
+import { fixtures } from '../../fixtures/index.js';
 import { PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 import { RETRY_TIMEOUT_MS, retryEmulatorFault } from '../helpers/host.js';
 

@@ -8,8 +8,8 @@
  */
 import { connect, createServer } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Kvm } from '../../src/vmm/kvm.js';
-import { TinyGuest } from '../../src/vmm/probe.js';
+import { Kvm } from '../../src/kvm/kvm.js';
+import { TinyGuest } from '../../src/kvm/probe.js';
 import { kvmUnavailable } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();

@@ -9,7 +9,7 @@ import { readdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { ConsoleWaitError, createVm, type VirtualMachine } from '../../src/index.js';
-import { fixtures } from '../helpers/fixtures.js';
+import { fixtures } from '../../fixtures/index.js';
 import { BOOT_TIMEOUT_MS, PROMPT, consolesSeen, endingsSeen, kvmUnavailable, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 

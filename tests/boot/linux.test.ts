@@ -3,7 +3,7 @@
  * what the guest printed and on how the VM ended.
  */
 import { describe, expect, it } from 'vitest';
-import { fixtures } from '../helpers/fixtures.js';
+import { fixtures } from '../../fixtures/index.js';
 import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 

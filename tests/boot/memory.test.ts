@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createVm } from '../../src/index.js';
-import { buildPrintAndHaltKernel } from '../../src/vmm/boot/synthetic.js';
+import { buildPrintAndHaltKernel } from '../../src/testing/index.js';
 import { kvmUnavailable } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();

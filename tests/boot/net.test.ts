@@ -11,8 +11,8 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { probeHostOnce } from '../../src/vmm/probe.js';
-import { fixtures, type Fixtures } from '../helpers/fixtures.js';
+import { probeHostOnce } from '../../src/kvm/probe.js';
+import { fixtures, type Fixtures } from '../../fixtures/index.js';
 import { hardwareVirtUnavailable, retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 

@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { createVm, VmStateError } from '../../src/index.js';
-import { fixtures } from '../helpers/fixtures.js';
+import { fixtures } from '../../fixtures/index.js';
 import { BOOT_TIMEOUT_MS, PROMPT, consolesSeen, endingsSeen, kvmUnavailable, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 

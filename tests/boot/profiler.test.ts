@@ -7,8 +7,8 @@
 import { readFileSync, writeFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import type { ProfileReport } from '../../src/vmm/profiler.js';
-import { fixtures } from '../helpers/fixtures.js';
+import type { ProfileReport } from '../../src/tools/profiler.js';
+import { fixtures } from '../../fixtures/index.js';
 import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { oneLine, useTempDir } from '../helpers/assert.js';

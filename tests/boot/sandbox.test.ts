@@ -21,7 +21,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { buildPrintAndHaltKernel } from '../../src/vmm/boot/synthetic.js';
+import { buildPrintAndHaltKernel } from '../../src/testing/index.js';
 import { kvmUnavailable, REPO, runCli, until } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
@@ -46,7 +46,7 @@ describe.skipIf(noKvm !== undefined)(`the sandbox${noKvm ? ` (skipped: ${noKvm})
     (forbidden, nr) => {
       const script = `
         const addon = require(${JSON.stringify(join(REPO, 'build/Release/tsvmm.node'))});
-        const { vcpuSeccompFilter } = await import(${JSON.stringify(join(REPO, 'dist/vmm/sandbox.js'))});
+        const { vcpuSeccompFilter } = await import(${JSON.stringify(join(REPO, 'dist/kvm/sandbox.js'))});
         const kvm = addon.open('/dev/kvm');
         const vm = addon.createVm(kvm);
         const vcpu = addon.createVcpu(vm, 0);

@@ -10,7 +10,7 @@ import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createVm } from '../../src/index.js';
-import { buildPrintAndHaltKernel } from '../../src/vmm/boot/synthetic.js';
+import { buildPrintAndHaltKernel } from '../../src/testing/index.js';
 import { kvmUnavailable } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();

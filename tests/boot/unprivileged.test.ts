@@ -14,7 +14,7 @@ import { chmodSync, chownSync, mkdtempSync, rmSync, writeFileSync } from 'node:f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildPrintAndHaltKernel } from '../../src/vmm/boot/synthetic.js';
+import { buildPrintAndHaltKernel } from '../../src/testing/index.js';
 import { oneLine } from '../helpers/assert.js';
 import { kvmUnavailable, runCli, until } from '../helpers/guest.js';
 

@@ -9,8 +9,8 @@ import { chmodSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } fr
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildPrintAndHaltKernel } from '../../src/vmm/boot/synthetic.js';
-import { fixtures } from '../helpers/fixtures.js';
+import { buildPrintAndHaltKernel } from '../../src/testing/index.js';
+import { fixtures } from '../../fixtures/index.js';
 import { BOOT_TIMEOUT_MS, CLI, PROMPT, kvmUnavailable, runCli, testCmdline, until, type CliResult, type ConsoleOutput } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 

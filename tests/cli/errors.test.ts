@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { chmodSync, copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { fixtures } from '../helpers/fixtures.js';
+import { fixtures } from '../../fixtures/index.js';
 import { runCli } from '../helpers/guest.js';
 import { oneLine, useTempDir } from '../helpers/assert.js';
 

@@ -17,7 +17,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { FakeIrqLine } from '../../src/devices/irq.js';
+import { FakeIrqLine } from '../../src/testing/index.js';
 import { BlkDevice } from '../../src/virtio/blk/device.js';
 import type { BlockBackend, IoCallback } from '../../src/virtio/blk/backend.js';
 import { openDiskImage } from '../../src/virtio/blk/image.js';
@@ -46,7 +46,7 @@ import { EAGAIN, type TapBackend } from '../../src/virtio/net/tap.js';
 import { MAX_FRAME_SIZE, NetDevice, VNET_HDR_SIZE } from '../../src/virtio/net/device.js';
 import { ConsoleDevice } from '../../src/virtio/console/device.js';
 import { DESCRIPTOR_SIZE, Queue, QueueError, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtio/queue.js';
-import { GuestMemory, GuestMemoryError } from '../../src/vmm/memory.js';
+import { GuestMemory, GuestMemoryError } from '../../src/base/memory.js';
 import { PCI_CAP_ID_MSIX, PCI_CAPABILITY_LIST, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY } from '../../src/devices/pci/config-space.js';
 import { MSIX_CAP_MESSAGE_CONTROL, MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK, MSIX_ENTRY_SIZE, type MsiMessage, type MsiSink } from '../../src/devices/pci/msix.js';
 import {

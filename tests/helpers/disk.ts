@@ -2,7 +2,7 @@
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fixtures } from './fixtures.js';
+import { fixtures } from '../../fixtures/index.js';
 
 /** An ext4 image holding `files`, made with the fixtures' mkfs wrapper (mkfs.ext4 -d). */
 export function makeExt4(dir: string, name: string, files: Record<string, Uint8Array>, sizeMiB = 32): string {

@@ -4,7 +4,7 @@
  * ../shared/PLATFORM.md). On a PVM-style host `npm test` runs those tests
  * again inside the emulated AMD-V host (tests/hosts/amdv/), where they run.
  */
-import { probeHostOnce } from '../../src/vmm/probe.js';
+import { probeHostOnce } from '../../src/kvm/probe.js';
 import { BOOT_TIMEOUT_MS, consolesSeen, endingsSeen, kvmUnavailable } from './guest.js';
 
 /** The timeout of a boot test wrapped in {@link retryEmulatorFault}: room for the retry. */

@@ -4,7 +4,7 @@
  * offset within it, as Linux's pci_conf1_read/write do.
  */
 import { PCI_CONFIG_ADDRESS_ENABLE, type PciConfigIo } from '../../src/devices/pci/index.js';
-import { PCI_CONFIG_PORT as PCI_CONFIG_ADDRESS_PORT } from '../../src/vmm/layout.js';
+import { PCI_CONFIG_PORT as PCI_CONFIG_ADDRESS_PORT } from '../../src/arch/layout.js';
 
 const CONFIG_DATA_PORT = PCI_CONFIG_ADDRESS_PORT + 4;
 

@@ -3,7 +3,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ACPI_PM1_CNT_LEN, ACPI_PM1_EVT_LEN, ACPI_S5_SLEEP_TYPE, PM1_CONTROL } from '../../src/devices/acpi-pm.js';
+import { PM1_CONTROL } from '../../src/devices/acpi-pm.js';
+import { ACPI_PM1_CNT_LEN, ACPI_PM1_EVT_LEN, ACPI_S5_SLEEP_TYPE } from '../../src/arch/layout.js';
 import {
   AcpiError,
   FACS,
@@ -16,7 +17,7 @@ import {
   sdt,
   writeAcpiTables,
   type AcpiConfig,
-} from '../../src/vmm/acpi/index.js';
+} from '../../src/arch/acpi/index.js';
 import {
   AmlBuffer,
   AmlError,
@@ -34,8 +35,8 @@ import {
   WordIO,
   encodePkgLength,
   pkgLengthFor,
-} from '../../src/vmm/acpi/aml.js';
-import { buildE820Map, E820_RESERVED } from '../../src/vmm/boot/params.js';
+} from '../../src/arch/acpi/aml.js';
+import { buildE820Map, E820_RESERVED } from '../../src/arch/boot/params.js';
 import {
   ACPI_PM1A_CNT_PORT,
   ACPI_PM1A_EVT_PORT,
@@ -47,9 +48,9 @@ import {
   MPTABLE_START,
   PVPANIC_PORT,
   virtioMmioSlot,
-} from '../../src/vmm/layout.js';
-import { GuestMemory } from '../../src/vmm/memory.js';
-import { writeMpTable } from '../../src/vmm/mptable.js';
+} from '../../src/arch/layout.js';
+import { GuestMemory } from '../../src/base/memory.js';
+import { writeMpTable } from '../../src/arch/mptable.js';
 
 const MiB = 1024 * 1024;
 

@@ -9,9 +9,9 @@ import {
   isBzImage,
   parseBzImage,
   protocolVersionString,
-} from '../../src/vmm/boot/bzimage.js';
-import { BootError, type BootErrorKind } from '../../src/vmm/boot/errors.js';
-import { buildBzImage } from '../../src/vmm/boot/synthetic.js';
+} from '../../src/arch/boot/bzimage.js';
+import { BootError, type BootErrorKind } from '../../src/arch/boot/errors.js';
+import { buildBzImage } from '../../src/testing/index.js';
 
 function expectBootError(fn: () => unknown, kind: BootErrorKind, message?: RegExp): void {
   try {

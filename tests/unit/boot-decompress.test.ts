@@ -1,13 +1,13 @@
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { BootError } from '../../src/vmm/boot/errors.js';
+import { BootError } from '../../src/arch/boot/errors.js';
 import {
   decompress,
   decompressKernelPayload,
   detectCompression,
   hostDecompressionUnavailable,
-} from '../../src/vmm/boot/decompress.js';
+} from '../../src/arch/boot/decompress.js';
 
 /**
  * Real x86-64 machine code (the node binary), so the xz x86 BCJ filter has

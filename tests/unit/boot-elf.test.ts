@@ -1,8 +1,8 @@
 import { describe, expect, it } from 'vitest';
-import { BootError, type BootErrorKind } from '../../src/vmm/boot/errors.js';
-import { isElf, loadElfSegments, parseElfKernel } from '../../src/vmm/boot/elf.js';
-import { buildElfKernel } from '../../src/vmm/boot/synthetic.js';
-import { GuestMemory } from '../../src/vmm/memory.js';
+import { BootError, type BootErrorKind } from '../../src/arch/boot/errors.js';
+import { isElf, loadElfSegments, parseElfKernel } from '../../src/arch/boot/elf.js';
+import { buildElfKernel } from '../../src/testing/index.js';
+import { GuestMemory } from '../../src/base/memory.js';
 
 const MiB = 1024 * 1024;
 

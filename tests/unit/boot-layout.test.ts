@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import * as layout from '../../src/vmm/layout.js';
-import { LayoutError, ramRegions, virtioMmioSlot } from '../../src/vmm/layout.js';
+import * as layout from '../../src/arch/layout.js';
+import { LayoutError, ramRegions, virtioMmioSlot } from '../../src/arch/layout.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;

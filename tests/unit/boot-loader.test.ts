@@ -3,14 +3,14 @@ import { existsSync, readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { HDR, XLF } from '../../src/vmm/boot/bzimage.js';
-import { parseElfKernel } from '../../src/vmm/boot/elf.js';
-import { BootError, type BootErrorKind } from '../../src/vmm/boot/errors.js';
-import { loadLinux, type BootInfo, type LoadLinuxOptions } from '../../src/vmm/boot/loader.js';
-import { BP, readE820Map } from '../../src/vmm/boot/params.js';
-import { buildBzImage, buildElfKernel, type SyntheticBzImageOptions } from '../../src/vmm/boot/synthetic.js';
-import { CMDLINE_START, PML4_START, ZERO_PAGE_START } from '../../src/vmm/layout.js';
-import { GuestMemory } from '../../src/vmm/memory.js';
+import { HDR, XLF } from '../../src/arch/boot/bzimage.js';
+import { parseElfKernel } from '../../src/arch/boot/elf.js';
+import { BootError, type BootErrorKind } from '../../src/arch/boot/errors.js';
+import { loadLinux, type BootInfo, type LoadLinuxOptions } from '../../src/arch/boot/loader.js';
+import { BP, readE820Map } from '../../src/arch/boot/params.js';
+import { buildBzImage, buildElfKernel, type SyntheticBzImageOptions } from '../../src/testing/index.js';
+import { CMDLINE_START, PML4_START, ZERO_PAGE_START } from '../../src/arch/layout.js';
+import { GuestMemory } from '../../src/base/memory.js';
 
 const MiB = 1024 * 1024;
 

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { HDR, isBzImage, parseBzImage } from '../../src/vmm/boot/bzimage.js';
-import { BootError } from '../../src/vmm/boot/errors.js';
+import { HDR, isBzImage, parseBzImage } from '../../src/arch/boot/bzimage.js';
+import { BootError } from '../../src/arch/boot/errors.js';
 import {
   BP,
   E820_RAM,
@@ -11,10 +11,10 @@ import {
   readE820Map,
   synthesizeSetupHeader,
   writeCmdline,
-} from '../../src/vmm/boot/params.js';
-import { buildBzImage } from '../../src/vmm/boot/synthetic.js';
-import { CMDLINE_MAX_SIZE, CMDLINE_START } from '../../src/vmm/layout.js';
-import { GuestMemory } from '../../src/vmm/memory.js';
+} from '../../src/arch/boot/params.js';
+import { buildBzImage } from '../../src/testing/index.js';
+import { CMDLINE_MAX_SIZE, CMDLINE_START } from '../../src/arch/layout.js';
+import { GuestMemory } from '../../src/base/memory.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;

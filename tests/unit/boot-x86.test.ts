@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { GuestMemory } from '../../src/vmm/memory.js';
+import { GuestMemory } from '../../src/base/memory.js';
 import {
   BOOT_GDT_START,
   BOOT_IDT_START,
@@ -7,7 +7,7 @@ import {
   PD_START,
   PDPT_START,
   PML4_START,
-} from '../../src/vmm/layout.js';
+} from '../../src/arch/layout.js';
 import {
   BOOT_CS_SELECTOR,
   BOOT_DS_SELECTOR,
@@ -18,7 +18,7 @@ import {
   segmentFromGdtEntry,
   setupLongMode,
   writeIdentityPageTables,
-} from '../../src/vmm/boot/x86.js';
+} from '../../src/arch/boot/x86.js';
 
 const MiB = 1024 * 1024;
 

@@ -4,8 +4,8 @@
  * could have written.
  */
 import { describe, expect, it } from 'vitest';
-import { Bus } from '../../src/vmm/bus.js';
-import { CoalescedRing } from '../../src/vmm/coalesced.js';
+import { Bus } from '../../src/base/bus.js';
+import { CoalescedRing } from '../../src/kvm/coalesced.js';
 
 const PAGE = 4096;
 const OFFSET = 2;

@@ -8,7 +8,7 @@ import {
   I8042_STATUS,
 } from '../../src/devices/i8042.js';
 import { DebugPort, IgnoredPorts } from '../../src/devices/legacy.js';
-import { Bus } from '../../src/vmm/bus.js';
+import { Bus } from '../../src/base/bus.js';
 
 function setup() {
   let resets = 0;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import type { BusDevice } from '../../src/vmm/bus.js';
+import type { BusDevice } from '../../src/base/bus.js';
 import {
   MSIX_CAP_MESSAGE_CONTROL,
   MSIX_CONTROL_ENABLE,

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { FakeIrqLine } from '../../src/devices/irq.js';
+import { FakeIrqLine } from '../../src/testing/index.js';
 import {
   PIT_CHANNEL0,
   PIT_CHANNEL1,
@@ -11,7 +11,8 @@ import {
   PORTB,
   PortB,
 } from '../../src/devices/pit.js';
-import { FakeClock, FakeScheduler, realScheduler } from '../../src/devices/timer.js';
+import { realScheduler } from '../../src/base/clock.js';
+import { FakeClock, FakeScheduler } from '../../src/testing/index.js';
 
 const F = BigInt(PIT_FREQUENCY_HZ);
 

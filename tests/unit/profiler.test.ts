@@ -19,9 +19,9 @@ import {
   TOP_FUNCTIONS,
   type ProfileReport,
   type SampledVcpu,
-} from '../../src/vmm/profiler.js';
-import { REAL_MODE_SYMBOL, SymbolTable, UNKNOWN_SYMBOL, USER_SYMBOL } from '../../src/vmm/symbols.js';
-import { fixtures } from '../helpers/fixtures.js';
+} from '../../src/tools/profiler.js';
+import { REAL_MODE_SYMBOL, SymbolTable, UNKNOWN_SYMBOL, USER_SYMBOL } from '../../src/tools/symbols.js';
+import { fixtures } from '../../fixtures/index.js';
 
 const MAP = `
 0000000000000000 D __per_cpu_start

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { PVPANIC_EVENT, PVPANIC_SUPPORTED_EVENTS, PvPanic } from '../../src/devices/pvpanic.js';
-import { Bus } from '../../src/vmm/bus.js';
-import { PVPANIC_PORT } from '../../src/vmm/layout.js';
+import { Bus } from '../../src/base/bus.js';
+import { PVPANIC_PORT } from '../../src/arch/layout.js';
 
 function setup(withCrashLoaded = true) {
   const seen: string[] = [];

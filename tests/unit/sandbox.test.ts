@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { LANDLOCK_FS, SandboxError, VCPU_THREAD_SYSCALLS, assemble, landlockFsRights, landlockNetRights, landlockScopes, sandboxRules, vcpuSeccompFilter } from '../../src/vmm/sandbox.js';
+import { LANDLOCK_FS, SandboxError, VCPU_THREAD_SYSCALLS, assemble, landlockFsRights, landlockNetRights, landlockScopes, sandboxRules, vcpuSeccompFilter } from '../../src/kvm/sandbox.js';
 
 // x86-64 numbers and ioctls, as the addon exports them (asm/unistd_64.h, linux/kvm.h).
 const NR: Record<string, number> = {

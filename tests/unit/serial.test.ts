@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { FakeIrqLine } from '../../src/devices/irq.js';
+import { FakeIrqLine } from '../../src/testing/index.js';
 import {
   FCR,
   IER,

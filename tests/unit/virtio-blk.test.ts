@@ -34,7 +34,7 @@ import {
   type IoCallback,
 } from '../../src/virtio/blk/index.js';
 import { pino } from 'pino';
-import { GUEST_EVENT_LOG_LIMIT } from '../../src/log.js';
+import { GUEST_EVENT_LOG_LIMIT } from '../../src/base/log.js';
 import {
   STATUS_ACKNOWLEDGE,
   STATUS_DEVICE_NEEDS_RESET,
@@ -45,7 +45,7 @@ import {
 } from '../../src/virtio/features.js';
 import { INTERRUPT_CONFIG_CHANGE, MMIO_QUEUE_READY, MMIO_QUEUE_SEL, MMIO_STATUS } from '../../src/virtio/mmio.js';
 import { CHAINS_PER_TURN, VIRTQ_DESC_F_NEXT } from '../../src/virtio/queue.js';
-import { startDevice, type FakeBuffer, type FakeVirtqueue, type TestRig } from '../../src/virtio/testing.js';
+import { startDevice, type FakeBuffer, type FakeVirtqueue, type TestRig } from '../../src/testing/index.js';
 
 const SECTOR = 512;
 const DISK_SECTORS = 64;

@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { CHAINS_PER_TURN } from '../../src/virtio/queue.js';
 import { CONSOLE_RX_QUEUE as RX, CONSOLE_TX_QUEUE as TX, ConsoleDevice, MAX_TX_CHAIN_BYTES, TX_BYTES_PER_TURN } from '../../src/virtio/console/device.js';
 import { VIRTIO_F_VERSION_1, featureMask } from '../../src/virtio/features.js';
-import { startDevice } from '../../src/virtio/testing.js';
+import { startDevice } from '../../src/testing/index.js';
 
 const text = (s: string) => new TextEncoder().encode(s);
 

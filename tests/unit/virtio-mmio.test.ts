@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { FakeIrqLine } from '../../src/devices/irq.js';
-import { GuestMemory } from '../../src/vmm/memory.js';
+import { FakeIrqLine } from '../../src/testing/index.js';
+import { GuestMemory } from '../../src/base/memory.js';
 import { readConfigBytes, type VirtioActivation, type VirtioDevice } from '../../src/virtio/device.js';
 import {
   STATUS_ACKNOWLEDGE,
@@ -46,7 +46,7 @@ import {
   mmioCmdlineFragment,
 } from '../../src/virtio/mmio.js';
 import { QueueError, VIRTQ_DESC_F_NEXT } from '../../src/virtio/queue.js';
-import { FakeMmioDriver, FakeVirtqueue, GuestAllocator } from '../../src/virtio/testing.js';
+import { FakeMmioDriver, FakeVirtqueue, GuestAllocator } from '../../src/testing/index.js';
 
 const ECHO_FEATURE = 3;
 const ECHO_NEEDS_EVENT_IDX = 4;

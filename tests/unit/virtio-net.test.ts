@@ -42,9 +42,9 @@ import {
 } from '../../src/virtio/features.js';
 import { MMIO_QUEUE_READY, MMIO_QUEUE_SEL, MMIO_STATUS } from '../../src/virtio/mmio.js';
 import { CHAINS_PER_TURN, VIRTQ_DESC_F_NEXT } from '../../src/virtio/queue.js';
-import { FakeMmioDriver, startDevice, type FakeVirtqueue, type TestRig } from '../../src/virtio/testing.js';
-import { FakeIrqLine } from '../../src/devices/irq.js';
-import { GuestMemory } from '../../src/vmm/memory.js';
+import { FakeMmioDriver, startDevice, type FakeVirtqueue, type TestRig } from '../../src/testing/index.js';
+import { FakeIrqLine } from '../../src/testing/index.js';
+import { GuestMemory } from '../../src/base/memory.js';
 import { MmioTransport } from '../../src/virtio/mmio.js';
 
 /** A TAP whose kernel queue is an array. */

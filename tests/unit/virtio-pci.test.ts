@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { FakeIrqLine } from '../../src/devices/irq.js';
+import { FakeIrqLine } from '../../src/testing/index.js';
 import {
   MSIX_CAP_MESSAGE_CONTROL,
   MSIX_CAP_PBA,
@@ -32,7 +32,7 @@ import {
   type MsiMessage,
   type MsiSink,
 } from '../../src/devices/pci/index.js';
-import { GuestMemory } from '../../src/vmm/memory.js';
+import { GuestMemory } from '../../src/base/memory.js';
 import { readConfigBytes, type VirtioActivation, type VirtioDevice } from '../../src/virtio/device.js';
 import {
   STATUS_ACKNOWLEDGE,
@@ -88,7 +88,7 @@ import {
   virtioPciClassCode,
 } from '../../src/virtio/pci.js';
 import { QueueError, VIRTQ_DESC_F_NEXT } from '../../src/virtio/queue.js';
-import { FakeVirtqueue, GuestAllocator, type QueueLayout } from '../../src/virtio/testing.js';
+import { FakeVirtqueue, GuestAllocator, type QueueLayout } from '../../src/testing/index.js';
 import { PciPortIo } from '../helpers/pci.js';
 
 const WINDOW = 0xc000_0000;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { GuestMemory } from '../../src/vmm/memory.js';
+import { GuestMemory } from '../../src/base/memory.js';
 import {
   Queue,
   QueueError,
@@ -12,7 +12,7 @@ import {
   type QueueErrorKind,
 } from '../../src/virtio/queue.js';
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, featureMask } from '../../src/virtio/features.js';
-import { FakeVirtqueue, GuestAllocator } from '../../src/virtio/testing.js';
+import { FakeVirtqueue, GuestAllocator } from '../../src/testing/index.js';
 
 const MEM_SIZE = 1 << 20;
 

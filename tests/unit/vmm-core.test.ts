@@ -6,21 +6,21 @@
 import { randomBytes } from 'node:crypto';
 import { gzipSync } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
-import type { NativeLayout } from '../../src/native.js';
-import { Bus, BusError, type BusDevice } from '../../src/vmm/bus.js';
-import { decodeRegs, decodeSregs, encodeMsrs, encodeRegs, encodeSregs } from '../../src/vmm/cpu.js';
-import { cpuidForVcpu } from '../../src/vmm/cpuid.js';
+import type { NativeLayout } from '../../src/kvm/native.js';
+import { Bus, BusError, type BusDevice } from '../../src/base/bus.js';
+import { decodeRegs, decodeSregs, encodeMsrs, encodeRegs, encodeSregs } from '../../src/kvm/cpu.js';
+import { cpuidForVcpu } from '../../src/arch/cpuid.js';
 import { CONSOLE_FLUSH_MS, CONSOLE_INPUT_LIMIT, CONSOLE_OUTPUT_LIMIT, ConsoleStream, ConsoleWatcher } from '../../src/vmm/console.js';
-import { FakeIrqLine } from '../../src/devices/irq.js';
+import { FakeIrqLine } from '../../src/testing/index.js';
 import { LSR, MCR, Serial16550, UART_LSR, UART_MCR, UART_RBR } from '../../src/devices/serial.js';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { decodeExit, ExitDecoder, ExitReason, handleExit, type ExitContext, type VcpuExit } from '../../src/vmm/exits.js';
-import { GuestMemory, GuestMemoryError } from '../../src/vmm/memory.js';
-import { mpTableSize, writeMpTable } from '../../src/vmm/mptable.js';
+import { decodeExit, ExitDecoder, ExitReason, handleExit, type ExitContext, type VcpuExit } from '../../src/kvm/exits.js';
+import { GuestMemory, GuestMemoryError } from '../../src/base/memory.js';
+import { mpTableSize, writeMpTable } from '../../src/arch/mptable.js';
 import { parseMemorySize, VmConfigError } from '../../src/vmm/machine.js';
-import { prepareInitrdAsync } from '../../src/vmm/boot/initrd.js';
-import type { CpuidEntry } from '../../src/vmm/vcpu.js';
+import { prepareInitrdAsync } from '../../src/arch/boot/initrd.js';
+import type { CpuidEntry } from '../../src/kvm/vcpu.js';
 
 /** The x86-64 kvm_run offsets, as the addon reports them from linux/kvm.h. */
 const RUN: NativeLayout['run'] = {

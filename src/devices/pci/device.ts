@@ -2,7 +2,7 @@
  * What a PCI function implements, and the firmware step that gives its
  * BARs addresses before the guest runs.
  */
-import type { BusDevice } from '../../vmm/bus.js';
+import type { BusDevice } from '../../base/bus.js';
 import { PCI_BAR0, PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, type PciBarKind, type PciConfigSpace } from './config-space.js';
 import { PciError } from './errors.js';
 

@@ -8,7 +8,7 @@
  * follow {@link MsiSink.update}, and {@link MsiSink.fire} writes the irqfd
  * (or does KVM_SIGNAL_MSI). Tests use a recording sink.
  */
-import { silentLogger, type Logger } from '../../log.js';
+import { silentLogger, type Logger } from '../../base/log.js';
 import { PCI_CAP_ID_MSIX, type PciConfigSpace } from './config-space.js';
 import { PciError } from './errors.js';
 

@@ -6,8 +6,8 @@
  * {@link PciBarRouter} serves a window of guest addresses from whatever
  * BARs decode there now, so BAR moves need no change to the VMM's buses.
  */
-import type { BusDevice } from '../../vmm/bus.js';
-import { GuestEventLog, silentLogger, type Logger } from '../../log.js';
+import type { BusDevice } from '../../base/bus.js';
+import { GuestEventLog, silentLogger, type Logger } from '../../base/log.js';
 import { PciConfigSpace } from './config-space.js';
 import type { PciBar, PciDevice } from './device.js';
 import { PciError } from './errors.js';

@@ -14,8 +14,8 @@
  * {@link DESCRIPTORS_PER_TURN}) is submitted per event-loop turn; the
  * rest waits for the next turn.
  */
-import { GuestEventLog, silentLogger, type Logger } from '../../log.js';
-import type { GuestMemory } from '../../vmm/memory.js';
+import { GuestEventLog, silentLogger, type Logger } from '../../base/log.js';
+import type { GuestMemory } from '../../base/memory.js';
 import { readConfigBytes, type VirtioActivation, type VirtioDevice, type VirtioInterrupt } from '../device.js';
 import {
   VIRTIO_F_EVENT_IDX,

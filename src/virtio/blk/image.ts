@@ -14,7 +14,7 @@
  * discards. WRITE_ZEROES really writes zeros.
  */
 import fs from 'node:fs';
-import { native } from '../../native.js';
+import { native } from '../../kvm/native.js';
 import type { BlockBackend, IoCallback } from './backend.js';
 import { BlkError } from './errors.js';
 

@@ -1,5 +1,5 @@
 /** virtio-blk: a raw image file as a guest block device. */
-import type { Logger } from '../../log.js';
+import type { Logger } from '../../base/log.js';
 import { BlkDevice } from './device.js';
 import { openDiskImage, type FileLocker } from './image.js';
 import type { DiskOptions } from './options.js';

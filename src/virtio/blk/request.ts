@@ -10,7 +10,7 @@
  *     u8 status;                                // device-writable, last byte
  *   };
  */
-import type { GuestMemory } from '../../vmm/memory.js';
+import type { GuestMemory } from '../../base/memory.js';
 import { QueueError, type ChainReader, type ChainWriter, type DescriptorChain } from '../queue.js';
 import { BLK_SERIAL_MAX_BYTES } from './options.js';
 import { SECTOR_SIZE } from './image.js';

@@ -10,8 +10,8 @@
  * host-side queue until the guest has posted receive buffers; each time
  * some is taken, `onInputTaken` lets the writer go on (back-pressure).
  */
-import { GuestEventLog, silentLogger, type Logger } from '../../log.js';
-import type { GuestMemory } from '../../vmm/memory.js';
+import { GuestEventLog, silentLogger, type Logger } from '../../base/log.js';
+import type { GuestMemory } from '../../base/memory.js';
 import { readConfigBytes, type VirtioActivation, type VirtioDevice, type VirtioInterrupt } from '../device.js';
 import { VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_CONSOLE, featureMask } from '../features.js';
 import { CHAINS_PER_TURN, LaterTurn, QueueError, serveChains, type Queue } from '../queue.js';

@@ -9,8 +9,8 @@
  * like a real NIC) instead of piling up in the VMM, and it watches again
  * when the guest notifies the RX queue.
  */
-import { GuestEventLog, silentLogger, type Logger } from '../../log.js';
-import type { GuestMemory } from '../../vmm/memory.js';
+import { GuestEventLog, silentLogger, type Logger } from '../../base/log.js';
+import type { GuestMemory } from '../../base/memory.js';
 import { readConfigBytes, type VirtioActivation, type VirtioDevice, type VirtioInterrupt } from '../device.js';
 import {
   VIRTIO_F_EVENT_IDX,

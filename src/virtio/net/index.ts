@@ -1,5 +1,5 @@
 /** virtio-net: a TAP interface as a guest network card. */
-import type { Logger } from '../../log.js';
+import type { Logger } from '../../base/log.js';
 import { NetDevice } from './device.js';
 import { macFromSeed, parseMac, type NetOptions } from './options.js';
 import { openTap, type TapBackend } from './tap.js';

@@ -5,7 +5,7 @@
  * calls are in the native addon; this module adds names, state and errors.
  */
 import { constants as osConstants } from 'node:os';
-import { native, type NativeAddon } from '../../native.js';
+import { native, type NativeAddon } from '../../kvm/native.js';
 import { NetError } from './errors.js';
 
 /** TUNSETOFFLOAD flags (Linux include/uapi/linux/if_tun.h). */

@@ -1,0 +1,314 @@
+/**
+ * A virtual CPU: its fd, its kvm_run mapping, typed register access, the
+ * boot-time state (CPUID, MSRs, FPU, LAPIC), and its thread. The thread
+ * loops on KVM_RUN in native code and hands each exit to `onExit` on the
+ * main thread.
+ */
+import type { NativeAddon } from './native.js';
+import { VcpuAction, VcpuReport } from './native.js';
+import {
+  decodeRegs,
+  decodeSregs,
+  encodeMsrs,
+  encodeRegs,
+  encodeSregs,
+  MISC_ENABLE_FAST_STRING,
+  MSR,
+  MTRR_ENABLE_WRITEBACK,
+  type RegName,
+  type Regs,
+  type Sregs,
+  type SregsUpdate,
+} from './cpu.js';
+import { ExitDecoder, type VcpuExit } from './exits.js';
+import type { VmFd } from './kvm.js';
+
+export class VcpuError extends Error {
+  constructor(
+    readonly vcpu: number,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(`vcpu ${vcpu}: ${message}`, options);
+    this.name = 'VcpuError';
+  }
+}
+
+/** What the machine answers to each exit. */
+export type ExitResult = 'continue' | 'stop';
+
+/** LAPIC register offsets (Intel SDM vol. 3, table 11-1). */
+const APIC_LVT_LINT0 = 0x350;
+const APIC_LVT_LINT1 = 0x360;
+const APIC_MODE_EXTINT = 0x7;
+const APIC_MODE_NMI = 0x4;
+
+/** x87 control word and MXCSR after FNINIT / reset (SDM vol. 1, 8.1.5 and 10.2.3). */
+const FPU_FCW_DEFAULT = 0x37f;
+const MXCSR_DEFAULT = 0x1f80;
+
+export interface CpuidEntry {
+  function: number;
+  index: number;
+  flags: number;
+  eax: number;
+  ebx: number;
+  ecx: number;
+  edx: number;
+}
+
+export class Vcpu {
+  readonly fd: number;
+  readonly run: ArrayBuffer;
+  readonly runBytes: Uint8Array;
+  private handle: number | undefined;
+  private readonly addon: NativeAddon;
+  private readonly regsBuf: Uint8Array;
+  private readonly sregsBuf: Uint8Array;
+  private readonly decoder: ExitDecoder;
+  /** Set once the thread has reported Stopped. */
+  private stoppedResolve!: () => void;
+  readonly stopped: Promise<void>;
+  running = false;
+
+  constructor(
+    readonly vm: VmFd,
+    readonly id: number,
+  ) {
+    this.addon = vm.addon;
+    this.fd = this.addon.createVcpu(vm.fd, id);
+    this.run = this.addon.mapVcpuRun(this.fd, vm.kvm.vcpuMmapSize);
+    this.runBytes = new Uint8Array(this.run);
+    this.regsBuf = new Uint8Array(this.addon.layout.regsSize);
+    this.sregsBuf = new Uint8Array(this.addon.layout.sregs.size);
+    this.decoder = new ExitDecoder(this.runBytes, this.addon.layout.run);
+    this.stopped = new Promise((resolve) => {
+      this.stoppedResolve = resolve;
+    });
+  }
+
+  getRegs(): Regs {
+    this.addon.getRegs(this.fd, this.regsBuf);
+    return decodeRegs(this.regsBuf);
+  }
+
+  /** Sets the given registers; the rest keep their current values. */
+  setRegs(regs: Partial<Record<RegName, bigint | number>>): void {
+    this.addon.getRegs(this.fd, this.regsBuf);
+    encodeRegs(this.regsBuf, regs);
+    this.addon.setRegs(this.fd, this.regsBuf);
+  }
+
+  getSregs(): Sregs {
+    this.addon.getSregs(this.fd, this.sregsBuf);
+    return decodeSregs(this.sregsBuf, this.addon.layout);
+  }
+
+  setSregs(update: SregsUpdate): void {
+    this.addon.getSregs(this.fd, this.sregsBuf);
+    encodeSregs(this.sregsBuf, this.addon.layout, update);
+    this.addon.setSregs(this.fd, this.sregsBuf);
+  }
+
+  setCpuid(entries: readonly CpuidEntry[]): void {
+    const l = this.addon.layout;
+    const buf = new Uint8Array(l.cpuid2HeaderSize + entries.length * l.cpuidEntry.size);
+    const view = new DataView(buf.buffer);
+    view.setUint32(0, entries.length, true);
+    entries.forEach((e, i) => {
+      const at = l.cpuid2HeaderSize + i * l.cpuidEntry.size;
+      view.setUint32(at + l.cpuidEntry.function, e.function, true);
+      view.setUint32(at + l.cpuidEntry.index, e.index, true);
+      view.setUint32(at + l.cpuidEntry.flags, e.flags, true);
+      view.setUint32(at + l.cpuidEntry.eax, e.eax >>> 0, true);
+      view.setUint32(at + l.cpuidEntry.ebx, e.ebx >>> 0, true);
+      view.setUint32(at + l.cpuidEntry.ecx, e.ecx >>> 0, true);
+      view.setUint32(at + l.cpuidEntry.edx, e.edx >>> 0, true);
+    });
+    this.addon.setCpuid2(this.fd, buf);
+  }
+
+  /** The MSR values Linux expects at entry (as Firecracker sets them). Returns how many KVM took. */
+  setBootMsrs(): number {
+    const entries: Array<[number, bigint]> = [
+      [MSR.IA32_SYSENTER_CS, 0n],
+      [MSR.IA32_SYSENTER_ESP, 0n],
+      [MSR.IA32_SYSENTER_EIP, 0n],
+      [MSR.STAR, 0n],
+      [MSR.CSTAR, 0n],
+      [MSR.KERNEL_GS_BASE, 0n],
+      [MSR.SYSCALL_MASK, 0n],
+      [MSR.LSTAR, 0n],
+      [MSR.IA32_TSC, 0n],
+      [MSR.IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING],
+      [MSR.MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK],
+    ];
+    // KVM_SET_MSRS stops at the first MSR it refuses; set them one by one so
+    // one refusal (some hosts lack MTRRs) does not drop the rest.
+    let taken = 0;
+    for (const e of entries) taken += this.addon.setMsrs(this.fd, encodeMsrs(this.addon.layout, [e]));
+    return taken;
+  }
+
+  setFpuDefaults(): void {
+    const l = this.addon.layout.fpu;
+    const buf = new Uint8Array(l.size);
+    const view = new DataView(buf.buffer);
+    view.setUint16(l.fcw, FPU_FCW_DEFAULT, true);
+    view.setUint32(l.mxcsr, MXCSR_DEFAULT, true);
+    this.addon.setFpu(this.fd, buf);
+  }
+
+  /** LINT0 as ExtINT (the PIC) and LINT1 as NMI, as a PC's BIOS leaves them. */
+  setLapicLint(): void {
+    const buf = new Uint8Array(this.addon.layout.lapicSize);
+    this.addon.getLapic(this.fd, buf);
+    const view = new DataView(buf.buffer);
+    const setMode = (reg: number, mode: number) => {
+      const v = view.getUint32(reg, true);
+      view.setUint32(reg, (v & ~0x700) | (mode << 8), true);
+    };
+    setMode(APIC_LVT_LINT0, APIC_MODE_EXTINT);
+    setMode(APIC_LVT_LINT1, APIC_MODE_NMI);
+    this.addon.setLapic(this.fd, buf);
+  }
+
+  /** Queues an exception (vector `nr`, no error code) for delivery at the next entry. */
+  injectException(nr: number): void {
+    const l = this.addon.layout.vcpuEvents;
+    const buf = new Uint8Array(l.size);
+    this.addon.getVcpuEvents(this.fd, buf);
+    buf[l.exceptionInjected] = 1;
+    buf[l.exceptionNr] = nr;
+    buf[l.exceptionHasErrorCode] = 0;
+    buf[l.exceptionPending] = 0;
+    new DataView(buf.buffer).setUint32(l.exceptionErrorCode, 0, true);
+    // Flags say which optional fields are valid; none of them are being set.
+    new DataView(buf.buffer).setUint32(l.flags, 0, true);
+    this.addon.setVcpuEvents(this.fd, buf);
+  }
+
+  /** Guest-virtual to guest-physical through the vCPU's page tables; undefined when unmapped. */
+  translate(linear: bigint): number | undefined {
+    const l = this.addon.layout.translation;
+    const buf = new Uint8Array(l.size);
+    const view = new DataView(buf.buffer);
+    view.setBigUint64(l.linearAddress, linear, true);
+    this.addon.translate(this.fd, buf);
+    if (!buf[l.valid]) return undefined;
+    return Number(view.getBigUint64(l.physicalAddress, true));
+  }
+
+  /** The exit currently held in kvm_run (its `data` is valid until the next exit). */
+  currentExit(): VcpuExit {
+    return this.decoder.decode();
+  }
+
+  /**
+   * Starts the vCPU. `onExit` runs on the main thread for every exit and
+   * must not throw; `onKick` for kicks; `onError` when KVM_RUN fails.
+   *
+   * `on: 'loop'` (the default) runs KVM_RUN on the main thread itself, in
+   * bursts between turns of the event loop: an exit costs KVM_RUN and one
+   * call into JavaScript. `on: 'thread'` gives the vCPU a native thread of
+   * its own, which hands each exit to the main thread and waits: it runs
+   * in parallel with the main thread and with the other vCPUs, at the cost
+   * of two thread wake-ups per exit. One vCPU per process is best on the
+   * loop; the machine puts the others of an SMP guest on threads.
+   */
+  start(handlers: {
+    onExit: (exit: VcpuExit) => ExitResult;
+    onKick?: () => ExitResult;
+    onError: (err: VcpuError) => void;
+    on?: 'loop' | 'thread';
+    /** On a thread of its own: the seccomp filter the thread installs before its first KVM_RUN. */
+    filter?: Buffer;
+  }): void {
+    if (this.handle !== undefined) throw new VcpuError(this.id, 'already started');
+    this.running = true;
+    const onLoop = (handlers.on ?? 'loop') === 'loop';
+    if (onLoop && handlers.filter) throw new VcpuError(this.id, 'a seccomp filter needs a vCPU thread of its own');
+    const onReport = (report: VcpuReport, errno: number): VcpuAction => {
+      try {
+        switch (report) {
+          case VcpuReport.Exit:
+            return handlers.onExit(this.currentExit()) === 'stop' ? VcpuAction.Stop : VcpuAction.Continue;
+          case VcpuReport.Kicked:
+            return (handlers.onKick?.() ?? 'continue') === 'stop' ? VcpuAction.Stop : VcpuAction.Continue;
+          case VcpuReport.Error:
+            handlers.onError(new VcpuError(this.id, `KVM_RUN failed with errno ${errno}`));
+            return VcpuAction.Stop;
+          case VcpuReport.FilterError:
+            handlers.onError(new VcpuError(this.id, `its thread could not install the sandbox's seccomp filter (errno ${errno}); run with the sandbox off`));
+            return VcpuAction.Stop;
+          case VcpuReport.Paused:
+            // The thread is parked: every pause waiting for it is over.
+            for (const r of this.pausedResolves.splice(0)) r();
+            return VcpuAction.Continue;
+          case VcpuReport.Stopped:
+            this.running = false;
+            this.stoppedResolve();
+            // Pauses still waiting for this thread are over too.
+            for (const r of this.pausedResolves.splice(0)) r();
+            return VcpuAction.Stop;
+        }
+      } catch (err) {
+        handlers.onError(new VcpuError(this.id, `exit handler failed: ${(err as Error).message}`, { cause: err }));
+        return VcpuAction.Stop;
+      }
+      return VcpuAction.Stop;
+    };
+    this.handle = onLoop
+      ? this.addon.startVcpuOnLoop(this.fd, this.run, onReport)
+      : this.addon.startVcpu(this.fd, this.run, onReport, handlers.filter);
+  }
+
+  private readonly pausedResolves: Array<() => void> = [];
+
+  /**
+   * Takes the vCPU out of guest mode until {@link resume}: resolves once
+   * its thread has left KVM_RUN (or stopped). A vCPU on its own thread only.
+   */
+  pause(): Promise<void> {
+    if (this.handle === undefined || !this.running) return Promise.resolve();
+    const out = new Promise<void>((resolve) => this.pausedResolves.push(resolve));
+    this.addon.pauseVcpu(this.handle);
+    return out;
+  }
+
+  /** Lets a paused vCPU run again. */
+  resume(): void {
+    if (this.handle !== undefined && this.running) this.addon.resumeVcpu(this.handle);
+  }
+
+  /** Interrupts KVM_RUN: reported to onKick, or with `sample`, records RIP silently. */
+  kick(sample = false): void {
+    if (this.handle !== undefined && this.running) this.addon.kickVcpu(this.handle, sample);
+  }
+
+  setSampleBuffer(buf: BigUint64Array): void {
+    if (this.handle === undefined) throw new VcpuError(this.id, 'not started');
+    this.addon.setSampleBuffer(this.handle, buf);
+  }
+
+  /** Asks the thread to leave; `stopped` resolves when it has. */
+  stop(): Promise<void> {
+    if (this.handle === undefined) {
+      this.stoppedResolve();
+    } else if (this.running) {
+      this.addon.stopVcpu(this.handle);
+    }
+    return this.stopped;
+  }
+
+  /**
+   * Closes the vCPU and unmaps its kvm_run at once: the mapping holds a
+   * reference on the VM, which would otherwise live on (with its debugfs
+   * directory) until the garbage collector freed the buffer. Call only when
+   * the vCPU thread has stopped (or never started).
+   */
+  close(): void {
+    this.addon.close(this.fd);
+    this.addon.unmap(this.run);
+  }
+}
