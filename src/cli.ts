@@ -9,7 +9,8 @@ import { closeSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs
 import { dirname, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { createLogger, LOG_LEVELS, type Logger, type LogLevel } from './base/log.js';
-import { DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize, type VirtualMachine } from './vmm/machine.js';
+import type { VirtualMachine } from './vmm/machine.js';
+import { DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize } from './vmm/config.js';
 import { createVm, type VmConfig } from './vm.js';
 import { EXIT_CODES, EXIT_EXPECT_UNMET, EXIT_TIMEOUT, EXIT_USAGE, type VmOutcome } from './vmm/outcome.js';
 import type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
@@ -20,6 +21,7 @@ import { ApiServer, apiSocketPath } from './tools/api.js';
 import { apiRequest, attachConsole, listSockets, socketFor, unreachable } from './api-client.js';
 import { native } from './kvm/native.js';
 import { EscapeKeys } from './escape-keys.js';
+import { TsvmmError } from './base/errors.js';
 
 
 interface RunOptions {
@@ -230,7 +232,7 @@ async function run(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
   try {
     config = { ...effectiveConfig(opts, sourceOf), logger: log };
   } catch (err) {
-    process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    process.stderr.write(errorLine(err));
     return err instanceof ConfigFileError ? EXIT_CODES.error : EXIT_USAGE;
   }
   // Opened before anything runs: the sandbox allows no new files once the VM starts.
@@ -250,12 +252,36 @@ async function run(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
   }
 }
 
+/**
+ * The flag that fixes an error, by its code: library messages say what is
+ * wrong in the library's terms, and the CLI adds the flag to change.
+ */
+const FLAG_HINTS: ReadonlyArray<[RegExp, string]> = [
+  [/^ERR_TSVMM_KERNEL_UNREADABLE$|^ERR_TSVMM_BOOT_(NOT_A_KERNEL|PROTOCOL_TOO_OLD|NOT_64_BIT|UNSUPPORTED_COMPRESSION|CORRUPT)$/, '--kernel <path>'],
+  [/^ERR_TSVMM_INITRD_UNREADABLE$|^ERR_TSVMM_BOOT_INITRD/, '--initrd <path>'],
+  [/^ERR_TSVMM_BAD_MEMORY$|^ERR_TSVMM_BOOT_MEMORY_TOO_SMALL$/, '--memory <size>'],
+  [/^ERR_TSVMM_BAD_CPUS$/, `--cpus 1 to ${MAX_CPUS}`],
+  [/^ERR_TSVMM_BOOT_(CMDLINE_TOO_LONG|INVALID_CMDLINE)$/, '--cmdline'],
+  [/^ERR_TSVMM_PROFILE_SYSTEM_MAP_/, '--system-map <path>'],
+  [/^ERR_TSVMM_PROFILE_BAD_RATE$/, '--profile-rate <hz>'],
+  [/^ERR_TSVMM_PROFILE_OUTPUT_UNWRITABLE$/, '--profile <file>'],
+  [/^ERR_TSVMM_SANDBOX$/, '--no-sandbox'],
+];
+
+/** `tsvmm: <message>`, with the flag to change when the error's code has one. */
+function errorLine(err: unknown): string {
+  const message = err instanceof Error ? err.message : String(err);
+  const code = err instanceof TsvmmError ? err.code : undefined;
+  const hint = code === undefined ? undefined : FLAG_HINTS.find(([re]) => re.test(code))?.[1];
+  return `tsvmm: ${message}${hint ? ` (${hint})` : ''}\n`;
+}
+
 async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog: number | undefined, socketPath: string | undefined): Promise<number> {
   let vm: VirtualMachine;
   try {
     vm = await createVm(config);
   } catch (err) {
-    process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    process.stderr.write(errorLine(err));
     log.debug({ err }, 'vm creation failed');
     return EXIT_CODES.error;
   }
@@ -275,7 +301,7 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
         },
       });
     } catch (err) {
-      process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+      process.stderr.write(errorLine(err));
       await vm.stop('could not start');
       return EXIT_CODES.error;
     }
@@ -318,7 +344,7 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
   try {
     vm.start();
   } catch (err) {
-    process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    process.stderr.write(errorLine(err));
     if (deadline) clearTimeout(deadline);
     disconnect();
     untapLog?.();
@@ -437,7 +463,7 @@ function printConfig(opts: RunOptions, sourceOf: SourceOf): number {
     process.stdout.write(`${JSON.stringify(effectiveConfig(opts, sourceOf), null, 2)}\n`);
     return 0;
   } catch (err) {
-    process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    process.stderr.write(errorLine(err));
     return err instanceof ConfigFileError ? EXIT_CODES.error : EXIT_USAGE;
   }
 }
@@ -562,7 +588,7 @@ export async function main(argv: string[]): Promise<number> {
       // Help and version are not errors; commander has printed what it had to.
       return err.exitCode === 0 ? 0 : EXIT_USAGE;
     }
-    process.stderr.write(`tsvmm: ${(err as Error).message}\n`);
+    process.stderr.write(errorLine(err));
     return EXIT_CODES.error;
   }
   return code;

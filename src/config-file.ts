@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { z } from 'zod';
 import { TsvmmError } from './base/errors.js';
-import { MAX_CPUS, parseMemorySize } from './vmm/machine.js';
+import { MAX_CPUS, parseMemorySize } from './vmm/config.js';
 import { MAX_PROFILE_RATE_HZ } from './tools/profiler.js';
 
 /** A config file that cannot be read, is not JSON, or has a field that is wrong. */

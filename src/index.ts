@@ -21,24 +21,23 @@
  */
 export { createVm, type VmConfig } from './vm.js';
 
+export { VirtualMachine, VmStateError, type VmState, type VmStats, type StartupTimes } from './vmm/machine.js';
 export {
-  VirtualMachine,
   VmConfigError,
-  VmStateError,
-  type VmState,
+  type VmConfigErrorKind,
   DEFAULT_CMDLINE,
   DEFAULT_MEMORY,
+  MIN_MEMORY,
+  MAX_MEMORY,
   defaultCmdline,
   MAX_CPUS,
   parseMemorySize,
   type MachineConfig,
   type VmObserver,
-  type VmStats,
-  type StartupTimes,
   type BootMode,
   type ExitPath,
   type ConsoleKind,
-} from './vmm/machine.js';
+} from './vmm/config.js';
 export { ConsoleDevice, type ConsoleDeviceStats } from './virtio/console/device.js';
 export {
   ConsoleStream,
@@ -49,13 +48,24 @@ export {
   type WaitForOptions,
 } from './vmm/console.js';
 export type { RunOptions, RunResult } from './vmm/shell.js';
-export { TsvmmError } from './base/errors.js';
+export { TsvmmError, TsvmmKindError } from './base/errors.js';
+export { BusError } from './base/bus.js';
+export { GuestMemoryError } from './base/memory.js';
+export { VcpuError } from './kvm/vcpu.js';
+export { LayoutError } from './arch/layout.js';
+export { AcpiError } from './arch/acpi/tables.js';
+export { AmlError } from './arch/acpi/aml.js';
+export { PciError, type PciErrorCode } from './devices/pci/errors.js';
+export { QueueError, type QueueErrorKind } from './virtio/queue.js';
+export { BlkError, type BlkErrorCode } from './virtio/blk/errors.js';
+export { NetError, type NetErrorCode } from './virtio/net/errors.js';
+export { ApiSocketError } from './tools/api.js';
 export { SandboxError, type SandboxConfig, type SandboxStatus } from './kvm/sandbox.js';
 export type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 export { EXIT_CODES, EXIT_EXPECT_UNMET, EXIT_TIMEOUT, type VmOutcome, type OutcomeKind } from './vmm/outcome.js';
 export { ConfigFileError, parseVmConfig, readVmConfigFile, vmConfigSchema, type FileVmConfig } from './config-file.js';
-export { KvmError } from './kvm/kvm.js';
-export { BootError } from './arch/boot/errors.js';
+export { KvmError, type KvmErrorKind } from './kvm/kvm.js';
+export { BootError, type BootErrorKind } from './arch/boot/errors.js';
 export { createLogger, type LogLevel } from './base/log.js';
 export { ProfileError, DEFAULT_PROFILE_RATE_HZ, type ProfileConfig, type ProfileFormat, type ProfileReport } from './tools/profiler.js';
 export { SymbolTable, type SymbolHit } from './tools/symbols.js';

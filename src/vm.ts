@@ -3,7 +3,8 @@
  * watch it from above, such as the profiler, wired in from the
  * configuration.
  */
-import { readInput, VirtualMachine, type MachineConfig } from './vmm/machine.js';
+import { VirtualMachine } from './vmm/machine.js';
+import { readInput, type MachineConfig } from './vmm/config.js';
 import { silentLogger } from './base/log.js';
 import { Profiler, type ProfileConfig } from './tools/profiler.js';
 

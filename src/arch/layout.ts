@@ -22,6 +22,7 @@
  * Above the RAM: 3 GiB to 4 GiB is the MMIO gap (virtio-mmio, IOAPIC, LAPIC,
  * KVM's TSS and identity-map pages); RAM beyond 3 GiB continues at 4 GiB.
  */
+import { TsvmmKindError } from '../base/errors.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -206,8 +207,22 @@ export const PVPANIC_PORT = 0x505;
 export const COM1_PORT = 0x3f8;
 /** COM1's ISA IRQ. */
 export const COM1_IRQ = 4;
+/** COM2, COM3, COM4: Linux probes them; tsvmm answers as absent UARTs. */
+export const ABSENT_UART_PORTS: readonly number[] = [0x2f8, 0x3e8, 0x2e8];
 /** i8042 keyboard controller IRQ (used for the reset line; aux is off). */
 export const I8042_IRQ = 1;
+/** The i8042's data port and its command/status port. */
+export const I8042_DATA_PORT = 0x60;
+export const I8042_COMMAND_PORT = 0x64;
+/** The i8254 PIT's four ports (counters 0-2, mode/command) and channel 0's ISA IRQ. */
+export const PIT_PORT = 0x40;
+export const PIT_IRQ = 0;
+/** Port B (0x61): the PC speaker gate and PIT channel 2's output. */
+export const PORT_B_PORT = 0x61;
+/** The MC146818 RTC/CMOS index and data ports. */
+export const CMOS_PORT = 0x70;
+/** The POST code port; Linux also writes it as an I/O delay (`outb_p`). */
+export const DEBUG_PORT = 0x80;
 /**
  * Virtio devices take IRQs from 5 up: 0-4 belong to the PIT, keyboard,
  * cascade, COM2 and COM1, and 9 (ACPI_SCI_IRQ) is skipped. The last is the
@@ -234,13 +249,9 @@ export function pciIntxGsi(slot: number, pin: number): number {
   return PCI_INTX_GSIS[(slot + pin) % PCI_INTX_GSIS.length]!;
 }
 
-export class LayoutError extends Error {
-  constructor(
-    readonly code: 'INVALID_MEMORY_SIZE' | 'NO_VIRTIO_SLOT',
-    message: string,
-  ) {
-    super(message);
-    this.name = 'LayoutError';
+export class LayoutError extends TsvmmKindError<'INVALID_MEMORY_SIZE' | 'NO_VIRTIO_SLOT'> {
+  constructor(kind: 'INVALID_MEMORY_SIZE' | 'NO_VIRTIO_SLOT', message: string) {
+    super('LAYOUT_', kind, message);
   }
 }
 

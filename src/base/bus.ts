@@ -3,6 +3,7 @@
  * hands every I/O exit to a bus; the bus finds the device by range and
  * passes it the offset within its range.
  */
+import { TsvmmError } from './errors.js';
 
 /**
  * What a device on a bus implements. `data.length` is the access size
@@ -14,11 +15,9 @@ export interface BusDevice {
   write(offset: number, data: Uint8Array): void;
 }
 
-export class BusError extends Error {
-  readonly code = 'BUS_OVERLAP';
+export class BusError extends TsvmmError {
   constructor(message: string) {
-    super(message);
-    this.name = 'BusError';
+    super('ERR_TSVMM_BUS_OVERLAP', message);
   }
 }
 

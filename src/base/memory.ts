@@ -4,6 +4,7 @@
  * here, so a hostile address or length becomes a {@link GuestMemoryError},
  * never a read or write outside guest RAM.
  */
+import { TsvmmError } from './errors.js';
 
 /** One contiguous piece of guest RAM. */
 export interface MemoryRegion {
@@ -13,14 +14,12 @@ export interface MemoryRegion {
   readonly bytes: Uint8Array;
 }
 
-export class GuestMemoryError extends Error {
-  readonly code = 'GUEST_MEMORY_OUT_OF_RANGE';
+export class GuestMemoryError extends TsvmmError {
   constructor(
     readonly addr: number | bigint,
     readonly length: number,
   ) {
-    super(`guest memory access out of range: ${length} bytes at 0x${addr.toString(16)}`);
-    this.name = 'GuestMemoryError';
+    super('ERR_TSVMM_GUEST_MEMORY_OUT_OF_RANGE', `guest memory access out of range: ${length} bytes at 0x${addr.toString(16)}`);
   }
 }
 

@@ -7,9 +7,6 @@
 import type { BusDevice } from '../base/bus.js';
 import { silentLogger, type Logger } from '../base/log.js';
 
-/** The POST code port's usual address; Linux also writes it as an I/O delay (`outb_p`). */
-export const DEBUG_PORT_ADDRESS = 0x80;
-
 export interface DebugPortOptions {
   logger?: Logger;
 }

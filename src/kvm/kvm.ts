@@ -5,17 +5,13 @@
  */
 import { isNativeError, native, type NativeAddon } from './native.js';
 import type { GuestMemory } from '../base/memory.js';
+import { TsvmmKindError } from '../base/errors.js';
 
 export type KvmErrorKind = 'no-kvm' | 'kvm-permission' | 'kvm-api' | 'kvm-capability' | 'no-addon';
 
-export class KvmError extends Error {
-  constructor(
-    readonly kind: KvmErrorKind,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'KvmError';
+export class KvmError extends TsvmmKindError<KvmErrorKind> {
+  constructor(kind: KvmErrorKind, message: string, options?: { cause?: unknown }) {
+    super('', kind, message, options);
   }
 }
 

@@ -27,6 +27,7 @@ import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Logger } from 'pino';
 import type { NativeAddon } from './native.js';
+import { TsvmmError } from '../base/errors.js';
 
 /** Landlock file-system rights (include/uapi/linux/landlock.h), with the ABI that added each. */
 export const LANDLOCK_FS = {
@@ -100,10 +101,9 @@ export interface SandboxStatus {
   vcpuThreads: { filtered: true; syscalls: string[] } | { filtered: false; reason: string };
 }
 
-export class SandboxError extends Error {
+export class SandboxError extends TsvmmError {
   constructor(message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = 'SandboxError';
+    super('ERR_TSVMM_SANDBOX', message, options);
   }
 }
 
@@ -187,7 +187,7 @@ export function confineProcess(addon: NativeAddon, opts: { outputs: readonly str
       rules.map((r) => [r.path, r.access]),
     );
   } catch (err) {
-    throw new SandboxError(`cannot confine the process with Landlock: ${(err as Error).message}; run with the sandbox off (--no-sandbox) on this host`, { cause: err });
+    throw new SandboxError(`cannot confine the process with Landlock: ${(err as Error).message}; run with the sandbox off (sandbox: false) on this host`, { cause: err });
   }
   const allowed = rules.map((r) => r.path);
   const unconfinedThreads = result.skipped;

@@ -22,15 +22,16 @@ import {
 } from './cpu.js';
 import { ExitDecoder, type VcpuExit } from './exits.js';
 import type { VmFd } from './kvm.js';
+import { TsvmmError } from '../base/errors.js';
 
-export class VcpuError extends Error {
+/** A vCPU ioctl failed: `vcpu` says which; `cause` is the addon's errno error. */
+export class VcpuError extends TsvmmError {
   constructor(
     readonly vcpu: number,
     message: string,
     options?: { cause?: unknown },
   ) {
-    super(`vcpu ${vcpu}: ${message}`, options);
-    this.name = 'VcpuError';
+    super('ERR_TSVMM_VCPU', `vcpu ${vcpu}: ${message}`, options);
   }
 }
 

@@ -47,7 +47,7 @@
  * reset vector), `[unknown]` kernel addresses no text symbol covers. With `format: 'json'` (or a path ending
  * in `.json`) the same report is written as a {@link ProfileReport}.
  */
-import type { VmObserver } from '../vmm/machine.js';
+import type { VmObserver } from '../vmm/config.js';
 import { writeFileSync } from 'node:fs';
 import { access, constants, readFile, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -56,6 +56,7 @@ import type { Logger } from '../base/log.js';
 import { silentLogger } from '../base/log.js';
 import type { VmOutcome } from '../vmm/outcome.js';
 import { SymbolTable } from './symbols.js';
+import { TsvmmKindError } from '../base/errors.js';
 
 /** What to profile and where to write it (VmConfig.profile, `--profile`). */
 export interface ProfileConfig {
@@ -87,14 +88,9 @@ const MAX_TIMELINE_LINES = 100_000;
 
 export type ProfileErrorKind = 'system-map-missing' | 'system-map-unreadable' | 'system-map-invalid' | 'bad-rate' | 'output-unwritable';
 
-export class ProfileError extends Error {
-  constructor(
-    readonly kind: ProfileErrorKind,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'ProfileError';
+export class ProfileError extends TsvmmKindError<ProfileErrorKind> {
+  constructor(kind: ProfileErrorKind, message: string, options?: { cause?: unknown }) {
+    super('PROFILE_', kind, message, options);
   }
 }
 
@@ -354,7 +350,7 @@ function reasonOf(err: unknown): string {
 async function checkWritable(path: string): Promise<void> {
   const full = resolve(path);
   const fail = (why: string, err?: unknown) =>
-    new ProfileError('output-unwritable', `cannot write the profile to ${path}: ${why}; pass --profile a file path in a writable directory`, { cause: err });
+    new ProfileError('output-unwritable', `cannot write the profile to ${path}: ${why}; give profile.path a file in a writable directory`, { cause: err });
   try {
     const st = await stat(full);
     if (st.isDirectory()) throw fail('it is a directory');
@@ -433,13 +429,13 @@ export class Profiler implements VmObserver {
   static async prepare(config: ProfileConfig, kernel: string | Uint8Array, log: Logger = silentLogger): Promise<Profiler> {
     const rate = config.rateHz ?? DEFAULT_PROFILE_RATE_HZ;
     if (!Number.isFinite(rate) || rate < 1 || rate > MAX_PROFILE_RATE_HZ) {
-      throw new ProfileError('bad-rate', `--profile-rate must be 1 to ${MAX_PROFILE_RATE_HZ} Hz (got ${rate})`);
+      throw new ProfileError('bad-rate', `the profile rate must be 1 to ${MAX_PROFILE_RATE_HZ} Hz (got ${rate})`);
     }
     const kernelName = typeof kernel === 'string' ? kernel : '(kernel given as bytes)';
     let mapPath = config.systemMap;
     if (mapPath === undefined) {
       if (typeof kernel !== 'string') {
-        throw new ProfileError('system-map-missing', 'profiling a kernel given as bytes needs its System.map: pass profile.systemMap (--system-map <path>)');
+        throw new ProfileError('system-map-missing', 'profiling a kernel given as bytes needs its System.map: give profile.systemMap');
       }
       for (const candidate of systemMapCandidates(kernel)) {
         if (await isFile(candidate)) {
@@ -450,7 +446,7 @@ export class Profiler implements VmObserver {
       if (mapPath === undefined) {
         throw new ProfileError(
           'system-map-missing',
-          `no System.map next to the kernel ${kernel} (looked for ${systemMapCandidates(kernel).map((p) => basename(p)).join(', ')}): pass the kernel's System.map with --system-map <path>`,
+          `no System.map next to the kernel ${kernel} (looked for ${systemMapCandidates(kernel).map((p) => basename(p)).join(', ')}): give the kernel's System.map as profile.systemMap`,
         );
       }
     }
@@ -458,13 +454,13 @@ export class Profiler implements VmObserver {
     try {
       text = await readFile(mapPath, 'utf8');
     } catch (err) {
-      throw new ProfileError('system-map-unreadable', `cannot read System.map ${mapPath}: ${reasonOf(err)}; pass the kernel's System.map with --system-map <path>`, { cause: err });
+      throw new ProfileError('system-map-unreadable', `cannot read System.map ${mapPath}: ${reasonOf(err)}; give the kernel's System.map as profile.systemMap`, { cause: err });
     }
     const symbols = SymbolTable.parseSystemMap(text);
     if (symbols.size === 0) {
       throw new ProfileError(
         'system-map-invalid',
-        `${mapPath} is not a System.map: it has no "address type name" lines with text symbols; pass the System.map from the kernel's build with --system-map <path>`,
+        `${mapPath} is not a System.map: it has no "address type name" lines with text symbols; give the System.map from the kernel's build as profile.systemMap`,
       );
     }
     await checkWritable(config.path);

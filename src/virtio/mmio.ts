@@ -51,8 +51,6 @@ export const MMIO_QUEUE_RESET = 0x0c0;
 export const MMIO_CONFIG_GENERATION = 0x0fc;
 /** Device configuration space starts here. */
 export const MMIO_CONFIG = 0x100;
-/** Size of one virtio-mmio device's window on the bus. */
-export const MMIO_SIZE = 0x200;
 
 /** "virt" in little-endian. */
 export const MMIO_MAGIC = 0x74726976;
@@ -82,8 +80,9 @@ export type MmioStats = TransportStats;
 
 /**
  * One virtio device behind a virtio-mmio register window. Insert it into
- * the MMIO bus at `base` with length {@link MMIO_SIZE}. The register
- * decoding is here; the state machine is the shared {@link VirtioTransport} core.
+ * the MMIO bus at its layout slot (`virtioMmioSlot`, src/arch/layout.ts:
+ * one page). The register decoding is here; the state machine is the
+ * shared {@link VirtioTransport} core.
  */
 export class MmioTransport extends VirtioTransport implements BusDevice {
   private readonly irq: IrqLine;
@@ -232,7 +231,7 @@ export class MmioTransport extends VirtioTransport implements BusDevice {
  * device (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES):
  * `virtio_mmio.device=<size>@0x<base>:<irq>`.
  */
-export function mmioCmdlineFragment(base: number, irq: number, size = MMIO_SIZE): string {
+export function mmioCmdlineFragment(base: number, irq: number, size: number): string {
   const sizeText = size % 1024 === 0 ? `${size / 1024}K` : `${size}`;
   return `virtio_mmio.device=${sizeText}@0x${base.toString(16)}:${irq}`;
 }

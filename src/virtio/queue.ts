@@ -36,6 +36,7 @@
  */
 import { GuestMemoryError, type GuestMemory } from '../base/memory.js';
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, hasFeature } from './features.js';
+import { TsvmmKindError } from '../base/errors.js';
 
 /** Descriptor flags (virtio 1.2 section 2.7.5). */
 export const VIRTQ_DESC_F_NEXT = 1;
@@ -148,14 +149,9 @@ export type QueueErrorKind =
   | 'chain-too-short';
 
 /** A malformed ring or chain. `fatal` ones mean the device needs a reset. */
-export class QueueError extends Error {
-  constructor(
-    readonly kind: QueueErrorKind,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'QueueError';
+export class QueueError extends TsvmmKindError<QueueErrorKind> {
+  constructor(kind: QueueErrorKind, message: string, options?: { cause?: unknown }) {
+    super('QUEUE_', kind, message, options);
   }
 
   /** True when the ring itself is broken (everything but 'chain-too-short'). */

@@ -15,19 +15,17 @@
 import type { Logger } from '../base/log.js';
 import type { IrqLine } from '../base/irq.js';
 import type { MsiMessage, MsiSink } from '../devices/pci/msix.js';
-import type { PciBus } from '../devices/pci/pci-bus.js';
-import type { PciAllocator } from '../devices/pci/device.js';
 import type { NativeAddon } from '../kvm/native.js';
 import { createBlkDevice, parseDiskOption, type BlkDevice } from '../virtio/blk/index.js';
 import { createNetDevice, parseNetOption, type NetDevice } from '../virtio/net/index.js';
 import type { ConsoleDevice } from '../virtio/console/device.js';
-import { MMIO_QUEUE_NOTIFY, MMIO_SIZE, MmioTransport, mmioCmdlineFragment } from '../virtio/mmio.js';
+import { MMIO_QUEUE_NOTIFY, MmioTransport, mmioCmdlineFragment } from '../virtio/mmio.js';
 import { VirtioPciTransport } from '../virtio/pci.js';
 import type { VirtioTransport } from '../virtio/transport.js';
-import type { Bus } from '../base/bus.js';
 import type { GsiRouting } from '../arch/irq-routing.js';
 import type { VmFd } from '../kvm/kvm.js';
-import { PCI_INTERRUPT_PIN_INTA_INDEX, pciIntxGsi, virtioMmioSlot } from '../arch/layout.js';
+import { virtioMmioSlot } from '../arch/layout.js';
+import type { MmioDevices, PciDevices } from './device-manager.js';
 import type { GuestMemory } from '../base/memory.js';
 
 export { parseDiskOption, parseNetOption };
@@ -56,11 +54,12 @@ export interface NetConfig {
 export interface VirtioDevicesOptions {
   vm: VmFd;
   mem: GuestMemory;
-  mmio: Bus;
-  /** The PCI bus and the allocator that gives BARs their addresses. */
-  pci: { bus: PciBus; allocator: PciAllocator; routing: GsiRouting };
-  /** The plain interrupt line for a GSI (KVM_IRQ_LINE), used where irqfd is missing. */
-  irq: (gsi: number) => IrqLine;
+  /** virtio-mmio devices go here; its interrupt lines are the plain ones (KVM_IRQ_LINE), used where irqfd is missing. */
+  mmio: MmioDevices;
+  /** virtio-pci devices go here. */
+  pci: PciDevices;
+  /** The GSI routes of MSI-X vectors. */
+  routing: GsiRouting;
   disks: DiskConfig[];
   nets: NetConfig[];
   /** A virtio-console (hvc0) to attach, built by the machine (it owns the console stream). */
@@ -173,7 +172,7 @@ export class VirtioDevices {
     const kvm = opts.vm.kvm;
     const useIrqfd = kvm.hasCap('KVM_CAP_IRQFD');
     const useIoeventfd = kvm.hasCap('KVM_CAP_IOEVENTFD');
-    const msiRouting = useIrqfd && kvm.hasCap('KVM_CAP_IRQ_ROUTING') ? opts.pci.routing : undefined;
+    const msiRouting = useIrqfd && kvm.hasCap('KVM_CAP_IRQ_ROUTING') ? opts.routing : undefined;
     try {
       const consoleDevice = opts.console;
       const devices: Array<{ kind: Attached['kind']; transport: VirtioTransportKind; make: () => AnyDevice }> = [
@@ -226,23 +225,23 @@ export class VirtioDevices {
     useIoeventfd: boolean,
   ): MmioTransport {
     const slot = virtioMmioSlot(this.mmioSlots.length);
-    const plain = opts.irq(slot.irq);
-    let irq: IrqLine = plain;
-    if (useIrqfd) {
-      const efd = this.eventfd();
-      this.addon.irqfd(opts.vm.fd, efd, slot.irq, 0);
-      irq = new IrqfdLine(this.addon, efd, plain, opts.counter);
-    }
-    const transport = new MmioTransport(device, { memory: opts.mem, irq, logger });
-    opts.mmio.insert(transport, slot.base, MMIO_SIZE, `virtio-${name}`);
+    const transport = opts.mmio.add({ name: `virtio-${name}`, base: slot.base, size: slot.size, gsi: slot.irq }, (plain) => {
+      let irq: IrqLine = plain!;
+      if (useIrqfd) {
+        const efd = this.eventfd();
+        this.addon.irqfd(opts.vm.fd, efd, slot.irq, 0);
+        irq = new IrqfdLine(this.addon, efd, plain!, opts.counter);
+      }
+      return new MmioTransport(device, { memory: opts.mem, irq, logger });
+    });
     if (useIoeventfd) {
       device.queueMaxSizes.forEach((_size, queue) => {
         const fd = this.doorbell(queue, transport);
         this.addon.ioeventfd(opts.vm.fd, slot.base + MMIO_QUEUE_NOTIFY, 4, fd, this.addon.constants.KVM_IOEVENTFD_FLAG_DATAMATCH!, queue);
       });
     }
-    this.mmioSlots.push({ base: slot.base, size: MMIO_SIZE, gsi: slot.irq });
-    if (!opts.acpi) this.cmdlineFragments.push(mmioCmdlineFragment(slot.base, slot.irq));
+    this.mmioSlots.push({ base: slot.base, size: slot.size, gsi: slot.irq });
+    if (!opts.acpi) this.cmdlineFragments.push(mmioCmdlineFragment(slot.base, slot.irq, slot.size));
     return transport;
   }
 
@@ -255,32 +254,38 @@ export class VirtioDevices {
     useIoeventfd: boolean,
   ): VirtioPciTransport {
     // The slot decides the INTx line; a device takes the next free slot.
-    const slot = opts.pci.bus.devices.length;
-    const gsi = pciIntxGsi(slot, PCI_INTERRUPT_PIN_INTA_INDEX);
+    const slot = opts.pci.nextSlot;
+    const intx = opts.pci.intx(slot);
     const transport = new VirtioPciTransport(device, {
       memory: opts.mem,
-      intx: opts.irq(gsi),
+      intx: intx.line,
       msi: new KvmMsiSink(this, opts.vm, routing, opts.counter),
-      interruptLine: gsi,
+      interruptLine: intx.gsi,
       logger,
     });
-    opts.pci.bus.add(transport, slot);
-    if (useIoeventfd) {
-      // Doorbells follow BAR 0 wherever the guest puts it. The eventfds and
-      // their watches are made once; a remap only moves the ioeventfds.
-      const doorbells = device.queueMaxSizes.map((_size, queue) => ({ queue, fd: this.doorbell(queue, transport), addr: undefined as number | undefined }));
-      opts.pci.bus.onBarRemap((remap) => {
-        if (remap.device !== transport || remap.bar.index !== 0) return;
-        for (const d of doorbells) {
-          if (d.addr !== undefined) this.assignDoorbell(opts.vm, d.addr, PCI_DOORBELL_LEN, d.fd, d.queue, false, logger);
-          d.addr = remap.address === undefined ? undefined : remap.address + transport.notifyOffset(d.queue);
-          if (d.addr !== undefined && !this.assignDoorbell(opts.vm, d.addr, PCI_DOORBELL_LEN, d.fd, d.queue, true, logger)) d.addr = undefined;
-        }
-      });
-    }
-    opts.pci.allocator.assign(transport);
+    opts.pci.add(transport, { slot, wire: () => {
+        if (useIoeventfd) this.wireDoorbells(opts, transport, device, logger);
+      },
+    });
     return transport;
   }
+
+  /**
+   * Doorbells follow BAR 0 wherever the guest puts it. The eventfds and
+   * their watches are made once; a remap only moves the ioeventfds.
+   */
+  private wireDoorbells(opts: VirtioDevicesOptions, transport: VirtioPciTransport, device: AnyDevice, logger: Logger): void {
+    const doorbells = device.queueMaxSizes.map((_size, queue) => ({ queue, fd: this.doorbell(queue, transport), addr: undefined as number | undefined }));
+    opts.pci.bus.onBarRemap((remap) => {
+      if (remap.device !== transport || remap.bar.index !== 0) return;
+      for (const d of doorbells) {
+        if (d.addr !== undefined) this.assignDoorbell(opts.vm, d.addr, PCI_DOORBELL_LEN, d.fd, d.queue, false, logger);
+        d.addr = remap.address === undefined ? undefined : remap.address + transport.notifyOffset(d.queue);
+        if (d.addr !== undefined && !this.assignDoorbell(opts.vm, d.addr, PCI_DOORBELL_LEN, d.fd, d.queue, true, logger)) d.addr = undefined;
+      }
+    });
+  }
+
 
   /** An eventfd for queue `queue`'s doorbell, watched on the event loop: each signal notifies the queue. */
   private doorbell(queue: number, transport: VirtioTransport): number {

@@ -21,7 +21,7 @@ describe('tsvmm run --profile: bad input', () => {
     writeFileSync(kernel, 'not run');
     const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir.path, 'p.txt'), '--system-map', join(dir.path, 'missing.map')], { timeoutMs: 60_000 });
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/cannot read System\.map .*missing\.map: no such file; pass the kernel's System\.map with --system-map <path>/);
+    expect(oneLine(r.stderr)).toMatch(/cannot read System\.map .*missing\.map: no such file; give the kernel's System\.map as profile\.systemMap \(--system-map <path>\)/);
     expect(r.stdout).toBe('');
     expect(existsSync(join(dir.path, 'p.txt'))).toBe(false);
   });
@@ -31,7 +31,7 @@ describe('tsvmm run --profile: bad input', () => {
     writeFileSync(kernel, 'not run');
     const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir.path, 'p.txt')], { timeoutMs: 60_000 });
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/no System\.map next to the kernel .*bzImage .*: pass the kernel's System\.map with --system-map <path>/);
+    expect(oneLine(r.stderr)).toMatch(/no System\.map next to the kernel .*bzImage .*: give the kernel's System\.map as profile\.systemMap \(--system-map <path>\)/);
   });
 
   it('refuses a rate out of range, and profile options without --profile', async () => {
@@ -39,7 +39,7 @@ describe('tsvmm run --profile: bad input', () => {
     writeFileSync(kernel, 'not run');
     let r = await runCli(['run', '--kernel', kernel, '--profile', join(dir.path, 'p.txt'), '--profile-rate', '5000'], { timeoutMs: 60_000 });
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/--profile-rate must be 1 to 1000 Hz \(got 5000\)/);
+    expect(oneLine(r.stderr)).toMatch(/the profile rate must be 1 to 1000 Hz \(got 5000\) \(--profile-rate <hz>\)/);
 
     r = await runCli(['run', '--kernel', kernel, '--system-map', join(dir.path, 'System.map')], { timeoutMs: 60_000 });
     expect(r.code).toBe(2);

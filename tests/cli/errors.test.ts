@@ -25,7 +25,7 @@ describe('tsvmm run: bad input', () => {
   it('refuses a missing kernel', async () => {
     const r = await runCli(['run', '--kernel', join(dir.path, 'nope')]);
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/cannot read kernel .*nope: no such file; pass the path of a readable bzImage or vmlinux/);
+    expect(oneLine(r.stderr)).toMatch(/cannot read kernel .*nope: no such file; give the path of a readable bzImage or vmlinux \(--kernel <path>\)/);
     expect(r.stdout).toBe('');
   });
 
@@ -54,7 +54,7 @@ describe('tsvmm run: bad input', () => {
     const fx = fixtures();
     const r = await runCli(['run', '--kernel', fx.bzImage, '--memory', '8M']);
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/too small: pass --memory 64M or more/);
+    expect(oneLine(r.stderr)).toMatch(/too small: give at least 16 MiB .* \(--memory <size>\)/);
   });
 
   it('refuses a missing initrd', async () => {
@@ -103,7 +103,7 @@ describe('tsvmm run: bad input', () => {
     const fx = fixtures();
     const r = await runCli(['run', '--kernel', fx.bzImage, '--cpus', '99']);
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/--cpus must be 1 to 8 \(got 99\)/);
+    expect(oneLine(r.stderr)).toMatch(/cpus must be 1 to 8 \(got 99\) \(--cpus 1 to 8\)/);
   });
 
   it('refuses a missing disk image and a TAP device it cannot open', async () => {

@@ -258,7 +258,7 @@ describe('loadLinux errors', () => {
       'memory-too-small',
       { kernel, cmdline: '', mode: 'guest' },
       16 * MiB,
-      /^kernel needs at least 52 MiB of guest RAM \(got 16 MiB\): pass --memory 64M or more$/,
+      /^kernel needs at least 52 MiB of guest RAM \(got 16 MiB\): give the VM 64 MiB or more$/,
     );
     // The suggested size works.
     await loadLinux(memory(64 * MiB).mem, { kernel, cmdline: '', mode: 'guest' });
@@ -269,7 +269,7 @@ describe('loadLinux errors', () => {
       'memory-too-small',
       { kernel: vmlinux, cmdline: '', initrd: new Uint8Array(20 * MiB) },
       32 * MiB,
-      /^kernel and initrd need at least 39 MiB of guest RAM \(got 32 MiB\): pass --memory 48M or more$/,
+      /^kernel and initrd need at least 39 MiB of guest RAM \(got 32 MiB\): give the VM 48 MiB or more$/,
     );
   });
 
@@ -382,6 +382,6 @@ describe.skipIf(!manifest)(`loadLinux (fixture kernels; skipped when ${manifestP
       mode: 'guest',
     });
     expect(err.kind).toBe('memory-too-small');
-    expect(err.message).toMatch(/^kernel needs at least \d+ MiB of guest RAM \(got 16 MiB\): pass --memory \d+M or more$/);
+    expect(err.message).toMatch(/^kernel needs at least \d+ MiB of guest RAM \(got 16 MiB\): give the VM \d+ MiB or more$/);
   });
 });

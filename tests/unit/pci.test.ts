@@ -243,7 +243,7 @@ describe('PCI BARs', () => {
       expect.unreachable();
     } catch (err) {
       // The 16 KiB BAR fits; the I/O BAR has no window.
-      expect((err as PciError).code).toBe('PCI_NO_WINDOW');
+      expect((err as PciError).kind).toBe('PCI_NO_WINDOW');
     }
     const tight = new PciAllocator({ mmio32: { base: 0xc000_0000, size: 0x4000 }, io: { base: 0xc000, size: 0x100 } });
     expect(() => tight.assign(new TestFunction('big'))).toThrow(/does not fit in the mmio32 window 0xc0000000\.\.0xc0004000/);

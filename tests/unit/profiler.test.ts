@@ -364,11 +364,11 @@ describe('Profiler', () => {
     const out = join(dir, 'x.txt');
     let e = await refusal({ path: out, systemMap: join(dir, 'nope.map') }, join(dir, 'vmlinux'));
     expect(e.kind).toBe('system-map-unreadable');
-    expect(e.message).toMatch(/cannot read System\.map .*nope\.map: no such file; pass .* --system-map/);
+    expect(e.message).toMatch(/cannot read System\.map .*nope\.map: no such file; give .* profile\.systemMap/);
 
     e = await refusal({ path: out }, join(dir, 'elsewhere', 'vmlinux'));
     expect(e.kind).toBe('system-map-missing');
-    expect(e.message).toMatch(/no System\.map next to the kernel .*: pass .* --system-map/);
+    expect(e.message).toMatch(/no System\.map next to the kernel .*: give .* profile\.systemMap/);
 
     e = await refusal({ path: out }, new Uint8Array(4));
     expect(e.kind).toBe('system-map-missing');
@@ -385,12 +385,12 @@ describe('Profiler', () => {
     for (const rateHz of [0, -5, 5000, Number.NaN]) {
       e = await refusal({ path: out, rateHz }, join(dir, 'vmlinux'));
       expect(e.kind).toBe('bad-rate');
-      expect(e.message).toMatch(/--profile-rate must be 1 to 1000 Hz/);
+      expect(e.message).toMatch(/the profile rate must be 1 to 1000 Hz/);
     }
 
     e = await refusal({ path: join(dir, 'no-such-dir', 'p.txt') }, join(dir, 'vmlinux'));
     expect(e.kind).toBe('output-unwritable');
-    expect(e.message).toMatch(/cannot write the profile to .*p\.txt: directory .*no-such-dir does not exist; pass --profile/);
+    expect(e.message).toMatch(/cannot write the profile to .*p\.txt: directory .*no-such-dir does not exist; give profile.path/);
 
     e = await refusal({ path: dir }, join(dir, 'vmlinux'));
     expect(e.message).toMatch(/it is a directory/);

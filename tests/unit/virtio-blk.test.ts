@@ -680,7 +680,7 @@ describe('virtio-blk: opening images', () => {
     try {
       openDiskImage(imagePath, { locker });
     } catch (err) {
-      expect((err as BlkError).code).toBe('LOCKED');
+      expect((err as BlkError).kind).toBe('LOCKED');
     }
   });
 
@@ -698,7 +698,7 @@ describe('virtio-blk: opening images', () => {
       caught = err;
     }
     expect(caught).toBeInstanceOf(BlkError);
-    expect((caught as BlkError).code).toBe(code);
+    expect((caught as BlkError).kind).toBe(code);
     expect((caught as BlkError).message).toMatch(message);
     expect((caught as BlkError).message).not.toContain('\n');
   });

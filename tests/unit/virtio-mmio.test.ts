@@ -38,7 +38,6 @@ import {
   MMIO_SHM_LEN_HIGH,
   MMIO_SHM_LEN_LOW,
   MMIO_SHM_SEL,
-  MMIO_SIZE,
   MMIO_STATUS,
   MMIO_VENDOR_ID,
   MMIO_VERSION,
@@ -365,8 +364,7 @@ describe('virtio-mmio: notifications and interrupts', () => {
 
 describe('virtio-mmio: kernel command line', () => {
   it('renders virtio_mmio.device=<size>@<base>:<irq>', () => {
-    expect(mmioCmdlineFragment(0xd000_0000, 5)).toBe('virtio_mmio.device=512@0xd0000000:5');
+    expect(mmioCmdlineFragment(0xd000_0000, 5, 0x200)).toBe('virtio_mmio.device=512@0xd0000000:5');
     expect(mmioCmdlineFragment(0xd000_1000, 6, 0x1000)).toBe('virtio_mmio.device=4K@0xd0001000:6');
-    expect(MMIO_SIZE).toBe(0x200);
   });
 });

@@ -455,7 +455,7 @@ describe('virtio-net: options and MAC addresses', () => {
     try {
       parseNetOption(spec);
     } catch (err) {
-      expect((err as NetError).code).toBe('BAD_OPTION');
+      expect((err as NetError).kind).toBe('BAD_OPTION');
     }
   });
 
@@ -531,7 +531,7 @@ describe('virtio-net: TAP over the native addon', () => {
       caught = err;
     }
     expect(caught).toBeInstanceOf(NetError);
-    expect((caught as NetError).code).toBe(netCode);
+    expect((caught as NetError).kind).toBe(netCode);
     expect((caught as NetError).message).toMatch(message);
     expect((caught as NetError).message).not.toContain('\n');
   });

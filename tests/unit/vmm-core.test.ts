@@ -18,7 +18,7 @@ import { pipeline } from 'node:stream/promises';
 import { decodeExit, ExitDecoder, ExitReason, handleExit, type ExitContext, type VcpuExit } from '../../src/kvm/exits.js';
 import { GuestMemory, GuestMemoryError } from '../../src/base/memory.js';
 import { mpTableSize, writeMpTable } from '../../src/arch/mptable.js';
-import { parseMemorySize, VmConfigError } from '../../src/vmm/machine.js';
+import { parseMemorySize, VmConfigError } from '../../src/vmm/config.js';
 import { prepareInitrdAsync } from '../../src/arch/boot/initrd.js';
 import type { CpuidEntry } from '../../src/kvm/vcpu.js';
 

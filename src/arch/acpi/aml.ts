@@ -17,6 +17,7 @@
  * objects, 20.2.4 PkgLength, 20.2.5 term objects) and chapter 6.4 (resource
  * data types).
  */
+import { TsvmmKindError } from '../../base/errors.js';
 
 /** Encoded AML: a term, a data object or a resource descriptor. */
 export type Aml = Uint8Array;
@@ -27,13 +28,9 @@ export type Aml = Uint8Array;
  */
 export type AmlValue = Aml | number | bigint | string;
 
-export class AmlError extends Error {
-  constructor(
-    readonly code: 'BAD_NAME' | 'BAD_INTEGER' | 'BAD_STRING' | 'TOO_LONG' | 'BAD_RESOURCE',
-    message: string,
-  ) {
-    super(message);
-    this.name = 'AmlError';
+export class AmlError extends TsvmmKindError<'BAD_NAME' | 'BAD_INTEGER' | 'BAD_STRING' | 'TOO_LONG' | 'BAD_RESOURCE'> {
+  constructor(kind: 'BAD_NAME' | 'BAD_INTEGER' | 'BAD_STRING' | 'TOO_LONG' | 'BAD_RESOURCE', message: string) {
+    super('AML_', kind, message);
   }
 }
 

@@ -35,6 +35,7 @@ import {
   concat,
   type Aml,
 } from './aml.js';
+import { TsvmmKindError } from '../../base/errors.js';
 
 /** OEMID of every table and the RSDP (6 characters). */
 export const OEM_ID = 'TSVMM ';
@@ -51,14 +52,9 @@ export const CREATOR_REVISION = 1;
 export const SDT_HEADER_SIZE = 36;
 const SDT = { SIGNATURE: 0, LENGTH: 4, REVISION: 8, CHECKSUM: 9, OEM_ID: 10, OEM_TABLE_ID: 16, OEM_REVISION: 24, CREATOR_ID: 28, CREATOR_REVISION: 32 } as const;
 
-export class AcpiError extends Error {
-  constructor(
-    readonly code: 'INVALID_CONFIG' | 'TOO_LARGE' | 'NO_MEMORY',
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'AcpiError';
+export class AcpiError extends TsvmmKindError<'INVALID_CONFIG' | 'TOO_LARGE' | 'NO_MEMORY'> {
+  constructor(kind: 'INVALID_CONFIG' | 'TOO_LARGE' | 'NO_MEMORY', message: string, options?: { cause?: unknown }) {
+    super('ACPI_', kind, message, options);
   }
 }
 

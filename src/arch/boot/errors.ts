@@ -2,6 +2,7 @@
  * The one error type of the boot loader. Each message is a single line that
  * names the problem and how to fix it, so the CLI can print it as is.
  */
+import { TsvmmKindError } from '../../base/errors.js';
 
 export type BootErrorKind =
   /** The file is neither a bzImage nor an x86-64 ELF vmlinux. */
@@ -23,14 +24,9 @@ export type BootErrorKind =
   /** The initrd does not fit below the highest address the kernel allows. */
   | 'initrd-too-large';
 
-export class BootError extends Error {
-  constructor(
-    readonly kind: BootErrorKind,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'BootError';
+export class BootError extends TsvmmKindError<BootErrorKind> {
+  constructor(kind: BootErrorKind, message: string, options?: { cause?: unknown }) {
+    super('BOOT_', kind, message, options);
   }
 }
 

@@ -310,7 +310,7 @@ function memoryTooSmall(needed: number, got: number, what: string): BootError {
   const suggest = Math.ceil(needed / step) * step;
   return new BootError(
     'memory-too-small',
-    `${what} at least ${mib(needed)} MiB of guest RAM (got ${mib(got)} MiB): pass --memory ${mib(suggest)}M or more`,
+    `${what} at least ${mib(needed)} MiB of guest RAM (got ${mib(got)} MiB): give the VM ${mib(suggest)} MiB or more`,
   );
 }
 

@@ -1,4 +1,5 @@
 /** The one error class of the PCI model: configuration mistakes of the VMM, never guest faults. */
+import { TsvmmKindError } from '../../base/errors.js';
 
 export type PciErrorCode =
   /** A BAR definition that cannot exist (index, size, kind). */
@@ -16,13 +17,8 @@ export type PciErrorCode =
   /** A BAR of a kind the allocator was given no window for. */
   | 'PCI_NO_WINDOW';
 
-export class PciError extends Error {
-  constructor(
-    readonly code: PciErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'PciError';
+export class PciError extends TsvmmKindError<PciErrorCode> {
+  constructor(kind: PciErrorCode, message: string, options?: { cause?: unknown }) {
+    super('', kind, message, options);
   }
 }

@@ -1,4 +1,5 @@
 /** Errors of the virtio-blk module: bad `--disk` options and disk images that cannot be used. */
+import { TsvmmKindError } from '../../base/errors.js';
 
 export type BlkErrorCode =
   /** The `--disk` option is malformed. */
@@ -16,13 +17,8 @@ export type BlkErrorCode =
   /** Any other failure opening or locking the image (see `cause`). */
   | 'OPEN_FAILED';
 
-export class BlkError extends Error {
-  constructor(
-    readonly code: BlkErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'BlkError';
+export class BlkError extends TsvmmKindError<BlkErrorCode> {
+  constructor(kind: BlkErrorCode, message: string, options?: { cause?: unknown }) {
+    super('BLK_', kind, message, options);
   }
 }

@@ -1,4 +1,5 @@
 /** Errors of the virtio-net module: bad `--net` options and TAP devices that cannot be used. */
+import { TsvmmKindError } from '../../base/errors.js';
 
 export type NetErrorCode =
   /** The `--net` option or a MAC address is malformed. */
@@ -14,13 +15,8 @@ export type NetErrorCode =
   /** Any other failure (see `cause`). */
   | 'TAP_FAILED';
 
-export class NetError extends Error {
-  constructor(
-    readonly code: NetErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'NetError';
+export class NetError extends TsvmmKindError<NetErrorCode> {
+  constructor(kind: NetErrorCode, message: string, options?: { cause?: unknown }) {
+    super('NET_', kind, message, options);
   }
 }
