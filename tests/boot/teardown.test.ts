@@ -40,7 +40,7 @@ describe.skipIf(noKvm !== undefined)(`VM teardown${noKvm ? ` (skipped: ${noKvm})
     expect(vm.state).toBe('running');
     const outcome = await vm.stop('test over');
     expect(outcome.kind).toBe('stopped');
-    expect(lines.join('')).toMatch(/"step":"close devices".*vm teardown step failed|vm teardown step failed.*"step":"close devices"/);
+    expect(lines.join('')).toMatch(/"step":"close virtio devices".*vm teardown step failed|vm teardown step failed.*"step":"close virtio devices"/);
     expect(lines.join('')).toContain('close failed on purpose');
     // Every fd the VM had (/dev/kvm, the VM, its vCPU, eventfds) is closed all the same.
     for (let i = 0; i < 50 && readdirSync('/proc/self/fd').length !== fds; i++) await new Promise((r) => setTimeout(r, 100));
