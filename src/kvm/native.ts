@@ -8,7 +8,6 @@
  * (`open /dev/kvm`, `KVM_RUN`, ...).
  */
 import { createRequire } from 'node:module';
-import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -380,26 +379,32 @@ export interface NativeAddon {
   seccompSelfTest(filter: Buffer, vcpuFd: number, forbidden: 'openat' | 'ioctl'): number;
 }
 
-function findAddon(): string {
-  // dist/kvm/native.js and src/kvm/native.ts both sit two levels below the package root.
-  const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
-  for (const p of ['build/Release/tsvmm.node', 'build/Debug/tsvmm.node']) {
-    const full = join(root, p);
-    if (existsSync(full)) return full;
+/** The package root: dist/kvm/native.js and src/kvm/native.ts both sit two levels below it. */
+const PACKAGE_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/**
+ * Loads the addon with node-gyp-build: a source build (build/Release, what
+ * a clone's `npm install` makes) if there is one, else the prebuild for
+ * this platform that the package ships (prebuilds/linux-x64).
+ */
+function loadAddon(): NativeAddon {
+  const require = createRequire(import.meta.url);
+  const nodeGypBuild = require('node-gyp-build') as (dir: string) => unknown;
+  try {
+    return nodeGypBuild(PACKAGE_ROOT) as NativeAddon;
+  } catch (err) {
+    throw new Error(
+      `tsvmm native addon not found (no build in ${join(PACKAGE_ROOT, 'build/Release')} and no prebuild for ${process.platform}-${process.arch}); run \`npm install\` in ${PACKAGE_ROOT} to build it`,
+      { cause: err },
+    );
   }
-  throw new Error(
-    `tsvmm native addon not built (looked in ${join(root, 'build/Release')}); run \`npm install\` in ${root}`,
-  );
 }
 
 let addon: NativeAddon | undefined;
 
 /** The addon, loaded on first use so that importing tsvmm never fails. */
 export function native(): NativeAddon {
-  if (!addon) {
-    const require = createRequire(import.meta.url);
-    addon = require(findAddon()) as NativeAddon;
-  }
+  addon ??= loadAddon();
   return addon;
 }
 
