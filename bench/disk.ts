@@ -72,7 +72,7 @@ function failures(out: string): number {
 
 function blkCounters(guest: GuestSession): Record<string, number> {
   const devices = guest.vm.stats().devices as Record<string, Record<string, unknown>>;
-  const blk = devices['blk0'] ?? {};
+  const blk = devices.blk0 ?? {};
   return Object.fromEntries(Object.entries(blk).filter((e): e is [string, number] => typeof e[1] === 'number'));
 }
 
@@ -190,9 +190,9 @@ export const disk: Benchmark = {
       };
       const reqNote = (r: StepResult) => {
         const b = r.blk ?? {};
-        const n = (b['reads'] ?? 0) + (b['writes'] ?? 0);
-        const moved = (b['bytesRead'] ?? 0) + (b['bytesWritten'] ?? 0);
-        return n > 0 ? `${r.seconds} s; ${n} virtio requests, ${round(moved / n / 1024, 1)} KiB each${b['flushes'] ? `, ${b['flushes']} flushes` : ''}` : `${r.seconds} s`;
+        const n = (b.reads ?? 0) + (b.writes ?? 0);
+        const moved = (b.bytesRead ?? 0) + (b.bytesWritten ?? 0);
+        return n > 0 ? `${r.seconds} s; ${n} virtio requests, ${round(moved / n / 1024, 1)} KiB each${b.flushes ? `, ${b.flushes} flushes` : ''}` : `${r.seconds} s`;
       };
       triple(`sequential write, ${mib} MiB, bs=1M, conv=fsync`, 'MB/s', mbps(g('write')), mbps(h('write')), reqNote(g('write')), `${h('write').seconds} s`);
       triple(

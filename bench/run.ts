@@ -105,7 +105,7 @@ function usage(): string {
     ...BENCHMARKS.map((b) => `  ${b.name.padEnd(10)} ${b.slow ? '(slow) ' : ''}${b.description}`),
     '',
     'options (command line, else environment variable, else default):',
-    ...allOptions().map((o) => `  --${o.name} V`.padEnd(optionWidth) + `${o.description} [${o.env ? `$${o.env}, ` : ''}default ${o.default}]`),
+    ...allOptions().map((o) => `${`  --${o.name} V`.padEnd(optionWidth)}${o.description} [${o.env ? `$${o.env}, ` : ''}default ${o.default}]`),
   ];
   return lines.join('\n');
 }

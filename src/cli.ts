@@ -387,7 +387,7 @@ async function detach(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
   const socketPath = opts.apiSocket ?? apiSocketPath(name);
   const argv = process.argv.slice(2).filter((a) => a !== '--detach');
   if (sourceOf('name') !== 'cli') argv.push('--name', name);
-  const logPath = socketPath.replace(/\.sock$/, '') + '.log';
+  const logPath = `${socketPath.replace(/\.sock$/, '')}.log`;
   mkdirSync(dirname(logPath), { recursive: true, mode: 0o700 });
   const logFd = openSync(logPath, 'w', 0o600);
   const child = spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { detached: true, stdio: ['ignore', 'ignore', logFd] });

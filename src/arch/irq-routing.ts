@@ -91,7 +91,9 @@ export class GsiRouting {
     const buf = new Uint8Array(rt.headerSize + entries.length * rt.entrySize);
     const dv = new DataView(buf.buffer);
     dv.setUint32(0, entries.length, true);
-    entries.forEach((write, i) => write(dv, rt.headerSize + i * rt.entrySize));
+    entries.forEach((write, i) => {
+      write(dv, rt.headerSize + i * rt.entrySize);
+    });
     return buf;
   }
 }

@@ -136,7 +136,7 @@ class Channel {
 
   /** Modes 2 and 3 cannot divide by one (datasheet: a count of 1 is illegal there). */
   get period(): number {
-    return this.runInitial < 2 ? 2 : this.runInitial;
+    return Math.max(this.runInitial , 2);
   }
 
   count(now: bigint): number {

@@ -97,11 +97,13 @@ export class ExitDecoder {
       }
       case ExitReason.MMIO: {
         const len = Math.min(view.getUint32(layout.mmioLen, true), 8);
+        // One view per access size, made once: kvm_run's data field, read and written in place.
+        this.mmioData[len] ??= run.subarray(layout.mmioData, layout.mmioData + len);
         return {
           kind: 'mmio',
           write: view.getUint8(layout.mmioIsWrite) !== 0,
           addr: view.getUint32(layout.mmioPhysAddr, true) + view.getUint32(layout.mmioPhysAddr + 4, true) * 2 ** 32,
-          data: (this.mmioData[len] ??= run.subarray(layout.mmioData, layout.mmioData + len)),
+          data: this.mmioData[len],
         };
       }
       case ExitReason.HLT:

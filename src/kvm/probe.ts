@@ -4,7 +4,7 @@
  * runs. No irqchip, one vCPU, 64 KiB of RAM, code at 0x1000.
  */
 import type { Logger } from '../base/log.js';
-import { ExitReason, KVM_INTERNAL_ERROR_EMULATION, decodeExit } from './exits.js';
+import { ExitReason, KVM_INTERNAL_ERROR_EMULATION, type decodeExit } from './exits.js';
 import type { Kvm, VmFd } from './kvm.js';
 import { Kvm as KvmClass, VmFd as VmFdClass } from './kvm.js';
 import { GuestMemory } from '../base/memory.js';

@@ -155,9 +155,9 @@ export class FakeVirtqueue {
     let head: number;
     if (options.indirect) {
       const table = this.allocator.alloc(DESCRIPTOR_SIZE * buffers.length, 16);
-      buffers.forEach((b, i) =>
-        this.writeDescriptor(i, { addr: addrs[i]!, len: b.len, flags: flagsOf(b, i === buffers.length - 1), next: i + 1 }, table),
-      );
+      buffers.forEach((b, i) => {
+        this.writeDescriptor(i, { addr: addrs[i]!, len: b.len, flags: flagsOf(b, i === buffers.length - 1), next: i + 1 }, table);
+      });
       const slots = this.take(1);
       head = slots[0]!;
       this.writeDescriptor(head, { addr: table, len: DESCRIPTOR_SIZE * buffers.length, flags: VIRTQ_DESC_F_INDIRECT, next: 0 });
@@ -165,14 +165,14 @@ export class FakeVirtqueue {
     } else {
       const slots = this.take(buffers.length);
       head = slots[0]!;
-      buffers.forEach((b, i) =>
+      buffers.forEach((b, i) => {
         this.writeDescriptor(slots[i]!, {
           addr: addrs[i]!,
           len: b.len,
           flags: flagsOf(b, i === buffers.length - 1),
           next: slots[i + 1] ?? 0,
-        }),
-      );
+        });
+      });
       this.chains.set(head, slots);
     }
     if (options.publish !== false) this.publish(head);

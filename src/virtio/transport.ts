@@ -467,11 +467,12 @@ export class VirtioTransportCore implements VirtioInterrupt {
    */
   private reset(): void {
     this.active = false;
-    let pending: Promise<void> | void = undefined;
+    let pending: Promise<void> | void;
     try {
       pending = this.device.reset();
     } catch (err) {
       this.log.error({ err }, 'device reset failed');
+      pending = undefined;
     }
     if (!pending) {
       this.completeReset();

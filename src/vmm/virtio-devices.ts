@@ -206,7 +206,7 @@ export class VirtioDevices {
         const transport =
           spec.transport === 'mmio'
             ? mgr.attachMmio(opts, device, name, logger, useIrqfd, useIoeventfd)
-            : mgr.attachPci(opts, device, name, logger, msiRouting, useIoeventfd);
+            : mgr.attachPci(opts, device, logger, msiRouting, useIoeventfd);
         mgr.attached.push({ name, transport, kind: spec.kind, device });
       }
     } catch (err) {
@@ -248,7 +248,6 @@ export class VirtioDevices {
   private attachPci(
     opts: VirtioDevicesOptions,
     device: AnyDevice,
-    name: string,
     logger: Logger,
     routing: GsiRouting | undefined,
     useIoeventfd: boolean,

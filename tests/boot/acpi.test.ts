@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
+import { PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();

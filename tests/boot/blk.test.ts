@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
 import { debugfsCat, makeExt4 } from '../helpers/disk.js';
-import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
+import { PROMPT, GuestSession, kvmUnavailable, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();

@@ -14,7 +14,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { probeHostOnce } from '../../src/kvm/probe.js';
 import { fixtures, type Fixtures } from '../../fixtures/index.js';
 import { hardwareVirtUnavailable, retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
-import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
 const isRoot = process.getuid?.() === 0;

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { ProfileReport } from '../../src/tools/profiler.js';
 import { fixtures } from '../../fixtures/index.js';
-import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { oneLine, useTempDir } from '../helpers/assert.js';
 

@@ -504,7 +504,9 @@ function usedCount(q: Queue): number {
 
 function transportFor(device: VirtioDevice, ram: GuardedRam): MmioTransport {
   const transport = new MmioTransport(device, { memory: ram.mem, irq: new FakeIrqLine() });
-  transport.queues.forEach((q, i) => instrumentQueue(q, `${device.name} queue ${i}`));
+  transport.queues.forEach((q, i) => {
+    instrumentQueue(q, `${device.name} queue ${i}`);
+  });
   return transport;
 }
 
@@ -839,6 +841,7 @@ class PciModelDriver {
     else if (op === 20) this.cfg(PCI_COMMAND, 2, rng.below(0x10000));
     else if (op === 21) (this.bar(VIRTIO_PCI_COMMON_Q_SELECT, 2, q), this.bar(VIRTIO_PCI_COMMON_Q_MSIX, 2, rng.below(0x10000)));
     else if (rng.chance(0.3)) this.bar(VIRTIO_PCI_COMMON_STATUS, 1, 0);
+    // biome-ignore lint/suspicious/noDuplicateElseIf: each rng.chance() call draws a new number
     else if (rng.chance(0.3)) this.initialize();
     else (this.bar(VIRTIO_PCI_COMMON_Q_SELECT, 2, q), this.bar(VIRTIO_PCI_COMMON_Q_ENABLE, 2, 0));
   }
@@ -871,7 +874,9 @@ export async function fuzzPciCase(seed: number, imagePath: string, cov: Coverage
   const msi = new CheckedMsi();
   try {
     const transport = new VirtioPciTransport(device, { memory: ram.mem, intx: new FakeIrqLine(), msi, interruptLine: 11 });
-    transport.queues.forEach((q, i) => instrumentQueue(q, `${device.name} (pci) queue ${i}`));
+    transport.queues.forEach((q, i) => {
+      instrumentQueue(q, `${device.name} (pci) queue ${i}`);
+    });
     const driver = new PciModelDriver(rng, ram, transport, device);
     driver.initialize();
     for (let step = 0, steps = 10 + rng.below(40); step < steps; step++) {

@@ -19,7 +19,9 @@ function kvmAppend(run: ArrayBuffer, addr: number, data: number[], pio: boolean)
   v.setBigUint64(at, BigInt(addr), true);
   v.setUint32(at + 8, data.length, true);
   v.setUint32(at + 12, pio ? 1 : 0, true);
-  data.forEach((b, i) => v.setUint8(at + 16 + i, b));
+  data.forEach((b, i) => {
+    v.setUint8(at + 16 + i, b);
+  });
   v.setUint32(4, (last + 1) % capacity, true);
 }
 

@@ -33,7 +33,9 @@ function runBpf(program: Buffer, data: { nr: number; arch?: number; args?: numbe
   const mem = Buffer.alloc(64);
   mem.writeUInt32LE(data.nr >>> 0, 0);
   mem.writeUInt32LE((data.arch ?? CONSTANTS.AUDIT_ARCH_X86_64!) >>> 0, 4);
-  (data.args ?? []).forEach((a, i) => mem.writeBigUInt64LE(BigInt(a), 16 + 8 * i));
+  (data.args ?? []).forEach((a, i) => {
+    mem.writeBigUInt64LE(BigInt(a), 16 + 8 * i);
+  });
   let acc = 0;
   for (let pc = 0, steps = 0; pc * 8 < program.length && steps < 1000; steps++) {
     const code = program.readUInt16LE(pc * 8);

@@ -345,7 +345,7 @@ describe('Serial16550: interrupts', () => {
 
   it('changes the IRQ level only on transitions', () => {
     const io = setup();
-    const { rd, wr, irq, uart } = io;
+    const { wr, irq, uart } = io;
     openLikeLinux(io);
     wr(UART_IER, IER.ERBFI | IER.ELSI | IER.ETBEI);
     for (let i = 0; i < 200; i++) wr(UART_THR, i & 0xff);

@@ -117,7 +117,9 @@ function rig() {
   const queues = [FakeVirtqueue.create(mem, allocator, 8), FakeVirtqueue.create(mem, allocator, 16)];
   const start = (features = BASIC) => {
     expect(driver.negotiate(features)).toBe(true);
-    queues.forEach((q, i) => driver.setupQueue(i, q.layout));
+    queues.forEach((q, i) => {
+      driver.setupQueue(i, q.layout);
+    });
     driver.driverOk();
   };
   return { mem, irq, device, transport, driver, queues, start };
@@ -257,7 +259,9 @@ describe('virtio-mmio: device status and feature negotiation', () => {
     driver.write32(MMIO_QUEUE_SEL, 0);
     expect(driver.read32(MMIO_QUEUE_READY)).toBe(0);
     // And the device can be brought up again.
-    queues.forEach((q) => q.takeUsed());
+    queues.forEach((q) => {
+      q.takeUsed();
+    });
     start();
     expect(device.activations).toHaveLength(2);
   });

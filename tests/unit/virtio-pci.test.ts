@@ -281,7 +281,9 @@ function rig(device = new CountingDevice()) {
     queues.forEach((q, i) => {
       expect(guest.setupQueue(i, q.layout, options.msix ? i + 1 : VIRTIO_MSI_NO_VECTOR)).toBe(i);
     });
-    queues.forEach((_q, i) => guest.enableQueue(i));
+    queues.forEach((_q, i) => {
+      guest.enableQueue(i);
+    });
     guest.setStatus(guest.status() | STATUS_DRIVER_OK);
   };
   return { mem, intx, sink, transport, device, bus, guest, queues, start, msixCap };

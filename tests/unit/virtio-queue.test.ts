@@ -198,7 +198,9 @@ describe('split virtqueue: used ring', () => {
   it('publishes a batch with one used.idx update', () => {
     const { mem, queue, driver } = setup();
     const heads = [0, 1, 2].map(() => driver.addChain([{ len: 4, writable: true }]).head);
-    heads.forEach(() => queue.pop(mem));
+    heads.forEach(() => {
+      queue.pop(mem);
+    });
     queue.addUsedMany(mem, heads.map((head) => ({ head, len: 1 })));
     expect(driver.usedIdx()).toBe(3);
     expect(driver.takeUsed().map((u) => u.id)).toEqual(heads);

@@ -120,7 +120,9 @@ const XSDT_REVISION = 1;
 export function buildXsdt(tableAddresses: readonly (number | bigint)[]): Uint8Array {
   const body = new Uint8Array(8 * tableAddresses.length);
   const dv = new DataView(body.buffer);
-  tableAddresses.forEach((a, i) => dv.setBigUint64(8 * i, BigInt(a), true));
+  tableAddresses.forEach((a, i) => {
+    dv.setBigUint64(8 * i, BigInt(a), true);
+  });
   return sdt('XSDT', XSDT_REVISION, body);
 }
 
@@ -506,7 +508,9 @@ function pciHostBridge(pci: NonNullable<DsdtOptions['pci']>): Aml {
 export function buildDsdt(o: DsdtOptions): Uint8Array {
   const devices: Aml[] = [com1Device(o.com1)];
   if (o.pvpanicPort !== undefined) devices.push(pvpanicDevice(o.pvpanicPort));
-  o.virtioMmio.forEach((dev, i) => devices.push(virtioMmioDevice(i, dev)));
+  o.virtioMmio.forEach((dev, i) => {
+    devices.push(virtioMmioDevice(i, dev));
+  });
   if (o.pci) devices.push(pciHostBridge(o.pci));
   const aml = concat([
     // SLP_TYPa, SLP_TYPb, reserved, reserved: SLP_TYPa goes to PM1a control; there is no PM1b.

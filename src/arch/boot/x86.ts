@@ -166,7 +166,9 @@ export function bootGdt(): bigint[] {
 /** Writes the boot GDT and an empty IDT; returns their table registers. */
 export function writeBootGdt(mem: GuestMemory): { gdt: DescriptorTable; idt: DescriptorTable } {
   const gdt = bootGdt();
-  gdt.forEach((entry, i) => mem.writeU64(BOOT_GDT_START + i * 8, entry));
+  gdt.forEach((entry, i) => {
+    mem.writeU64(BOOT_GDT_START + i * 8, entry);
+  });
   mem.fill(BOOT_IDT_START, BOOT_IDT_SIZE, 0);
   return {
     gdt: { base: BOOT_GDT_START, limit: gdt.length * 8 - 1 },

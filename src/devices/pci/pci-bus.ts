@@ -69,7 +69,7 @@ export class PciBus {
 
   /** Plugs `device` into `slot`, or into the lowest free slot. Returns the slot. */
   add(device: PciDevice, slot?: number): number {
-    const at = slot ?? this.slots.findIndex((d) => d === undefined);
+    const at = slot ?? this.slots.indexOf(undefined);
     if (at === -1) throw new PciError('PCI_BUS_FULL', `no free PCI slot for ${device.name}`);
     if (!(Number.isInteger(at) && at >= 0 && at < PCI_SLOT_COUNT) || this.slots[at]) {
       throw new PciError('PCI_BAD_SLOT', `PCI slot ${at} for ${device.name} is out of range or taken`);
