@@ -73,9 +73,27 @@ function cmdlineFor(c: Case, v: Variant): string {
 function qemuArgv(c: Case, kernel: string, initrd: string, cmdline: string): string[] {
   const machine = c === 'qemu-pc' ? 'pc' : MICROVM_MACHINE;
   return [
-    'qemu-system-x86_64', '-M', machine, '-enable-kvm', '-cpu', 'host', '-m', MEMORY,
-    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot', '-serial', 'stdio',
-    '-kernel', kernel, '-initrd', initrd, '-append', cmdline,
+    'qemu-system-x86_64',
+    '-M',
+    machine,
+    '-enable-kvm',
+    '-cpu',
+    'host',
+    '-m',
+    MEMORY,
+    '-nodefaults',
+    '-no-user-config',
+    '-display',
+    'none',
+    '-no-reboot',
+    '-serial',
+    'stdio',
+    '-kernel',
+    kernel,
+    '-initrd',
+    initrd,
+    '-append',
+    cmdline,
   ];
 }
 
@@ -236,7 +254,8 @@ function bootQemu(c: Case, v: Variant, r: number, timeoutS: number): Promise<Boo
       const endAt = end ?? process.hrtime.bigint();
       const at = (x: bigint | undefined) => (x === undefined ? null : round(secondsSince(t0, x), 3));
       let outcome: string;
-      if (stopped !== undefined) outcome = `${stopped.startsWith('guest restarted') ? 'guest restarted' : 'timeout'}${status === undefined ? ', not gone after SIGKILL' : ''}`;
+      if (stopped !== undefined)
+        outcome = `${stopped.startsWith('guest restarted') ? 'guest restarted' : 'timeout'}${status === undefined ? ', not gone after SIGKILL' : ''}`;
       else if (status === undefined) outcome = 'spawn failed';
       else outcome = status.code !== null ? `exit ${status.code}` : `signal ${status.signal}`;
       resolve({
@@ -250,7 +269,7 @@ function bootQemu(c: Case, v: Variant, r: number, timeoutS: number): Promise<Boo
         restartLineS: restart.at === undefined ? null : round(secondsSince(t0, restart.at), 3),
         endS: round(secondsSince(t0, endAt), 3),
         outcome,
-        outcomeMessage: stopped ?? (stderr.trim().split('\n').slice(-1)[0] ?? ''),
+        outcomeMessage: stopped ?? stderr.trim().split('\n').slice(-1)[0] ?? '',
         ok: initAt !== undefined && outcome === 'exit 0',
         consoleBytes: Buffer.byteLength(output, 'latin1'),
         guestRunInitS: guestRunInit(output),
@@ -324,7 +343,9 @@ function parseList<T extends string>(option: string, value: string, known: reado
 
 function qemuVersion(): string | null {
   try {
-    return execFileSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 30_000 }).split('\n')[0]!.trim();
+    return execFileSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 30_000 })
+      .split('\n')[0]!
+      .trim();
   } catch {
     return null;
   }
@@ -347,16 +368,31 @@ function hostProblem(): string | undefined {
   return undefined;
 }
 
-
 export const bootVsQemu: Benchmark = {
   name: 'boot-vs-qemu',
-  description: 'stock kernel to /init (TSVMM-INIT-OK) and to exit: tsvmm (library) vs qemu -M pc vs qemu -M microvm, verbose and quiet; needs hardware virtualization',
+  description:
+    'stock kernel to /init (TSVMM-INIT-OK) and to exit: tsvmm (library) vs qemu -M pc vs qemu -M microvm, verbose and quiet; needs hardware virtualization',
   slow: true,
   options: [
     { name: 'boot-vs-qemu-runs', env: 'TSVMM_BENCH_BOOT_VS_QEMU_RUNS', default: 3, description: 'boots of each case and command line (alternating)' },
-    { name: 'boot-vs-qemu-cases', env: 'TSVMM_BENCH_BOOT_VS_QEMU_CASES', default: DEFAULT_CASES.join(','), description: `which VMMs, comma-separated (${CASES.join(', ')})` },
-    { name: 'boot-vs-qemu-variants', env: 'TSVMM_BENCH_BOOT_VS_QEMU_VARIANTS', default: VARIANTS.join(','), description: 'command lines: verbose, quiet (the same plus `quiet`)' },
-    { name: 'boot-vs-qemu-exit-path', env: 'TSVMM_BENCH_BOOT_VS_QEMU_EXIT_PATH', default: 'loop', description: "tsvmm's exitPath: loop (vCPU on the event loop) or thread" },
+    {
+      name: 'boot-vs-qemu-cases',
+      env: 'TSVMM_BENCH_BOOT_VS_QEMU_CASES',
+      default: DEFAULT_CASES.join(','),
+      description: `which VMMs, comma-separated (${CASES.join(', ')})`,
+    },
+    {
+      name: 'boot-vs-qemu-variants',
+      env: 'TSVMM_BENCH_BOOT_VS_QEMU_VARIANTS',
+      default: VARIANTS.join(','),
+      description: 'command lines: verbose, quiet (the same plus `quiet`)',
+    },
+    {
+      name: 'boot-vs-qemu-exit-path',
+      env: 'TSVMM_BENCH_BOOT_VS_QEMU_EXIT_PATH',
+      default: 'loop',
+      description: "tsvmm's exitPath: loop (vCPU on the event loop) or thread",
+    },
     { name: 'boot-vs-qemu-timeout', env: 'TSVMM_BENCH_BOOT_VS_QEMU_TIMEOUT', default: 900, description: 'seconds before a boot is stopped as hung' },
   ],
 
@@ -428,7 +464,14 @@ export const bootVsQemu: Benchmark = {
         const kindNote = isQemu(c) ? '' : `${first?.bootKind ?? '?'}; `;
         const guest = median(pick(c, v, (b) => b.guestRunInitS));
         const restart = median(pick(c, v, (b) => b.guestRestartS));
-        if (!isQemu(c)) rows.push({ label: `${label}: createVm`, value: med(pick(c, v, (b) => b.createS)), unit: 's', samples: pick(c, v, (b) => b.createS), note: 'included in the times below' });
+        if (!isQemu(c))
+          rows.push({
+            label: `${label}: createVm`,
+            value: med(pick(c, v, (b) => b.createS)),
+            unit: 's',
+            samples: pick(c, v, (b) => b.createS),
+            note: 'included in the times below',
+          });
         rows.push({ label: `${label} -> first output`, value: med(pick(c, v, (b) => b.firstOutputS)), unit: 's', samples: pick(c, v, (b) => b.firstOutputS) });
         rows.push({
           label: `${label} -> /init`,
@@ -481,7 +524,13 @@ export const bootVsQemu: Benchmark = {
           for (const { k, xs } of meds) rows.push({ label: `${v}: ${t} ${prefix} ${k}`, value: median(xs), unit: what, samples: xs });
         };
         const totals = good.map((b) => Object.values(b.exits ?? {}).reduce((s, x) => s + x, 0));
-        rows.push({ label: `${v}: ${t} exits per boot, total`, value: median(totals), unit: 'exits', samples: totals, note: `IRQs injected ${median(good.map((b) => b.irqsInjected ?? 0))}` });
+        rows.push({
+          label: `${v}: ${t} exits per boot, total`,
+          value: median(totals),
+          unit: 'exits',
+          samples: totals,
+          note: `IRQs injected ${median(good.map((b) => b.irqsInjected ?? 0))}`,
+        });
         counter((b) => b.exits, 'exits:', 'exits');
         counter((b) => b.pio, 'pio:', 'accesses');
         counter((b) => b.mmio, 'mmio:', 'accesses');

@@ -125,7 +125,8 @@ function parseCases(value: string): BootCase[] {
 
 export const boot: Benchmark = {
   name: 'boot',
-  description: 'seconds from vm.start() to /init (TSVMM-INIT-OK) and to the end of the VM: host-decompressed bzImage vs classic bzImage vs ELF vmlinux, serial vs virtio console',
+  description:
+    'seconds from vm.start() to /init (TSVMM-INIT-OK) and to the end of the VM: host-decompressed bzImage vs classic bzImage vs ELF vmlinux, serial vs virtio console',
   slow: true,
   options: [
     { name: 'boot-runs', env: 'TSVMM_BENCH_BOOT_RUNS', default: 1, description: 'boots of each case (interleaved)' },

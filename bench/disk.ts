@@ -52,8 +52,7 @@ interface StepResult {
 
 function commands(dev: string, mib: number, seq4k: number, randomReads: number): Record<Step, string> {
   const blocks = mib * 256; // 4 KiB blocks in the region written
-  const loop = (body: string) =>
-    `n=0; f=0; while [ $n -lt ${randomReads} ]; do ${body} 2>/dev/null || f=$((f+1)); n=$((n+1)); done; echo "@@FA""IL $f"`;
+  const loop = (body: string) => `n=0; f=0; while [ $n -lt ${randomReads} ]; do ${body} 2>/dev/null || f=$((f+1)); n=$((n+1)); done; echo "@@FA""IL $f"`;
   const skip = `skip=$(( (RANDOM * 32768 + RANDOM) % ${blocks} ))`;
   return {
     write: `dd if=/dev/zero of=${dev} bs=1M count=${mib} conv=fsync,notrunc 2>&1`,
@@ -87,7 +86,8 @@ const load = () => os.loadavg().map((x) => round(x, 2));
 
 export const disk: Benchmark = {
   name: 'disk',
-  description: 'virtio-blk from inside the guest with busybox dd on a raw disk: sequential write/read MB/s, 4 KiB read IOPS; the same dd on the host against an image file',
+  description:
+    'virtio-blk from inside the guest with busybox dd on a raw disk: sequential write/read MB/s, 4 KiB read IOPS; the same dd on the host against an image file',
   slow: true,
   options: [
     { name: 'disk-image-mib', env: 'TSVMM_BENCH_DISK_IMAGE_MIB', default: 256, description: 'size of the raw disk image' },
@@ -101,7 +101,12 @@ export const disk: Benchmark = {
     const mib = bc.numberOption('disk-mib');
     const seq4k = Math.min(bc.numberOption('disk-seq4k'), mib * 256);
     const randomReads = bc.numberOption('disk-random');
-    for (const [name, v] of [['disk-image-mib', imageMib], ['disk-mib', mib], ['disk-seq4k', seq4k], ['disk-random', randomReads]] as const) {
+    for (const [name, v] of [
+      ['disk-image-mib', imageMib],
+      ['disk-mib', mib],
+      ['disk-seq4k', seq4k],
+      ['disk-random', randomReads],
+    ] as const) {
       if (!Number.isInteger(v) || v < 1) throw new Error(`--${name} must be a positive integer (got ${v})`);
     }
     if (mib > imageMib) throw new Error(`--disk-mib ${mib} is more than the image, --disk-image-mib ${imageMib}`);
@@ -119,7 +124,14 @@ export const disk: Benchmark = {
       // The guest.
       const cmdline = testCmdline();
       bc.progress(`disk: booting the guest with a ${imageMib} MiB raw disk, this takes minutes...`);
-      const guest = await GuestSession.boot({ kernel: fx.bzImage, initrd: fx.initramfs, cmdline, memory: MEMORY, disks: [{ path: guestImage }], name: 'bench-disk' });
+      const guest = await GuestSession.boot({
+        kernel: fx.bzImage,
+        initrd: fx.initramfs,
+        cmdline,
+        memory: MEMORY,
+        disks: [{ path: guestImage }],
+        name: 'bench-disk',
+      });
       const guestSteps: StepResult[] = [];
       let facts: { sectors: number; dropCaches: boolean; scheduler: string };
       try {
@@ -134,7 +146,8 @@ export const disk: Benchmark = {
           dropCaches: /@@DROP/.test(info.out),
           scheduler: /@@SCHED (.*)/.exec(info.out)?.[1]?.trim() ?? '',
         };
-        if (facts.sectors !== imageMib * 2048) throw new Error(`the guest sees /dev/vda with ${facts.sectors} sectors, expected ${imageMib * 2048}:\n${info.out}`);
+        if (facts.sectors !== imageMib * 2048)
+          throw new Error(`the guest sees /dev/vda with ${facts.sectors} sectors, expected ${imageMib * 2048}:\n${info.out}`);
         const cmds = commands('/dev/vda', mib, seq4k, randomReads);
         const sh: ShellGuest = guest;
         for (const step of Object.keys(cmds) as Step[]) {
@@ -146,7 +159,15 @@ export const disk: Benchmark = {
           const t0 = process.hrtime.bigint();
           const t = await runTimed(sh, cmds[step]);
           const hostSideS = Number(process.hrtime.bigint() - t0) / 1e9;
-          guestSteps.push({ step, command: cmds[step], seconds: t.seconds, hostSideS: round(hostSideS, 3), loadAverage: load(), blk: diff(blkCounters(guest), before), out: t.out.trim() });
+          guestSteps.push({
+            step,
+            command: cmds[step],
+            seconds: t.seconds,
+            hostSideS: round(hostSideS, 3),
+            loadAverage: load(),
+            blk: diff(blkCounters(guest), before),
+            out: t.out.trim(),
+          });
           bc.progress(`disk: guest ${step}: ${t.seconds} s`);
         }
         const outcome = await guest.finish('reboot -f');
@@ -192,7 +213,9 @@ export const disk: Benchmark = {
         const b = r.blk ?? {};
         const n = (b.reads ?? 0) + (b.writes ?? 0);
         const moved = (b.bytesRead ?? 0) + (b.bytesWritten ?? 0);
-        return n > 0 ? `${r.seconds} s; ${n} virtio requests, ${round(moved / n / 1024, 1)} KiB each${b.flushes ? `, ${b.flushes} flushes` : ''}` : `${r.seconds} s`;
+        return n > 0
+          ? `${r.seconds} s; ${n} virtio requests, ${round(moved / n / 1024, 1)} KiB each${b.flushes ? `, ${b.flushes} flushes` : ''}`
+          : `${r.seconds} s`;
       };
       triple(`sequential write, ${mib} MiB, bs=1M, conv=fsync`, 'MB/s', mbps(g('write')), mbps(h('write')), reqNote(g('write')), `${h('write').seconds} s`);
       triple(
@@ -203,8 +226,22 @@ export const disk: Benchmark = {
         `${facts.dropCaches ? 'guest caches dropped' : 'no drop_caches in this guest'}; ${reqNote(g('read'))}`,
         `${h('read').seconds} s; from the host page cache (not dropped)`,
       );
-      triple(`sequential read, ${mib} MiB, bs=1M, iflag=direct`, 'MB/s', mbps(g('readDirect')), mbps(h('readDirect')), reqNote(g('readDirect')), `${h('readDirect').seconds} s; O_DIRECT: bypasses the host page cache`);
-      triple(`4 KiB reads, iflag=direct, one dd, QD1 (${seq4k})`, 'IOPS', perSec(seq4k)(g('seq4k')), perSec(seq4k)(h('seq4k')), reqNote(g('seq4k')), `${h('seq4k').seconds} s`);
+      triple(
+        `sequential read, ${mib} MiB, bs=1M, iflag=direct`,
+        'MB/s',
+        mbps(g('readDirect')),
+        mbps(h('readDirect')),
+        reqNote(g('readDirect')),
+        `${h('readDirect').seconds} s; O_DIRECT: bypasses the host page cache`,
+      );
+      triple(
+        `4 KiB reads, iflag=direct, one dd, QD1 (${seq4k})`,
+        'IOPS',
+        perSec(seq4k)(g('seq4k')),
+        perSec(seq4k)(h('seq4k')),
+        reqNote(g('seq4k')),
+        `${h('seq4k').seconds} s`,
+      );
       triple(
         `4 KiB random reads, iflag=direct, one dd per read (${randomReads}, fork+exec included)`,
         'IOPS',
@@ -213,7 +250,14 @@ export const disk: Benchmark = {
         reqNote(g('rand4k')),
         `${h('rand4k').seconds} s`,
       );
-      triple(`the same loop on /dev/zero (fork+exec+shell only, ${randomReads})`, 'runs/s', perSec(randomReads)(g('forkOnly')), perSec(randomReads)(h('forkOnly')), `${g('forkOnly').seconds} s`, `${h('forkOnly').seconds} s`);
+      triple(
+        `the same loop on /dev/zero (fork+exec+shell only, ${randomReads})`,
+        'runs/s',
+        perSec(randomReads)(g('forkOnly')),
+        perSec(randomReads)(h('forkOnly')),
+        `${g('forkOnly').seconds} s`,
+        `${h('forkOnly').seconds} s`,
+      );
       triple(
         '4 KiB random reads, fork-only loop time subtracted',
         'IOPS',

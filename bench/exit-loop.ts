@@ -117,7 +117,7 @@ async function runVcpu(kvm: Kvm, n: number, on: 'loop' | 'thread', variant: Vari
   });
   await guest.vcpu.stopped;
   guest.close();
-    if (failure !== undefined || end === undefined) throw new Error(`exit-loop ${variant}: ${failure ?? 'the vCPU stopped before hlt'}`);
+  if (failure !== undefined || end === undefined) throw new Error(`exit-loop ${variant}: ${failure ?? 'the vCPU stopped before hlt'}`);
   checkCount(variant, port.writes, n);
   return secondsSince(start, end) * 1e6;
 }
@@ -157,7 +157,8 @@ function runC(variant: Variant, binary: string, n: number, codeHex: string, expe
 function noExitLoopCode(n: number): Uint8Array {
   const code = portWriteLoopCode(n);
   const at = code.indexOf(OUT_DX_AL);
-  if (at < 0 || code.indexOf(OUT_DX_AL, at + 1) >= 0) throw new Error('exit-loop: portWriteLoopCode no longer has exactly one out dx, al; update noExitLoopCode');
+  if (at < 0 || code.indexOf(OUT_DX_AL, at + 1) >= 0)
+    throw new Error('exit-loop: portWriteLoopCode no longer has exactly one out dx, al; update noExitLoopCode');
   code[at] = NOP;
   return code;
 }

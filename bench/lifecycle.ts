@@ -77,8 +77,18 @@ export const lifecycle: Benchmark = {
       const seconds = (performance.now() - t0) / 1000;
       return {
         rows: [
-          { label: `RSS after VM 1 -> after VM ${n}`, value: round(last.rssMiB - first.rssMiB, 1), unit: 'MiB growth', note: `${first.rssMiB} -> ${last.rssMiB} MiB` },
-          { label: `V8 heap after VM 1 -> after VM ${n}`, value: round(last.heapMiB - first.heapMiB, 1), unit: 'MiB growth', note: `${first.heapMiB} -> ${last.heapMiB} MiB` },
+          {
+            label: `RSS after VM 1 -> after VM ${n}`,
+            value: round(last.rssMiB - first.rssMiB, 1),
+            unit: 'MiB growth',
+            note: `${first.rssMiB} -> ${last.rssMiB} MiB`,
+          },
+          {
+            label: `V8 heap after VM 1 -> after VM ${n}`,
+            value: round(last.heapMiB - first.heapMiB, 1),
+            unit: 'MiB growth',
+            note: `${first.heapMiB} -> ${last.heapMiB} MiB`,
+          },
           { label: `open fds after VM 1 -> after VM ${n}`, value: last.fds - first.fds, unit: 'fds growth', note: `${first.fds} -> ${last.fds}` },
           { label: 'time per VM lifetime (create, run, stop)', value: round((seconds * 1000) / n, 1), unit: 'ms' },
         ],

@@ -139,10 +139,32 @@ export const load: Benchmark = {
       const peakRss = Math.max(...samples.map((s) => s.rssMiB));
       return {
         rows: [
-          { label: `RSS, ${n} guests in their loop -> after ${last.atS} s`, value: round(last.rssMiB - first.rssMiB, 1), unit: 'MiB growth', note: `${first.rssMiB} -> ${last.rssMiB} MiB (peak ${peakRss})`, samples: samples.map((s) => s.rssMiB) },
-          { label: `V8 heap, same interval`, value: round(last.heapMiB - first.heapMiB, 1), unit: 'MiB growth', note: `${first.heapMiB} -> ${last.heapMiB} MiB`, samples: samples.map((s) => s.heapMiB) },
-          { label: `open fds, same interval`, value: last.fds - first.fds, unit: 'fds growth', note: `${first.fds} -> ${last.fds}; ${after.fds} after the ${n} VMs stopped` },
-          { label: `guest rounds (${ROUND_KIB} KiB written + flushed + read back, one console line)`, value: rounds, unit: 'rounds', note: `${round((rounds * 2 * ROUND_KIB) / 1024, 1)} MiB of disk I/O, ${round(last.consoleMiB - first.consoleMiB, 2)} MiB of console` },
+          {
+            label: `RSS, ${n} guests in their loop -> after ${last.atS} s`,
+            value: round(last.rssMiB - first.rssMiB, 1),
+            unit: 'MiB growth',
+            note: `${first.rssMiB} -> ${last.rssMiB} MiB (peak ${peakRss})`,
+            samples: samples.map((s) => s.rssMiB),
+          },
+          {
+            label: `V8 heap, same interval`,
+            value: round(last.heapMiB - first.heapMiB, 1),
+            unit: 'MiB growth',
+            note: `${first.heapMiB} -> ${last.heapMiB} MiB`,
+            samples: samples.map((s) => s.heapMiB),
+          },
+          {
+            label: `open fds, same interval`,
+            value: last.fds - first.fds,
+            unit: 'fds growth',
+            note: `${first.fds} -> ${last.fds}; ${after.fds} after the ${n} VMs stopped`,
+          },
+          {
+            label: `guest rounds (${ROUND_KIB} KiB written + flushed + read back, one console line)`,
+            value: rounds,
+            unit: 'rounds',
+            note: `${round((rounds * 2 * ROUND_KIB) / 1024, 1)} MiB of disk I/O, ${round(last.consoleMiB - first.consoleMiB, 2)} MiB of console`,
+          },
         ],
         raw: { vms: n, seconds, interval, samples, after },
       };

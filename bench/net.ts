@@ -153,7 +153,10 @@ export const netThroughput: Benchmark = {
     if (process.getuid?.() !== 0) throw new Error('the net benchmark makes a network namespace and a TAP device: it needs root');
     const mib = bc.numberOption('net-mib');
     const rounds = bc.numberOption('net-rounds');
-    for (const [name, v] of [['net-mib', mib], ['net-rounds', rounds]] as const) {
+    for (const [name, v] of [
+      ['net-mib', mib],
+      ['net-rounds', rounds],
+    ] as const) {
       if (!Number.isInteger(v) || v < 1) throw new Error(`--${name} must be a positive integer (got ${v})`);
     }
     const bytes = mib * MIB;
@@ -189,10 +192,34 @@ export const netThroughput: Benchmark = {
         if (r === 0) ran.push(t.commandLine);
         const rep = await peer.report;
         if (rep.bytes !== bytes) throw new Error(`loopback ${direction}: the peer counted ${rep.bytes} bytes, expected ${bytes}`);
-        transfers.push({ where: 'loopback', direction, round: r, bytes, peerMs: round(rep.ms, 2), mbps: sig4(bytes / 1e6 / (rep.ms / 1e3)), shellSeconds: t.seconds, loadAverage: load() });
+        transfers.push({
+          where: 'loopback',
+          direction,
+          round: r,
+          bytes,
+          peerMs: round(rep.ms, 2),
+          mbps: sig4(bytes / 1e6 / (rep.ms / 1e3)),
+          shellSeconds: t.seconds,
+          loadAverage: load(),
+        });
       };
 
-      const args = ['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', MEMORY, '--net', 'tap=tap0', '--stats', '--name', 'bench-net', '--cmdline', testCmdline()];
+      const args = [
+        'run',
+        '--kernel',
+        fx.bzImage,
+        '--initrd',
+        fx.initramfs,
+        '--memory',
+        MEMORY,
+        '--net',
+        'tap=tap0',
+        '--stats',
+        '--name',
+        'bench-net',
+        '--cmdline',
+        testCmdline(),
+      ];
       ran.push(shellQuote(['ip', 'netns', 'exec', ns, process.execPath, 'bin/tsvmm.js', ...args]));
       const holder: { guest?: CliGuest } = {};
       bc.progress('net: booting the guest inside the namespace, this takes minutes...');
@@ -218,7 +245,16 @@ export const netThroughput: Benchmark = {
           const t = await runTimed(g, cmd);
           const rep = await peer.report;
           if (rep.bytes !== bytes) throw new Error(`guest ${direction}: the peer counted ${rep.bytes} bytes, expected ${bytes}`);
-          transfers.push({ where: 'guest', direction, round: r, bytes, peerMs: round(rep.ms, 2), mbps: sig4(bytes / 1e6 / (rep.ms / 1e3)), shellSeconds: t.seconds, loadAverage: load() });
+          transfers.push({
+            where: 'guest',
+            direction,
+            round: r,
+            bytes,
+            peerMs: round(rep.ms, 2),
+            mbps: sig4(bytes / 1e6 / (rep.ms / 1e3)),
+            shellSeconds: t.seconds,
+            loadAverage: load(),
+          });
         };
 
         // Interleaved, so load from elsewhere hits every kind alike. The
@@ -263,7 +299,13 @@ export const netThroughput: Benchmark = {
       const gs = pick('guest', direction);
       const ls = pick('loopback', direction);
       const gShell = median(transfers.filter((t) => t.where === 'guest' && t.direction === direction).map((t) => t.shellSeconds));
-      rows.push({ label: `${label[direction]}, virtio-net over tap0`, value: sig4(median(gs)), unit: 'MB/s', samples: gs, note: `${mib} MiB; guest nc ran ${gShell} s (median)` });
+      rows.push({
+        label: `${label[direction]}, virtio-net over tap0`,
+        value: sig4(median(gs)),
+        unit: 'MB/s',
+        samples: gs,
+        note: `${mib} MiB; guest nc ran ${gShell} s (median)`,
+      });
       rows.push({ label: `${label[direction]} counterpart, host loopback (busybox nc)`, value: round(median(ls), 1), unit: 'MB/s', samples: ls });
       rows.push({
         label: `${label[direction]}: loopback / virtio-net`,

@@ -37,7 +37,9 @@ interface BootRun {
   outcome: string;
   outcomeMessage: string;
   exits: Record<string, number>;
-  profile?: { samples: number; dropped: number; kicks: number; durationMs: number; functions: number; top: Array<{ name: string; percent: number }> } | { error: string };
+  profile?:
+    | { samples: number; dropped: number; kicks: number; durationMs: number; functions: number; top: Array<{ name: string; percent: number }> }
+    | { error: string };
   loadAverageBefore: number[];
   loadAverageAfter: number[];
 }
@@ -107,7 +109,12 @@ export const profilerOverhead: Benchmark = {
   description: 'boot time to /init with and without the guest profiler (VmConfig.profile), as a ratio',
   slow: true,
   options: [
-    { name: 'profiler-rates', env: 'TSVMM_BENCH_PROFILER_RATES', default: '99', description: 'sampling rates to compare with no profiler, Hz, comma-separated' },
+    {
+      name: 'profiler-rates',
+      env: 'TSVMM_BENCH_PROFILER_RATES',
+      default: '99',
+      description: 'sampling rates to compare with no profiler, Hz, comma-separated',
+    },
     { name: 'profiler-runs', env: 'TSVMM_BENCH_PROFILER_RUNS', default: 1, description: 'boots of each case (interleaved)' },
     { name: 'profiler-timeout', env: 'TSVMM_BENCH_PROFILER_TIMEOUT', default: 900, description: 'seconds before a boot is stopped as hung' },
   ],
@@ -146,19 +153,31 @@ export const profilerOverhead: Benchmark = {
       const all = results.filter((b) => b.rateHz === rate);
       const bad = all.filter((b) => !ok(b));
       const loads = all.map((b) => `${b.loadAverageBefore[0]}->${b.loadAverageAfter[0]}`).join(', ');
-      const prof = all.map((b) => b.profile).filter((p): p is { samples: number; dropped: number; kicks: number; durationMs: number; functions: number; top: Array<{ name: string; percent: number }> } => p !== undefined && !('error' in p));
+      const prof = all
+        .map((b) => b.profile)
+        .filter(
+          (p): p is { samples: number; dropped: number; kicks: number; durationMs: number; functions: number; top: Array<{ name: string; percent: number }> } =>
+            p !== undefined && !('error' in p),
+        );
       const profErr = all.map((b) => b.profile).find((p): p is { error: string } => p !== undefined && 'error' in p);
-      const profNote = rate === 0 ? '' : profErr ? `; profile: ${profErr.error}` : prof.length > 0 ? `; ${prof[0]!.samples} samples, ${prof[0]!.dropped} dropped` : '';
+      const profNote =
+        rate === 0 ? '' : profErr ? `; profile: ${profErr.error}` : prof.length > 0 ? `; ${prof[0]!.samples} samples, ${prof[0]!.dropped} dropped` : '';
       rows.push({
         label: `${label(rate)}: start -> /init`,
         value: med(rate),
         unit: 's',
         samples: inits(rate),
-        note: bad.length > 0 ? `${bad.length} failed: ${bad.map((b) => `${b.outcome} (${b.outcomeMessage})`).join('; ')}` : `host load (1 min) ${loads}${profNote}`,
+        note:
+          bad.length > 0 ? `${bad.length} failed: ${bad.map((b) => `${b.outcome} (${b.outcomeMessage})`).join('; ')}` : `host load (1 min) ${loads}${profNote}`,
       });
     }
     for (const rate of rates) {
-      rows.push({ label: `${label(rate)} / no profiler, start -> /init`, value: round(med(rate) / med(0), 4), unit: 'x', note: 'ratio of medians; single boots on a shared host vary by tens of %' });
+      rows.push({
+        label: `${label(rate)} / no profiler, start -> /init`,
+        value: round(med(rate) / med(0), 4),
+        unit: 'x',
+        note: 'ratio of medians; single boots on a shared host vary by tens of %',
+      });
     }
 
     return { rows, raw: { cmdline, memory: MEMORY, kernel: fixtures().bzImage, systemMap: fixtures().systemMap, rates, runs, boots: results } };

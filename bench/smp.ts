@@ -95,13 +95,7 @@ function parseJobs(t: Timed): JobReport[] {
 }
 
 /** Runs one measurement, retrying when a job printed no report; undefined when every attempt failed. */
-async function measure(
-  where: Where,
-  kind: Kind,
-  r: number,
-  exec: () => Promise<Timed>,
-  failures: Failure[],
-): Promise<Sample | undefined> {
+async function measure(where: Where, kind: Kind, r: number, exec: () => Promise<Timed>, failures: Failure[]): Promise<Sample | undefined> {
   const expected = kind === 'one' ? 1 : 2;
   for (let attempt = 0; attempt < ATTEMPTS; attempt++) {
     const t = await exec();
@@ -129,7 +123,10 @@ export const smp: Benchmark = {
   async run(bc: BenchContext): Promise<BenchResult> {
     const iterations = bc.numberOption('smp-iterations');
     const rounds = bc.numberOption('smp-rounds');
-    for (const [name, v] of [['smp-iterations', iterations], ['smp-rounds', rounds]] as const) {
+    for (const [name, v] of [
+      ['smp-iterations', iterations],
+      ['smp-rounds', rounds],
+    ] as const) {
       if (!Number.isInteger(v) || v < 1) throw new Error(`--${name} must be a positive integer (got ${v})`);
     }
     const fx = fixtures();
@@ -169,17 +166,22 @@ export const smp: Benchmark = {
     const hostCommands: string[] = [];
     for (let r = 0; r < rounds; r++) {
       for (const kind of ['one', 'two'] as const) {
-        const sample = await measure('host', kind, r, async () => {
-          const t = runTimedOnHost(commandFor(kind, [0, 1], iterations, `${HOST_BUSYBOX} `), { allowFailure: true });
-          if (r === 0) hostCommands.push(t.commandLine);
-          return t;
-        }, failures);
+        const sample = await measure(
+          'host',
+          kind,
+          r,
+          async () => {
+            const t = runTimedOnHost(commandFor(kind, [0, 1], iterations, `${HOST_BUSYBOX} `), { allowFailure: true });
+            if (r === 0) hostCommands.push(t.commandLine);
+            return t;
+          },
+          failures,
+        );
         if (sample) samples.push(sample);
       }
     }
 
-    const of = (where: Where, kind: Kind, pick: (s: Sample) => number = (s) => s.span) =>
-      samples.filter((s) => s.where === where && s.kind === kind).map(pick);
+    const of = (where: Where, kind: Kind, pick: (s: Sample) => number = (s) => s.span) => samples.filter((s) => s.where === where && s.kind === kind).map(pick);
     const med = (where: Where, kind: Kind) => round(median(of(where, kind)), 3);
     const medWall = (where: Where, kind: Kind) => round(median(of(where, kind, (s) => s.wall)), 3);
     const misplaced = samples.filter((s) => s.where !== 'guest1' && s.jobs.some((j) => j.ranOn !== j.cpuAsked)).length;
@@ -196,7 +198,13 @@ export const smp: Benchmark = {
     const speedup = (one: Where, two: Where, pick: (w: Where, k: Kind) => number) => round((2 * pick(one, 'one')) / pick(two, 'two'), 3);
     const rows: Row[] = [
       { label: '1-vCPU guest: one job', value: med('guest1', 'one'), unit: 's', samples: of('guest1', 'one'), note: note('guest1', 'one') },
-      { label: '1-vCPU guest: two jobs at once on its one vCPU', value: med('guest1', 'two'), unit: 's', samples: of('guest1', 'two'), note: note('guest1', 'two') },
+      {
+        label: '1-vCPU guest: two jobs at once on its one vCPU',
+        value: med('guest1', 'two'),
+        unit: 's',
+        samples: of('guest1', 'two'),
+        note: note('guest1', 'two'),
+      },
       { label: '2-vCPU guest: one job (taskset -c 0)', value: med('guest2', 'one'), unit: 's', samples: of('guest2', 'one'), note: note('guest2', 'one') },
       {
         label: '2-vCPU guest: two jobs at once (taskset -c 0, -c 1)',
@@ -217,11 +225,21 @@ export const smp: Benchmark = {
         unit: 'x',
         note: `whole commands: ${speedup('guest2', 'guest2', medWall)} x`,
       },
-      { label: '1-vCPU guest: two jobs / one job', value: round(med('guest1', 'two') / med('guest1', 'one'), 3), unit: 'x', note: 'about 2.0: one vCPU shared' },
+      {
+        label: '1-vCPU guest: two jobs / one job',
+        value: round(med('guest1', 'two') / med('guest1', 'one'), 3),
+        unit: 'x',
+        note: 'about 2.0: one vCPU shared',
+      },
       { label: 'host: one job (taskset -c 0)', value: med('host', 'one'), unit: 's', samples: of('host', 'one'), note: note('host', 'one') },
       { label: 'host: two jobs at once (taskset -c 0, -c 1)', value: med('host', 'two'), unit: 's', samples: of('host', 'two'), note: note('host', 'two') },
       { label: 'host speed-up: 2 x one job / two jobs', value: speedup('host', 'host', med), unit: 'x', note: 'the parallelism the shared host gave' },
-      { label: 'one job: 1-vCPU guest / host', value: round(med('guest1', 'one') / med('host', 'one'), 3), unit: 'x', note: '1.0 = guest user mode at native speed' },
+      {
+        label: 'one job: 1-vCPU guest / host',
+        value: round(med('guest1', 'one') / med('host', 'one'), 3),
+        unit: 'x',
+        note: '1.0 = guest user mode at native speed',
+      },
       qemuRow('the same jobs on 1 and 2 vCPUs'),
     ];
 

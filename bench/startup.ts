@@ -30,9 +30,13 @@ function bareNode(): Promise<number> {
 function tsvmmStart(kernel: string, initrd: string): Promise<{ wallMs: number; phases: StartupTimes }> {
   const t0 = performance.now();
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, 'run', '--kernel', kernel, '--initrd', initrd, '--memory', '128M', '--log-level', 'info', '--cmdline', testCmdline()], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-    });
+    const child = spawn(
+      process.execPath,
+      [CLI, 'run', '--kernel', kernel, '--initrd', initrd, '--memory', '128M', '--log-level', 'info', '--cmdline', testCmdline()],
+      {
+        stdio: ['ignore', 'ignore', 'pipe'],
+      },
+    );
     let err = '';
     let found: { wallMs: number; phases: StartupTimes } | undefined;
     child.stderr.on('data', (d: Buffer) => {

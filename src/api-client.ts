@@ -70,7 +70,11 @@ export function attachConsole(socketPath: string): Promise<number> {
     req.on('error', reject);
     req.on('response', (res) => {
       res.resume();
-      reject(Object.assign(new Error(res.statusCode === 409 ? `the VM at ${socketPath} has ended` : `${socketPath} refused the console (HTTP ${res.statusCode})`), { code: 'EREFUSED' }));
+      reject(
+        Object.assign(new Error(res.statusCode === 409 ? `the VM at ${socketPath} has ended` : `${socketPath} refused the console (HTTP ${res.statusCode})`), {
+          code: 'EREFUSED',
+        }),
+      );
     });
     req.on('upgrade', (_res, socket, head) => {
       const stdin = process.stdin;

@@ -23,7 +23,6 @@ import { native } from './kvm/native.js';
 import { EscapeKeys } from './escape-keys.js';
 import { TsvmmError } from './base/errors.js';
 
-
 interface RunOptions {
   config?: string;
   print?: boolean;
@@ -183,7 +182,12 @@ export function effectiveConfig(opts: RunOptions, sourceOf: SourceOf): VmConfig 
   const profileGiven = given('profile') || given('systemMap') || given('profileRate') || given('profileFormat');
   const profile =
     profileGiven && opts.profile !== undefined
-      ? { path: opts.profile, ...(opts.systemMap ? { systemMap: opts.systemMap } : {}), ...(opts.profileRate ? { rateHz: opts.profileRate } : {}), ...(opts.profileFormat ? { format: opts.profileFormat } : {}) }
+      ? {
+          path: opts.profile,
+          ...(opts.systemMap ? { systemMap: opts.systemMap } : {}),
+          ...(opts.profileRate ? { rateHz: opts.profileRate } : {}),
+          ...(opts.profileFormat ? { format: opts.profileFormat } : {}),
+        }
       : file?.profile;
   const config: VmConfig = {
     ...(file ?? {}),
@@ -241,7 +245,9 @@ async function run(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
     try {
       consoleLog = openSync(opts.consoleLog, 'w', 0o644);
     } catch (err) {
-      process.stderr.write(`tsvmm: cannot write the console log ${opts.consoleLog} (${(err as NodeJS.ErrnoException).code}): give --console-log a file in a writable directory\n`);
+      process.stderr.write(
+        `tsvmm: cannot write the console log ${opts.consoleLog} (${(err as NodeJS.ErrnoException).code}): give --console-log a file in a writable directory\n`,
+      );
       return EXIT_CODES.error;
     }
   }
@@ -364,12 +370,16 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
   if (expected && opts.expectExit && result.kind === 'stopped' && !timedOut && signalCode === undefined) return 0;
   if (timedOut) {
     const waiting = opts.expect !== undefined && !expected ? ` waiting for /${opts.expect.source}/ (--expect)` : '';
-    process.stderr.write(`\ntsvmm: --timeout ${showDuration(opts.timeout!)} passed${waiting}; stopped the VM. The console's last lines:\n${vm.console.tail()}\n`);
+    process.stderr.write(
+      `\ntsvmm: --timeout ${showDuration(opts.timeout!)} passed${waiting}; stopped the VM. The console's last lines:\n${vm.console.tail()}\n`,
+    );
     return EXIT_TIMEOUT;
   }
   if (result.kind !== 'reboot' && result.kind !== 'poweroff') process.stderr.write(`\ntsvmm: ${result.message}\n`);
   if (opts.expect !== undefined && !expected && signalCode === undefined) {
-    process.stderr.write(`tsvmm: the VM ended (${result.message}) before its console printed a match for /${opts.expect.source}/ (--expect). The console's last lines:\n${vm.console.tail()}\n`);
+    process.stderr.write(
+      `tsvmm: the VM ended (${result.message}) before its console printed a match for /${opts.expect.source}/ (--expect). The console's last lines:\n${vm.console.tail()}\n`,
+    );
     return EXIT_EXPECT_UNMET;
   }
   return result.kind === 'stopped' && signalCode !== undefined ? signalCode : result.exitCode;
@@ -429,7 +439,13 @@ async function listVms(): Promise<number> {
     }
   }
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  for (const r of rows) process.stdout.write(`${r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()}\n`);
+  for (const r of rows)
+    process.stdout.write(
+      `${r
+        .map((c, i) => c.padEnd(widths[i]!))
+        .join('  ')
+        .trimEnd()}\n`,
+    );
   return 0;
 }
 
@@ -477,23 +493,40 @@ function packageVersion(): string {
 /** The options `tsvmm run` and `tsvmm config` share: everything that makes the VM. */
 function addVmOptions(cmd: Command): Command {
   return cmd
-    .option('--config <file>', 'the VM as JSON (the library\'s VmConfig; paths relative to the file); flags given here override its fields')
+    .option('--config <file>', "the VM as JSON (the library's VmConfig; paths relative to the file); flags given here override its fields")
     .option('-k, --kernel <path>', 'kernel to boot: a bzImage or an ELF vmlinux (required unless --config names one)')
     .option('-i, --initrd <path>', 'initramfs to pass to the kernel')
     .option('-c, --cmdline <text>', `kernel command line (default: "${DEFAULT_CMDLINE}", with console=hvc0 for --console virtio)`)
-    .addOption(new Option('--console <device>', 'the guest console on stdin/stdout: serial (ttyS0, the 16550 UART) or virtio (hvc0, virtio-console: no exit per byte)').choices(['serial', 'virtio']).default('serial'))
-    .addOption(new Option('--serial <where>', 'with --console virtio, the UART output (early boot messages): console (joined to stdout) or off').choices(['console', 'off']).default('console'))
+    .addOption(
+      new Option('--console <device>', 'the guest console on stdin/stdout: serial (ttyS0, the 16550 UART) or virtio (hvc0, virtio-console: no exit per byte)')
+        .choices(['serial', 'virtio'])
+        .default('serial'),
+    )
+    .addOption(
+      new Option('--serial <where>', 'with --console virtio, the UART output (early boot messages): console (joined to stdout) or off')
+        .choices(['console', 'off'])
+        .default('console'),
+    )
     .option('-m, --memory <size>', 'guest RAM, e.g. 256M or 1G', memoryArg, '256M')
     .option('--cpus <n>', `vCPUs, 1 to ${MAX_CPUS}`, intArg, 1)
     .option('--disk <spec>', 'virtio-blk disk: <path>[,readonly][,serial=<id>][,transport=pci|mmio] (repeatable)', collect(parseDiskOption), [])
     .option('--net <spec>', 'virtio-net over a TAP device: tap=<name>[,mac=<mac>][,transport=pci|mmio] (repeatable)', collect(parseNetOption), [])
     .addOption(new Option('--transport <kind>', 'virtio transport for devices that do not choose one').choices(['pci', 'mmio']).default('pci'))
-    .option('--mergeable', 'let the host\'s KSM merge identical guest pages across VMs (saves memory; a timing side channel between guests)')
-    .option('--no-sandbox', 'do not confine tsvmm once the VM starts (by default: Landlock for the process where the kernel has it, seccomp on the vCPU threads)')
-    .option('--no-acpi', 'no ACPI tables: MP table only, virtio-mmio on the command line, the guest\'s end read from its console')
-    .addOption(new Option('--boot-mode <mode>', 'bzImage boot: host-decompressed, or the kernel\'s own decompressor').choices(['auto', 'host', 'guest']).default('auto'))
+    .option('--mergeable', "let the host's KSM merge identical guest pages across VMs (saves memory; a timing side channel between guests)")
+    .option(
+      '--no-sandbox',
+      'do not confine tsvmm once the VM starts (by default: Landlock for the process where the kernel has it, seccomp on the vCPU threads)',
+    )
+    .option('--no-acpi', "no ACPI tables: MP table only, virtio-mmio on the command line, the guest's end read from its console")
+    .addOption(
+      new Option('--boot-mode <mode>', "bzImage boot: host-decompressed, or the kernel's own decompressor").choices(['auto', 'host', 'guest']).default('auto'),
+    )
     .addOption(new Option('--pit <impl>', 'i8254 PIT implementation').choices(['emulated', 'kernel']).default('emulated'))
-    .addOption(new Option('--exit-path <where>', "where a 1-vCPU guest's KVM_RUN runs: its own thread, or the event loop's (experimental, faster)").choices(['thread', 'loop']).default('thread'))
+    .addOption(
+      new Option('--exit-path <where>', "where a 1-vCPU guest's KVM_RUN runs: its own thread, or the event loop's (experimental, faster)")
+        .choices(['thread', 'loop'])
+        .default('thread'),
+    )
     .addOption(new Option('--emulation-fallback <when>', 'handle instructions the host KVM cannot emulate').choices(['auto', 'on', 'off']).default('auto'))
     .addOption(new Option('--log-level <level>', 'log level (logs go to stderr)').choices([...LOG_LEVELS]).default('warn'))
     .option('--stats', 'print the VM counters as JSON on stderr when it ends', false)
@@ -516,12 +549,23 @@ export function buildProgram(
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
   addVmOptions(program.command('run').description('boot a Linux kernel with its console on this terminal'))
-    .option('--expect <regex>', `for scripts: exit ${EXIT_EXPECT_UNMET}, with the console's last lines on stderr, unless the console prints a match (a JavaScript regular expression) and the guest then ends cleanly`, regexArg)
+    .option(
+      '--expect <regex>',
+      `for scripts: exit ${EXIT_EXPECT_UNMET}, with the console's last lines on stderr, unless the console prints a match (a JavaScript regular expression) and the guest then ends cleanly`,
+      regexArg,
+    )
     .option('--expect-exit', 'with --expect: stop the VM and exit 0 as soon as the match appears')
-    .option('--timeout <duration>', `stop the VM after <duration> (90s, 5m, 1h) and exit ${EXIT_TIMEOUT} with the console's last lines on stderr`, parseDuration)
+    .option(
+      '--timeout <duration>',
+      `stop the VM after <duration> (90s, 5m, 1h) and exit ${EXIT_TIMEOUT} with the console's last lines on stderr`,
+      parseDuration,
+    )
     .option('--console-log <file>', 'also write everything the guest console prints to <file>')
     .option('--detach', 'start the VM in the background and print its name (with --name, or a generated one); reach it with tsvmm console, info, stop')
-    .option('--api-socket <path>', 'serve the control socket (tsvmm ls, info, pause, resume, stop) at <path>; default with --name: $XDG_RUNTIME_DIR/tsvmm/<name>.sock')
+    .option(
+      '--api-socket <path>',
+      'serve the control socket (tsvmm ls, info, pause, resume, stop) at <path>; default with --name: $XDG_RUNTIME_DIR/tsvmm/<name>.sock',
+    )
     .action(async (opts: RunOptions, cmd: Command) => {
       await onRun(opts, (key) => cmd.getOptionValueSource(key));
     });

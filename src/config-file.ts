@@ -45,10 +45,21 @@ export const vmConfigSchema = z.strictObject({
   mergeable: z.boolean().optional(),
   emulationFallback: z.enum(['auto', 'on', 'off']).optional(),
   disks: z
-    .array(z.strictObject({ path: z.string().min(1), readonly: z.boolean().optional(), serial: z.string().max(20).optional(), transport: transport.optional() }))
+    .array(
+      z.strictObject({ path: z.string().min(1), readonly: z.boolean().optional(), serial: z.string().max(20).optional(), transport: transport.optional() }),
+    )
     .optional(),
   nets: z
-    .array(z.strictObject({ tap: z.string().min(1).max(15), mac: z.string().regex(/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i, 'a MAC address such as 52:54:00:12:34:56').optional(), transport: transport.optional() }))
+    .array(
+      z.strictObject({
+        tap: z.string().min(1).max(15),
+        mac: z
+          .string()
+          .regex(/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i, 'a MAC address such as 52:54:00:12:34:56')
+          .optional(),
+        transport: transport.optional(),
+      }),
+    )
     .optional(),
   transport: transport.optional(),
   acpi: z.boolean().optional(),
@@ -58,10 +69,17 @@ export const vmConfigSchema = z.strictObject({
   name: z.string().min(1).optional(),
   kvmDevice: z.string().min(1).optional(),
   profile: z
-    .strictObject({ path: z.string().min(1), systemMap: z.string().min(1).optional(), rateHz: z.int().min(1).max(MAX_PROFILE_RATE_HZ).optional(), format: z.enum(['text', 'json']).optional() })
+    .strictObject({
+      path: z.string().min(1),
+      systemMap: z.string().min(1).optional(),
+      rateHz: z.int().min(1).max(MAX_PROFILE_RATE_HZ).optional(),
+      format: z.enum(['text', 'json']).optional(),
+    })
     .optional(),
   coalescedIo: z.boolean().optional(),
-  sandbox: z.union([z.boolean(), z.strictObject({ allow: z.array(z.strictObject({ path: z.string().min(1), access: z.enum(['read', 'write']) })).optional() })]).optional(),
+  sandbox: z
+    .union([z.boolean(), z.strictObject({ allow: z.array(z.strictObject({ path: z.string().min(1), access: z.enum(['read', 'write']) })).optional() })])
+    .optional(),
 });
 
 /** A VmConfig read from JSON: every field of VmConfig that JSON can hold. */
@@ -81,7 +99,10 @@ export function parseVmConfig(value: unknown, source: string, baseDir?: string):
   if (!r.success) {
     const issue = r.error.issues[0]!;
     const field = fieldName(issue.path);
-    const what = issue.code === 'unrecognized_keys' ? `unknown field${issue.keys.length > 1 ? 's' : ''} ${issue.keys.map((k) => `"${field ? `${field}.` : ''}${k}"`).join(', ')}` : `"${field}": ${issue.message}`;
+    const what =
+      issue.code === 'unrecognized_keys'
+        ? `unknown field${issue.keys.length > 1 ? 's' : ''} ${issue.keys.map((k) => `"${field ? `${field}.` : ''}${k}"`).join(', ')}`
+        : `"${field}": ${issue.message}`;
     throw new ConfigFileError(`${source}: ${field === '' && issue.code !== 'unrecognized_keys' ? issue.message : what}`, field || undefined);
   }
   const c = r.data;
@@ -103,7 +124,11 @@ export function readVmConfigFile(path: string): FileVmConfig {
   try {
     text = readFileSync(path, 'utf8');
   } catch (err) {
-    throw new ConfigFileError(`cannot read the config file ${path} (${(err as NodeJS.ErrnoException).code}): give --config the path of a JSON file`, undefined, { cause: err });
+    throw new ConfigFileError(
+      `cannot read the config file ${path} (${(err as NodeJS.ErrnoException).code}): give --config the path of a JSON file`,
+      undefined,
+      { cause: err },
+    );
   }
   let value: unknown;
   try {
@@ -112,8 +137,9 @@ export function readVmConfigFile(path: string): FileVmConfig {
     throw new ConfigFileError(`${path} is not JSON (${(err as Error).message}): write the VM's configuration as one JSON object`, undefined, { cause: err });
   }
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    throw new ConfigFileError(`${path} must hold one JSON object (the VM's configuration), not ${Array.isArray(value) ? 'an array' : typeof value === 'object' ? 'null' : `a ${typeof value}`}`);
+    throw new ConfigFileError(
+      `${path} must hold one JSON object (the VM's configuration), not ${Array.isArray(value) ? 'an array' : typeof value === 'object' ? 'null' : `a ${typeof value}`}`,
+    );
   }
   return parseVmConfig(value, path, dirname(resolve(path)));
 }
-

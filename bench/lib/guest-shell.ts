@@ -82,7 +82,12 @@ export interface HostTimed extends Timed {
 export function runTimedOnHost(command: string, opts: { wrap?: string[]; timeoutMs?: number; allowFailure?: boolean } = {}): HostTimed {
   const argv = [...(opts.wrap ?? []), HOST_BUSYBOX, 'sh', '-c', timed(command)];
   const t0 = process.hrtime.bigint();
-  const out = execFileSync(argv[0]!, argv.slice(1), { encoding: 'latin1', stdio: ['ignore', 'pipe', 'pipe'], timeout: opts.timeoutMs ?? BOOT_TIMEOUT_MS, maxBuffer: 64 << 20 });
+  const out = execFileSync(argv[0]!, argv.slice(1), {
+    encoding: 'latin1',
+    stdio: ['ignore', 'pipe', 'pipe'],
+    timeout: opts.timeoutMs ?? BOOT_TIMEOUT_MS,
+    maxBuffer: 64 << 20,
+  });
   const wallS = Number(process.hrtime.bigint() - t0) / 1e9;
   const t = parseTimed(out);
   if (t.status !== 0 && !opts.allowFailure) throw new Error(`host command failed (status ${t.status}): ${command}\n${t.out.slice(-1500)}`);

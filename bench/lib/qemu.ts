@@ -30,7 +30,9 @@ export function checkQemu(): QemuCheck {
   if (cached) return cached;
   let version: string | null = null;
   try {
-    version = execFileSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 30_000 }).split('\n')[0]!.trim();
+    version = execFileSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 30_000 })
+      .split('\n')[0]!
+      .trim();
   } catch {
     version = null;
   }
@@ -45,7 +47,8 @@ export function checkQemu(): QemuCheck {
   else if (Array.isArray(emulationGaps) && emulationGaps.length > 0)
     skipped = `${version} is installed, but this KVM emulates guest kernel code (gaps: ${emulationGaps.join(', ')}) and QEMU has no fallback for instructions it cannot emulate: it cannot boot a stock kernel here (PLATFORM.md)`;
   else if (!Array.isArray(emulationGaps)) skipped = `${version} is installed, but KVM could not be probed (${emulationGaps.error})`;
-  else skipped = `${version} is installed and this host could run it, but the QEMU runs are not implemented in this benchmark yet (boot-vs-qemu compares boots)`;
+  else
+    skipped = `${version} is installed and this host could run it, but the QEMU runs are not implemented in this benchmark yet (boot-vs-qemu compares boots)`;
   cached = { version, emulationGaps, skipped };
   return cached;
 }

@@ -284,10 +284,7 @@ export interface RamRegion {
  */
 export function ramRegions(memSize: number): RamRegion[] {
   if (!Number.isSafeInteger(memSize) || memSize <= 0 || memSize % PAGE_SIZE !== 0) {
-    throw new LayoutError(
-      'INVALID_MEMORY_SIZE',
-      `guest memory size must be a positive multiple of ${PAGE_SIZE} bytes (got ${memSize})`,
-    );
+    throw new LayoutError('INVALID_MEMORY_SIZE', `guest memory size must be a positive multiple of ${PAGE_SIZE} bytes (got ${memSize})`);
   }
   const low = Math.min(memSize, MMIO_GAP_START);
   const regions: RamRegion[] = [{ guestAddr: 0, size: low }];

@@ -117,10 +117,7 @@ export class GuestMemory {
     return new DataView(s.buffer, s.byteOffset, length);
   }
 
-  private find(
-    addr: number | bigint,
-    length: number,
-  ): { region: MemoryRegion; offset: number } | undefined {
+  private find(addr: number | bigint, length: number): { region: MemoryRegion; offset: number } | undefined {
     if (!Number.isInteger(length) || length < 0) return undefined;
     let a: number;
     if (typeof addr === 'bigint') {

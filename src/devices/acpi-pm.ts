@@ -78,7 +78,6 @@ export const PM1_CONTROL = {
 /** The control bits that read back what was written. */
 const PM1_CONTROL_STORED = PM1_CONTROL.BM_RLD | PM1_CONTROL.SLP_TYP_MASK;
 
-
 export interface AcpiPmOptions {
   /** Called once, when the guest enters S5. */
   onPowerOff: () => void;

@@ -275,7 +275,7 @@ export class Cmos implements BusDevice {
 
   private encode(value: number): number {
     if (this.regB & RTC_B.BINARY) return value & 0xff;
-    return (((Math.floor(value / 10) % 10) << 4) | value % 10) & 0xff;
+    return (((Math.floor(value / 10) % 10) << 4) | (value % 10)) & 0xff;
   }
 
   private decode(raw: number): number {

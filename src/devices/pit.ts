@@ -136,7 +136,7 @@ class Channel {
 
   /** Modes 2 and 3 cannot divide by one (datasheet: a count of 1 is illegal there). */
   get period(): number {
-    return Math.max(this.runInitial , 2);
+    return Math.max(this.runInitial, 2);
   }
 
   count(now: bigint): number {
@@ -611,10 +611,7 @@ export class PortB implements BusDevice {
     // Real hardware toggles this every 15 us; flipping on each read keeps any
     // guest loop that waits for a toggle short, whatever the timing.
     this.refresh = !this.refresh;
-    data[0] =
-      this.control |
-      (this.refresh ? PORTB.REFRESH_TOGGLE : 0) |
-      (this.pit.output(PIT_CHANNEL2) ? PORTB.TIMER2_OUTPUT : 0);
+    data[0] = this.control | (this.refresh ? PORTB.REFRESH_TOGGLE : 0) | (this.pit.output(PIT_CHANNEL2) ? PORTB.TIMER2_OUTPUT : 0);
   }
 
   write(offset: number, data: Uint8Array): void {

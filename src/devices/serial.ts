@@ -418,8 +418,7 @@ export class Serial16550 implements BusDevice {
   }
 
   private readLsr(): number {
-    const value =
-      this.lsrErrors | (this.rxCount > 0 ? LSR.DATA_READY : 0) | LSR.THR_EMPTY | LSR.TRANSMITTER_EMPTY;
+    const value = this.lsrErrors | (this.rxCount > 0 ? LSR.DATA_READY : 0) | LSR.THR_EMPTY | LSR.TRANSMITTER_EMPTY;
     if (this.lsrErrors !== 0) {
       this.lsrErrors = 0;
       this.updateIrq();

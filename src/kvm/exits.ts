@@ -217,9 +217,7 @@ export function handleExit(exit: VcpuExit, ctx: ExitContext): ExitAction {
       if (exit.suberror === KVM_INTERNAL_ERROR_EMULATION && ctx.emulationFallback?.(exit)) return CONTINUE;
       const insn = exit.insn ? ` (instruction bytes ${Buffer.from(exit.insn).toString('hex')})` : '';
       const what =
-        exit.suberror === KVM_INTERNAL_ERROR_EMULATION
-          ? `KVM could not emulate a guest instruction${insn}`
-          : `KVM internal error, suberror ${exit.suberror}`;
+        exit.suberror === KVM_INTERNAL_ERROR_EMULATION ? `KVM could not emulate a guest instruction${insn}` : `KVM internal error, suberror ${exit.suberror}`;
       return { kind: 'stop', stop: { kind: 'error', message: what } };
     }
     case 'other':

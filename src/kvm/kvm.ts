@@ -51,11 +51,9 @@ export class Kvm {
       fd = addon.open(path);
     } catch (err) {
       if (isNativeError(err, 'ENOENT') || isNativeError(err, 'ENODEV') || isNativeError(err, 'ENXIO')) {
-        throw new KvmError(
-          'no-kvm',
-          `${path} not found: this host has no KVM; enable VT-x/AMD-V (or nested virtualization) and load kvm_intel or kvm_amd`,
-          { cause: err },
-        );
+        throw new KvmError('no-kvm', `${path} not found: this host has no KVM; enable VT-x/AMD-V (or nested virtualization) and load kvm_intel or kvm_amd`, {
+          cause: err,
+        });
       }
       if (isNativeError(err, 'EACCES') || isNativeError(err, 'EPERM')) {
         throw new KvmError(
@@ -118,11 +116,7 @@ export class VmFd {
    * Allocates host memory for each guest RAM region, registers each as a
    * KVM memory slot, and returns the guest memory view.
    */
-  static allocateRam(
-    vm: VmFd,
-    regions: ReadonlyArray<{ guestAddr: number; size: number }>,
-    options: { mergeable?: boolean } = {},
-  ): GuestMemoryInit {
+  static allocateRam(vm: VmFd, regions: ReadonlyArray<{ guestAddr: number; size: number }>, options: { mergeable?: boolean } = {}): GuestMemoryInit {
     const out: GuestMemoryInit = [];
     for (const r of regions) {
       const ab = vm.addon.allocGuestMemory(r.size, options.mergeable === true);

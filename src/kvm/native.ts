@@ -197,15 +197,7 @@ export interface NativeAddon {
    * KVM_SET_USER_MEMORY_REGION backed by `memory` (from allocGuestMemory)
    * at [offset, offset + size).
    */
-  setUserMemoryRegion(
-    vmFd: number,
-    slot: number,
-    flags: number,
-    guestAddr: number,
-    memory: ArrayBuffer,
-    offset: number,
-    size: number,
-  ): void;
+  setUserMemoryRegion(vmFd: number, slot: number, flags: number, guestAddr: number, memory: ArrayBuffer, offset: number, size: number): void;
   /** KVM_IOEVENTFD: `flags` as in struct kvm_ioeventfd; datamatch used when KVM_IOEVENTFD_FLAG_DATAMATCH is set. */
   ioeventfd(vmFd: number, addr: number, len: number, eventFd: number, flags: number, datamatch: number): void;
   /** KVM_IRQFD: `flags` 0 to assign, KVM_IRQFD_FLAG_DEASSIGN to remove. */
@@ -271,12 +263,7 @@ export interface NativeAddon {
    * the filter traps ends the process with a message (status 159).
    * Returns a handle for kickVcpu.
    */
-  startVcpu(
-    vcpuFd: number,
-    run: ArrayBuffer,
-    onReport: (report: VcpuReport, errno: number) => VcpuAction,
-    filter?: Buffer,
-  ): number;
+  startVcpu(vcpuFd: number, run: ArrayBuffer, onReport: (report: VcpuReport, errno: number) => VcpuAction, filter?: Buffer): number;
   /**
    * Runs the vCPU on the calling JavaScript thread instead of a thread of
    * its own: a libuv idle handle runs bursts of KVM_RUN there, calling
@@ -286,11 +273,7 @@ export interface NativeAddon {
    * immediate_exit and a signal that is blocked on this thread outside
    * KVM_RUN). Same reports and handle as startVcpu.
    */
-  startVcpuOnLoop(
-    vcpuFd: number,
-    run: ArrayBuffer,
-    onReport: (report: VcpuReport, errno: number) => VcpuAction,
-  ): number;
+  startVcpuOnLoop(vcpuFd: number, run: ArrayBuffer, onReport: (report: VcpuReport, errno: number) => VcpuAction): number;
   /**
    * Makes the vCPU thread leave KVM_RUN soon (immediate_exit plus a signal).
    * With `sample` true, the thread records the guest RIP into the sample
@@ -410,9 +393,5 @@ export function native(): NativeAddon {
 
 /** True when the error came from the addon with the given errno name. */
 export function isNativeError(err: unknown, code?: string): err is NativeError {
-  return (
-    err instanceof Error &&
-    typeof (err as NativeError).syscall === 'string' &&
-    (code === undefined || (err as NativeError).code === code)
-  );
+  return err instanceof Error && typeof (err as NativeError).syscall === 'string' && (code === undefined || (err as NativeError).code === code);
 }

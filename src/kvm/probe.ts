@@ -102,11 +102,20 @@ export function probeHostOnce(device?: string, log?: Logger): HostProbe {
 /** Real-mode code that does `out 0x511, al` `n` times (n < 2^32) and then `hlt`. */
 export function portWriteLoopCode(n: number): Uint8Array {
   return Uint8Array.from([
-    0x66, 0xb9, n & 0xff, (n >>> 8) & 0xff, (n >>> 16) & 0xff, (n >>> 24) & 0xff, // mov ecx, n
-    0xba, 0x11, 0x05, // mov dx, 0x511
+    0x66,
+    0xb9,
+    n & 0xff,
+    (n >>> 8) & 0xff,
+    (n >>> 16) & 0xff,
+    (n >>> 24) & 0xff, // mov ecx, n
+    0xba,
+    0x11,
+    0x05, // mov dx, 0x511
     0xee, // loop: out dx, al
-    0x66, 0x49, // dec ecx
-    0x75, 0xfb, // jnz loop
+    0x66,
+    0x49, // dec ecx
+    0x75,
+    0xfb, // jnz loop
     0xf4, // hlt
   ]);
 }

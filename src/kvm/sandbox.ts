@@ -136,7 +136,10 @@ export function sandboxRules(abi: number, opts: { outputs: readonly string[]; al
     try {
       isDir = statSync(r.path).isDirectory();
     } catch (err) {
-      throw new SandboxError(`cannot allow ${r.path} in the sandbox: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}; give a path that exists`, { cause: err });
+      throw new SandboxError(
+        `cannot allow ${r.path} in the sandbox: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}; give a path that exists`,
+        { cause: err },
+      );
     }
     if (!isDir) access &= FILE_RIGHTS;
     return { path: r.path, access };
@@ -172,7 +175,12 @@ export function confineProcess(addon: NativeAddon, opts: { outputs: readonly str
   }
   const abi = addon.landlockAbi();
   if (abi < 1) {
-    const reason = abi === -38 ? 'this kernel has no Landlock (ENOSYS)' : abi === -95 ? 'Landlock is built in but not enabled (add landlock to the lsm= boot parameter)' : `Landlock unavailable (errno ${-abi})`;
+    const reason =
+      abi === -38
+        ? 'this kernel has no Landlock (ENOSYS)'
+        : abi === -95
+          ? 'Landlock is built in but not enabled (add landlock to the lsm= boot parameter)'
+          : `Landlock unavailable (errno ${-abi})`;
     log.info({ reason }, 'sandbox: files not confined');
     return { confined: false, reason };
   }
@@ -187,7 +195,9 @@ export function confineProcess(addon: NativeAddon, opts: { outputs: readonly str
       rules.map((r) => [r.path, r.access]),
     );
   } catch (err) {
-    throw new SandboxError(`cannot confine the process with Landlock: ${(err as Error).message}; run with the sandbox off (sandbox: false) on this host`, { cause: err });
+    throw new SandboxError(`cannot confine the process with Landlock: ${(err as Error).message}; run with the sandbox off (sandbox: false) on this host`, {
+      cause: err,
+    });
   }
   const allowed = rules.map((r) => r.path);
   const unconfinedThreads = result.skipped;

@@ -5,15 +5,7 @@
  * building Linux.
  */
 
-import {
-  BOOT_FLAG_MAGIC,
-  HDR,
-  HDRS_MAGIC,
-  LOADFLAGS,
-  PROTOCOL_VERSION_2_15,
-  SETUP_HEADER_END_2_15,
-  XLF,
-} from '../arch/boot/bzimage.js';
+import { BOOT_FLAG_MAGIC, HDR, HDRS_MAGIC, LOADFLAGS, PROTOCOL_VERSION_2_15, SETUP_HEADER_END_2_15, XLF } from '../arch/boot/bzimage.js';
 
 export interface SyntheticSegment {
   paddr: number;

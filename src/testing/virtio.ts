@@ -7,12 +7,7 @@
 import { FakeIrqLine } from './fakes.js';
 import { GuestMemory } from '../base/memory.js';
 import type { VirtioDevice } from '../virtio/device.js';
-import {
-  STATUS_ACKNOWLEDGE,
-  STATUS_DRIVER,
-  STATUS_DRIVER_OK,
-  STATUS_FEATURES_OK,
-} from '../virtio/features.js';
+import { STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK } from '../virtio/features.js';
 import {
   MMIO_CONFIG,
   MMIO_DEVICE_FEATURES,
@@ -34,13 +29,7 @@ import {
   MMIO_STATUS,
   MmioTransport,
 } from '../virtio/mmio.js';
-import {
-  DESCRIPTOR_SIZE,
-  VIRTQ_DESC_F_INDIRECT,
-  VIRTQ_DESC_F_NEXT,
-  VIRTQ_DESC_F_WRITE,
-  type Queue,
-} from '../virtio/queue.js';
+import { DESCRIPTOR_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, type Queue } from '../virtio/queue.js';
 import type { Logger } from '../base/log.js';
 
 /** A bump allocator over a range of guest memory. */
@@ -141,17 +130,13 @@ export class FakeVirtqueue {
    * addresses. With `indirect`, the buffers go into an indirect table
    * referenced by a single ring descriptor.
    */
-  addChain(
-    buffers: readonly FakeBuffer[],
-    options: { indirect?: boolean; publish?: boolean } = {},
-  ): { head: number; addrs: number[] } {
+  addChain(buffers: readonly FakeBuffer[], options: { indirect?: boolean; publish?: boolean } = {}): { head: number; addrs: number[] } {
     const addrs = buffers.map((b) => {
       const addr = b.addr ?? this.allocator.alloc(Math.max(b.len, 1), 8);
       if (b.data) this.mem.write(addr, b.data);
       return addr;
     });
-    const flagsOf = (b: FakeBuffer, last: boolean): number =>
-      (b.writable ? VIRTQ_DESC_F_WRITE : 0) | (last ? 0 : VIRTQ_DESC_F_NEXT);
+    const flagsOf = (b: FakeBuffer, last: boolean): number => (b.writable ? VIRTQ_DESC_F_WRITE : 0) | (last ? 0 : VIRTQ_DESC_F_NEXT);
     let head: number;
     if (options.indirect) {
       const table = this.allocator.alloc(DESCRIPTOR_SIZE * buffers.length, 16);
@@ -344,10 +329,7 @@ export interface TestRig {
  * device to DRIVER_OK with `features` and one ring per device queue
  * (of `queueSize` entries). Throws if the device refuses the features.
  */
-export function startDevice(
-  device: VirtioDevice,
-  options: { features: bigint; queueSize?: number; memSize?: number; logger?: Logger },
-): TestRig {
+export function startDevice(device: VirtioDevice, options: { features: bigint; queueSize?: number; memSize?: number; logger?: Logger }): TestRig {
   const bytes = new Uint8Array(options.memSize ?? 4 << 20);
   const mem = GuestMemory.fromBuffer(bytes);
   const irq = new FakeIrqLine();

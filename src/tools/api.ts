@@ -68,7 +68,9 @@ export class ApiServer {
     const d = lstatSync(dir);
     const me = process.getuid?.();
     if (!d.isDirectory() || (me !== undefined && d.uid !== me) || (d.mode & 0o077) !== 0) {
-      throw new ApiSocketError(`${dir} must be a directory of this user's with mode 0700 (it is ${d.isSymbolicLink() ? 'a symbolic link' : `owned by uid ${d.uid}, mode ${(d.mode & 0o777).toString(8)}`}): remove it, or give --api-socket another path`);
+      throw new ApiSocketError(
+        `${dir} must be a directory of this user's with mode 0700 (it is ${d.isSymbolicLink() ? 'a symbolic link' : `owned by uid ${d.uid}, mode ${(d.mode & 0o777).toString(8)}`}): remove it, or give --api-socket another path`,
+      );
     }
     if (existsSync(path)) {
       if (!lstatSync(path).isSocket()) throw new ApiSocketError(`${path} exists and is not a socket: choose another --api-socket path`);
@@ -203,7 +205,8 @@ async function handle(vm: VirtualMachine, req: IncomingMessage, res: ServerRespo
         return send(res, 200, { state: vm.state, outcome: plain });
       }
       default:
-        if (['/vm', '/vm/stats', '/vm/pause', '/vm/resume', '/vm/stop'].includes(url.pathname)) return send(res, 405, { error: `${req.method} is not allowed on ${url.pathname}` });
+        if (['/vm', '/vm/stats', '/vm/pause', '/vm/resume', '/vm/stop'].includes(url.pathname))
+          return send(res, 405, { error: `${req.method} is not allowed on ${url.pathname}` });
         return send(res, 404, { error: `no such endpoint: ${url.pathname}` });
     }
   } catch (err) {

@@ -446,7 +446,9 @@ export class Profiler implements VmObserver {
       if (mapPath === undefined) {
         throw new ProfileError(
           'system-map-missing',
-          `no System.map next to the kernel ${kernel} (looked for ${systemMapCandidates(kernel).map((p) => basename(p)).join(', ')}): give the kernel's System.map as profile.systemMap`,
+          `no System.map next to the kernel ${kernel} (looked for ${systemMapCandidates(kernel)
+            .map((p) => basename(p))
+            .join(', ')}): give the kernel's System.map as profile.systemMap`,
         );
       }
     }
@@ -454,7 +456,11 @@ export class Profiler implements VmObserver {
     try {
       text = await readFile(mapPath, 'utf8');
     } catch (err) {
-      throw new ProfileError('system-map-unreadable', `cannot read System.map ${mapPath}: ${reasonOf(err)}; give the kernel's System.map as profile.systemMap`, { cause: err });
+      throw new ProfileError(
+        'system-map-unreadable',
+        `cannot read System.map ${mapPath}: ${reasonOf(err)}; give the kernel's System.map as profile.systemMap`,
+        { cause: err },
+      );
     }
     const symbols = SymbolTable.parseSystemMap(text);
     if (symbols.size === 0) {
@@ -471,7 +477,10 @@ export class Profiler implements VmObserver {
   /** Starts sampling. The vCPU threads must be running (a sample buffer belongs to a thread). */
   start(vcpus: readonly SampledVcpu[]): void {
     if (this.recorder) throw new Error('profiler already started');
-    this.recorder = new ProfileRecorder(this.symbols, vcpus.map((v) => v.id));
+    this.recorder = new ProfileRecorder(
+      this.symbols,
+      vcpus.map((v) => v.id),
+    );
     this.samplers = vcpus.map((vcpu) => {
       const ring = new BigUint64Array(RING_SLOTS + 1);
       vcpu.setSampleBuffer(ring);

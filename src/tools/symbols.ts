@@ -107,9 +107,7 @@ export class SymbolTable {
   static fromSymbols(symbols: ReadonlyArray<{ addr: bigint; name: string; text: boolean; rank?: number }>): SymbolTable {
     const raw = symbols.map((s, order) => ({ ...s, rank: s.rank ?? 0, order }));
     // At one address a function beats a marker, then the better-ranked name.
-    raw.sort((a, b) =>
-      a.addr < b.addr ? -1 : a.addr > b.addr ? 1 : Number(b.text) - Number(a.text) || a.rank - b.rank || a.order - b.order,
-    );
+    raw.sort((a, b) => (a.addr < b.addr ? -1 : a.addr > b.addr ? 1 : Number(b.text) - Number(a.text) || a.rank - b.rank || a.order - b.order));
     const addrs: bigint[] = [];
     const names: Array<string | undefined> = [];
     for (const s of raw) {

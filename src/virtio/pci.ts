@@ -228,12 +228,7 @@ export class VirtioPciTransport extends VirtioTransport implements PciDevice {
     this.addVirtioCapability(VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_COMMON_CFG_OFFSET, VIRTIO_PCI_COMMON_CFG_LENGTH);
     const multiplier = new Uint8Array(4);
     new DataView(multiplier.buffer).setUint32(0, VIRTIO_PCI_NOTIFY_OFF_MULTIPLIER, true);
-    this.addVirtioCapability(
-      VIRTIO_PCI_CAP_NOTIFY_CFG,
-      VIRTIO_PCI_NOTIFY_OFFSET,
-      Math.max(queueCount, 1) * VIRTIO_PCI_NOTIFY_OFF_MULTIPLIER,
-      multiplier,
-    );
+    this.addVirtioCapability(VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_NOTIFY_OFFSET, Math.max(queueCount, 1) * VIRTIO_PCI_NOTIFY_OFF_MULTIPLIER, multiplier);
     this.addVirtioCapability(VIRTIO_PCI_CAP_ISR_CFG, VIRTIO_PCI_ISR_OFFSET, 1);
     this.addVirtioCapability(VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_PCI_DEVICE_CFG_OFFSET, VIRTIO_PCI_DEVICE_CFG_LENGTH);
     this.pciCfgCapability = this.addVirtioCapability(VIRTIO_PCI_CAP_PCI_CFG, 0, 0, new Uint8Array(4), {
@@ -263,12 +258,42 @@ export class VirtioPciTransport extends VirtioTransport implements PciDevice {
 
     const msix = this.msix;
     this.regions = [
-      region(VIRTIO_PCI_COMMON_CFG_OFFSET, VIRTIO_PCI_COMMON_CFG_LENGTH, (o, d) => this.readCommon(o, d), (o, d) => this.writeCommon(o, d)),
-      region(VIRTIO_PCI_ISR_OFFSET, 1, (_o, d) => this.readIsr(d), () => this.core.badAccess('ISR status write')),
-      region(VIRTIO_PCI_DEVICE_CFG_OFFSET, VIRTIO_PCI_DEVICE_CFG_LENGTH, (o, d) => device.readConfig(o, d), (o, d) => device.writeConfig(o, d)),
-      region(VIRTIO_PCI_NOTIFY_OFFSET, VIRTIO_PCI_NOTIFY_LENGTH, (_o, d) => d.fill(0), (o) => this.writeNotify(o)),
-      region(VIRTIO_PCI_MSIX_TABLE_OFFSET, Msix.tableSize(vectors), (o, d) => msix.readTable(o, d), (o, d) => msix.writeTable(o, d)),
-      region(VIRTIO_PCI_MSIX_PBA_OFFSET, Msix.pbaSize(vectors), (o, d) => msix.readPba(o, d), (o, d) => msix.writePba(o, d)),
+      region(
+        VIRTIO_PCI_COMMON_CFG_OFFSET,
+        VIRTIO_PCI_COMMON_CFG_LENGTH,
+        (o, d) => this.readCommon(o, d),
+        (o, d) => this.writeCommon(o, d),
+      ),
+      region(
+        VIRTIO_PCI_ISR_OFFSET,
+        1,
+        (_o, d) => this.readIsr(d),
+        () => this.core.badAccess('ISR status write'),
+      ),
+      region(
+        VIRTIO_PCI_DEVICE_CFG_OFFSET,
+        VIRTIO_PCI_DEVICE_CFG_LENGTH,
+        (o, d) => device.readConfig(o, d),
+        (o, d) => device.writeConfig(o, d),
+      ),
+      region(
+        VIRTIO_PCI_NOTIFY_OFFSET,
+        VIRTIO_PCI_NOTIFY_LENGTH,
+        (_o, d) => d.fill(0),
+        (o) => this.writeNotify(o),
+      ),
+      region(
+        VIRTIO_PCI_MSIX_TABLE_OFFSET,
+        Msix.tableSize(vectors),
+        (o, d) => msix.readTable(o, d),
+        (o, d) => msix.writeTable(o, d),
+      ),
+      region(
+        VIRTIO_PCI_MSIX_PBA_OFFSET,
+        Msix.pbaSize(vectors),
+        (o, d) => msix.readPba(o, d),
+        (o, d) => msix.writePba(o, d),
+      ),
     ];
     const bar: BusDevice = { read: (o, d) => this.readBar(o, d), write: (o, d) => this.writeBar(o, d) };
     this.bars = [{ index: VIRTIO_PCI_BAR, size: VIRTIO_PCI_BAR_SIZE, kind: 'mem64', device: bar }];
@@ -519,8 +544,7 @@ export class VirtioPciTransport extends VirtioTransport implements PciDevice {
     const bar = this.config.getU8(cap + VIRTIO_PCI_CAP_BAR);
     const offset = this.config.getU32(cap + VIRTIO_PCI_CAP_OFFSET);
     const length = this.config.getU32(cap + VIRTIO_PCI_CAP_LENGTH);
-    const valid =
-      bar === VIRTIO_PCI_BAR && (length === 1 || length === 2 || length === 4) && offset % length === 0 && offset + length <= VIRTIO_PCI_BAR_SIZE;
+    const valid = bar === VIRTIO_PCI_BAR && (length === 1 || length === 2 || length === 4) && offset % length === 0 && offset + length <= VIRTIO_PCI_BAR_SIZE;
     if (!valid) {
       // lspci -xxx reads the whole space: an unset window is not a fault.
       if (length !== 0) this.core.badAccess(`PCI cfg access window BAR ${bar} 0x${offset.toString(16)}+${length}`);

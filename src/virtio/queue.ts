@@ -295,10 +295,7 @@ abstract class ChainCursor {
 
   private need(n: number): void {
     if (!Number.isInteger(n) || n < 0 || n > this.remaining) {
-      throw new QueueError(
-        'chain-too-short',
-        `chain has ${this.remaining} device-${this.direction} bytes left, ${n} needed`,
-      );
+      throw new QueueError('chain-too-short', `chain has ${this.remaining} device-${this.direction} bytes left, ${n} needed`);
     }
   }
 
@@ -498,10 +495,7 @@ export class Queue {
     const availIdx = this.availIndex(mem);
     const pending = (availIdx - this.nextAvailIdx) & 0xffff;
     if (pending > this.size) {
-      throw new QueueError(
-        'avail-index-jump',
-        `avail.idx ${availIdx} is ${pending} entries past the device's ${this.nextAvailIdx} (queue size ${this.size})`,
-      );
+      throw new QueueError('avail-index-jump', `avail.idx ${availIdx} is ${pending} entries past the device's ${this.nextAvailIdx} (queue size ${this.size})`);
     }
     return pending;
   }
@@ -523,10 +517,7 @@ export class Queue {
     const head = this.ringRead(() => mem.readU16(this.availRing + 4 + 2 * slot));
     this.nextAvailIdx = (this.nextAvailIdx + 1) & 0xffff;
     if (head < this.size && this.inUse[head]) {
-      throw new QueueError(
-        'head-in-use',
-        `head descriptor ${head} made available again before the device used it (${this.inUseCount} chains in use)`,
-      );
+      throw new QueueError('head-in-use', `head descriptor ${head} made available again before the device used it (${this.inUseCount} chains in use)`);
     }
     const chain = new DescriptorChain(head, this.walk(mem, head));
     this.inUse[head] = 1;
@@ -634,10 +625,7 @@ export class Queue {
     let index = head;
     for (let hops = 1; ; hops++) {
       if (hops > size) {
-        throw new QueueError(
-          'chain-too-long',
-          `chain from head ${head} is longer than the queue size ${size} (a loop?)`,
-        );
+        throw new QueueError('chain-too-long', `chain from head ${head} is longer than the queue size ${size} (a loop?)`);
       }
       const d = this.readDescriptor(mem, this.descTable, index, 'descriptor table');
       if (d.flags & VIRTQ_DESC_F_INDIRECT) {
@@ -649,44 +637,24 @@ export class Queue {
       if (!(d.flags & VIRTQ_DESC_F_NEXT)) return out;
       index = d.next;
       if (index >= size) {
-        throw new QueueError(
-          'descriptor-index-out-of-range',
-          `descriptor ${index} (chain from head ${head}) >= queue size ${size}`,
-        );
+        throw new QueueError('descriptor-index-out-of-range', `descriptor ${index} (chain from head ${head}) >= queue size ${size}`);
       }
     }
   }
 
-  private walkIndirect(
-    mem: GuestMemory,
-    head: number,
-    tableAddr: bigint,
-    tableLen: number,
-    flags: number,
-    out: Descriptor[],
-    room: number,
-  ): void {
+  private walkIndirect(mem: GuestMemory, head: number, tableAddr: bigint, tableLen: number, flags: number, out: Descriptor[], room: number): void {
     if (!this.indirect) {
-      throw new QueueError(
-        'indirect-not-negotiated',
-        `chain from head ${head} uses an indirect table, VIRTIO_F_INDIRECT_DESC not negotiated`,
-      );
+      throw new QueueError('indirect-not-negotiated', `chain from head ${head} uses an indirect table, VIRTIO_F_INDIRECT_DESC not negotiated`);
     }
     if (flags & VIRTQ_DESC_F_NEXT) {
       throw new QueueError('indirect-with-next', `indirect descriptor in chain from head ${head} also has NEXT`);
     }
     if (tableLen === 0 || tableLen % DESCRIPTOR_SIZE !== 0) {
-      throw new QueueError(
-        'indirect-table-bad-length',
-        `indirect table of ${tableLen} bytes (chain from head ${head}) is not a non-zero multiple of 16`,
-      );
+      throw new QueueError('indirect-table-bad-length', `indirect table of ${tableLen} bytes (chain from head ${head}) is not a non-zero multiple of 16`);
     }
     const addr = toAddress(tableAddr);
     if (addr === undefined || !mem.checkRange(addr, tableLen)) {
-      throw new QueueError(
-        'ring-out-of-range',
-        `indirect table at 0x${tableAddr.toString(16)} (${tableLen} bytes) is outside guest memory`,
-      );
+      throw new QueueError('ring-out-of-range', `indirect table at 0x${tableAddr.toString(16)} (${tableLen} bytes) is outside guest memory`);
     }
     const count = tableLen / DESCRIPTOR_SIZE;
     // 2.7.5.3.1: no chain longer than the queue size, indirect or not. This
@@ -701,36 +669,22 @@ export class Queue {
     let index = 0;
     for (let hops = 1; ; hops++) {
       if (hops > count) {
-        throw new QueueError(
-          'chain-too-long',
-          `indirect chain from head ${head} is longer than its table (${count} entries; a loop?)`,
-        );
+        throw new QueueError('chain-too-long', `indirect chain from head ${head} is longer than its table (${count} entries; a loop?)`);
       }
       const d = this.readDescriptor(mem, addr, index, 'indirect table');
       if (d.flags & VIRTQ_DESC_F_INDIRECT) {
-        throw new QueueError(
-          'nested-indirect',
-          `indirect table of chain from head ${head} contains another indirect descriptor`,
-        );
+        throw new QueueError('nested-indirect', `indirect table of chain from head ${head} contains another indirect descriptor`);
       }
       out.push(this.checkedBuffer(mem, d.addr, d.len, d.flags));
       if (!(d.flags & VIRTQ_DESC_F_NEXT)) return;
       index = d.next;
       if (index >= count) {
-        throw new QueueError(
-          'descriptor-index-out-of-range',
-          `indirect descriptor ${index} >= table length ${count} (chain from head ${head})`,
-        );
+        throw new QueueError('descriptor-index-out-of-range', `indirect descriptor ${index} >= table length ${count} (chain from head ${head})`);
       }
     }
   }
 
-  private readDescriptor(
-    mem: GuestMemory,
-    table: number,
-    index: number,
-    what: string,
-  ): { addr: bigint; len: number; flags: number; next: number } {
+  private readDescriptor(mem: GuestMemory, table: number, index: number, what: string): { addr: bigint; len: number; flags: number; next: number } {
     const at = table + DESCRIPTOR_SIZE * index;
     try {
       return {
@@ -741,10 +695,7 @@ export class Queue {
       };
     } catch (err) {
       if (err instanceof GuestMemoryError) {
-        throw new QueueError(
-          'ring-out-of-range',
-          `${what} entry ${index} at 0x${at.toString(16)} is outside guest memory`, { cause: err },
-        );
+        throw new QueueError('ring-out-of-range', `${what} entry ${index} at 0x${at.toString(16)} is outside guest memory`, { cause: err });
       }
       throw err;
     }
@@ -754,10 +705,7 @@ export class Queue {
     const addr = toAddress(rawAddr);
     // A zero-length buffer is never accessed; only its address is junk.
     if (addr === undefined || (len > 0 && !mem.checkRange(addr, len))) {
-      throw new QueueError(
-        'buffer-out-of-range',
-        `buffer of ${len} bytes at 0x${rawAddr.toString(16)} is outside guest memory`,
-      );
+      throw new QueueError('buffer-out-of-range', `buffer of ${len} bytes at 0x${rawAddr.toString(16)} is outside guest memory`);
     }
     return { addr, len, writable: (flags & VIRTQ_DESC_F_WRITE) !== 0 };
   }

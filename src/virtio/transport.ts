@@ -23,8 +23,7 @@ import {
 import { Queue } from './queue.js';
 
 /** Status bits the driver may set; DEVICE_NEEDS_RESET belongs to the device. */
-const DRIVER_STATUS_BITS =
-  STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED;
+const DRIVER_STATUS_BITS = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED;
 
 const U32 = 0x1_0000_0000;
 
@@ -84,10 +83,7 @@ export type AddressHalf = 'low' | 'high';
  * 64-bit address in a low register and, 4 bytes above it, a high one;
  * `lowOffsets` gives the low register of each area.
  */
-export function queueAddressAt(
-  offset: number,
-  lowOffsets: Readonly<Record<QueueArea, number>>,
-): { area: QueueArea; half: AddressHalf } | undefined {
+export function queueAddressAt(offset: number, lowOffsets: Readonly<Record<QueueArea, number>>): { area: QueueArea; half: AddressHalf } | undefined {
   for (const area of Object.keys(lowOffsets) as QueueArea[]) {
     if (offset === lowOffsets[area]) return { area, half: 'low' };
     if (offset === lowOffsets[area] + 4) return { area, half: 'high' };

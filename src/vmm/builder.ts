@@ -468,4 +468,3 @@ class KvmIrqLine implements IrqLine {
     this.vm.irqLine(this.gsi, false);
   }
 }
-

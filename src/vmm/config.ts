@@ -191,9 +191,12 @@ export async function readInput(what: 'kernel' | 'initrd', input: string | Uint8
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     const kind = what === 'kernel' ? 'kernel-unreadable' : 'initrd-unreadable';
-    const reason =
-      code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : code === 'EISDIR' ? 'is a directory' : (err as Error).message;
-    throw new VmConfigError(kind, `cannot read ${what} ${input}: ${reason}; give the path of a readable ${what === 'kernel' ? 'bzImage or vmlinux' : 'initramfs'}`, { cause: err });
+    const reason = code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : code === 'EISDIR' ? 'is a directory' : (err as Error).message;
+    throw new VmConfigError(
+      kind,
+      `cannot read ${what} ${input}: ${reason}; give the path of a readable ${what === 'kernel' ? 'bzImage or vmlinux' : 'initramfs'}`,
+      { cause: err },
+    );
   }
 }
 
@@ -207,8 +210,13 @@ export interface ValidatedConfig {
 /** Checks the fields the builder needs as numbers and kinds; throws a {@link VmConfigError}. */
 export function validateConfig(config: MachineConfig): ValidatedConfig {
   const memSize = parseMemorySize(config.memory ?? DEFAULT_MEMORY);
-  if (memSize < MIN_MEMORY) throw new VmConfigError('bad-memory', `guest memory ${memSize >> 20} MiB is too small: give at least ${MIN_MEMORY >> 20} MiB (a distribution kernel wants 128 MiB or more)`);
-  if (memSize > MAX_MEMORY) throw new VmConfigError('bad-memory', `guest memory ${memSize >> 20} MiB is more than tsvmm supports (${MAX_MEMORY / 2 ** 30} GiB)`);
+  if (memSize < MIN_MEMORY)
+    throw new VmConfigError(
+      'bad-memory',
+      `guest memory ${memSize >> 20} MiB is too small: give at least ${MIN_MEMORY >> 20} MiB (a distribution kernel wants 128 MiB or more)`,
+    );
+  if (memSize > MAX_MEMORY)
+    throw new VmConfigError('bad-memory', `guest memory ${memSize >> 20} MiB is more than tsvmm supports (${MAX_MEMORY / 2 ** 30} GiB)`);
   const cpus = config.cpus ?? 1;
   if (!Number.isInteger(cpus) || cpus < 1 || cpus > MAX_CPUS) throw new VmConfigError('bad-cpus', `cpus must be 1 to ${MAX_CPUS} (got ${cpus})`);
   if (config.exitPath !== undefined && config.exitPath !== 'thread' && config.exitPath !== 'loop') {

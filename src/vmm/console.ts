@@ -237,7 +237,13 @@ export class ConsoleStream extends Duplex {
         done();
         const tail = this.tail();
         reject(
-          new ConsoleWaitError(code, `${why} waiting for ${shown} on the guest console; its last lines:\n${tail}`, shown, tail, cause === undefined ? undefined : { cause }),
+          new ConsoleWaitError(
+            code,
+            `${why} waiting for ${shown} on the guest console; its last lines:\n${tail}`,
+            shown,
+            tail,
+            cause === undefined ? undefined : { cause },
+          ),
         );
       };
       // Output already searched is searched again only near its end: a

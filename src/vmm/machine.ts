@@ -41,7 +41,6 @@ export class VmStateError extends TsvmmError {
   }
 }
 
-
 /** Counters for a whole VM; the library exposes them through {@link VirtualMachine.stats}. */
 export interface VmStats {
   exits: Record<string, number>;
@@ -59,7 +58,6 @@ export interface VmStats {
   /** Where the time before the first guest instruction went. */
   startup: StartupTimes;
 }
-
 
 export interface VirtualMachineEvents {
   exit: [VmOutcome];
@@ -467,4 +465,3 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     this.resolveDone(result);
   }
 }
-

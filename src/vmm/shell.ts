@@ -32,7 +32,7 @@ let calls = 0;
 /** Types `command` into the shell on `console` and resolves with its output and exit status. */
 export async function runOnConsole(console: ConsoleStream, command: string, options: RunOptions = {}): Promise<RunResult> {
   if (/[\r\n]/.test(command)) throw new TypeError('vm.run: the command must be one line (join commands with ; or &&)');
-  if (/&\s*$/.test(command)) throw new TypeError('vm.run: the command must not end with & (its status would be the background job\'s start)');
+  if (/&\s*$/.test(command)) throw new TypeError("vm.run: the command must not end with & (its status would be the background job's start)");
   const tag = `${(++calls).toString(36)}${randomBytes(4).toString('hex')}`;
   const begin = `__tsvmm_begin_${tag}`;
   const end = `__tsvmm_end_${tag}`;
@@ -46,13 +46,21 @@ export async function runOnConsole(console: ConsoleStream, command: string, opti
     const ended = await console.waitFor(new RegExp(`${end} (\\d+)\\r?\\n`), { from: started.end, timeout: left(), signal: options.signal });
     const text = console.text(started.end);
     if (console.outputLength - text.length > started.end) {
-      throw new RangeError(`vm.run: ${JSON.stringify(command)} printed more than the console keeps (${CONSOLE_TRANSCRIPT_LIMIT} bytes); redirect its output to a file in the guest`);
+      throw new RangeError(
+        `vm.run: ${JSON.stringify(command)} printed more than the console keeps (${CONSOLE_TRANSCRIPT_LIMIT} bytes); redirect its output to a file in the guest`,
+      );
     }
     const output = text.slice(0, ended.index - started.end).replace(/\r/g, '');
     return { output, status: Number(ended.groups[1]) };
   } catch (err) {
     if (err instanceof ConsoleWaitError) {
-      throw new ConsoleWaitError(err.code, err.message.replace(/waiting for .* on the guest console/, `running ${JSON.stringify(command)} on the guest shell`), err.pattern, err.tail, { cause: err.cause });
+      throw new ConsoleWaitError(
+        err.code,
+        err.message.replace(/waiting for .* on the guest console/, `running ${JSON.stringify(command)} on the guest shell`),
+        err.pattern,
+        err.tail,
+        { cause: err.cause },
+      );
     }
     throw err;
   }

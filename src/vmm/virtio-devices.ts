@@ -216,14 +216,7 @@ export class VirtioDevices {
     return mgr;
   }
 
-  private attachMmio(
-    opts: VirtioDevicesOptions,
-    device: AnyDevice,
-    name: string,
-    logger: Logger,
-    useIrqfd: boolean,
-    useIoeventfd: boolean,
-  ): MmioTransport {
+  private attachMmio(opts: VirtioDevicesOptions, device: AnyDevice, name: string, logger: Logger, useIrqfd: boolean, useIoeventfd: boolean): MmioTransport {
     const slot = virtioMmioSlot(this.mmioSlots.length);
     const transport = opts.mmio.add({ name: `virtio-${name}`, base: slot.base, size: slot.size, gsi: slot.irq }, (plain) => {
       let irq: IrqLine = plain!;
@@ -245,13 +238,7 @@ export class VirtioDevices {
     return transport;
   }
 
-  private attachPci(
-    opts: VirtioDevicesOptions,
-    device: AnyDevice,
-    logger: Logger,
-    routing: GsiRouting | undefined,
-    useIoeventfd: boolean,
-  ): VirtioPciTransport {
+  private attachPci(opts: VirtioDevicesOptions, device: AnyDevice, logger: Logger, routing: GsiRouting | undefined, useIoeventfd: boolean): VirtioPciTransport {
     // The slot decides the INTx line; a device takes the next free slot.
     const slot = opts.pci.nextSlot;
     const intx = opts.pci.intx(slot);
@@ -262,7 +249,9 @@ export class VirtioDevices {
       interruptLine: intx.gsi,
       logger,
     });
-    opts.pci.add(transport, { slot, wire: () => {
+    opts.pci.add(transport, {
+      slot,
+      wire: () => {
         if (useIoeventfd) this.wireDoorbells(opts, transport, device, logger);
       },
     });
@@ -284,7 +273,6 @@ export class VirtioDevices {
       }
     });
   }
-
 
   /** An eventfd for queue `queue`'s doorbell, watched on the event loop: each signal notifies the queue. */
   private doorbell(queue: number, transport: VirtioTransport): number {

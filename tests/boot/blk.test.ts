@@ -33,7 +33,10 @@ describe.skipIf(noKvm !== undefined)(`virtio-blk${noKvm ? ` (skipped: ${noKvm})`
         kernel: fx.bzImage,
         initrd: fx.initramfs,
         cmdline: testCmdline(),
-        disks: [{ path: data, serial: 'tsvmm-data' }, { path: ro, readonly: true }],
+        disks: [
+          { path: data, serial: 'tsvmm-data' },
+          { path: ro, readonly: true },
+        ],
       });
       await guest.waitFor(/TSVMM-INIT-OK/);
       await guest.waitFor(PROMPT);
@@ -49,9 +52,7 @@ describe.skipIf(noKvm !== undefined)(`virtio-blk${noKvm ? ` (skipped: ${noKvm})`
       const sum = await guest.run('md5sum /mnt/a/random.bin');
       expect(sum.output).toContain(md5(random));
 
-      const write = await guest.run(
-        'dd if=/dev/urandom of=/mnt/a/new.bin bs=4096 count=100 2>/dev/null && md5sum /mnt/a/new.bin && sync',
-      );
+      const write = await guest.run('dd if=/dev/urandom of=/mnt/a/new.bin bs=4096 count=100 2>/dev/null && md5sum /mnt/a/new.bin && sync');
       expect(write.status).toBe(0);
       const guestSum = /([0-9a-f]{32})/.exec(write.output)?.[1];
       expect(guestSum).toBeDefined();

@@ -17,12 +17,18 @@ describe.skipIf(noKvm !== undefined)(`classic bzImage boot${noKvm ? ` (skipped: 
       const fx = fixtures();
       const r = await runCli([
         'run',
-        '--kernel', fx.bzImage,
-        '--initrd', fx.initramfs,
-        '--memory', '128M',
-        '--boot-mode', 'guest',
-        '--log-level', 'info',
-        '--cmdline', testCmdline('tsvmm.mode=reboot'),
+        '--kernel',
+        fx.bzImage,
+        '--initrd',
+        fx.initramfs,
+        '--memory',
+        '128M',
+        '--boot-mode',
+        'guest',
+        '--log-level',
+        'info',
+        '--cmdline',
+        testCmdline('tsvmm.mode=reboot'),
       ]);
       expect(r.stderr).toContain('"kind":"bzimage-guest"');
       expect(r.stdout).toContain('TSVMM-INIT-OK');

@@ -25,13 +25,19 @@ describe.skipIf(noKvm !== undefined)(`virtio console${noKvm ? ` (skipped: ${noKv
       const r = await runCli(
         [
           'run',
-          '--kernel', fx.bzImage,
-          '--initrd', fx.initramfs,
-          '--memory', '128M',
-          '--console', 'virtio',
-          '--transport', transport,
+          '--kernel',
+          fx.bzImage,
+          '--initrd',
+          fx.initramfs,
+          '--memory',
+          '128M',
+          '--console',
+          'virtio',
+          '--transport',
+          transport,
           '--stats',
-          '--cmdline', testCmdline('tsvmm.mode=shell').replace('console=ttyS0', 'console=hvc0'),
+          '--cmdline',
+          testCmdline('tsvmm.mode=shell').replace('console=ttyS0', 'console=hvc0'),
         ],
         {
           drive: (child, out) => {

@@ -56,13 +56,7 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
     'boots an ELF vmlinux from the CLI; poweroff -f ends it with exit code 0',
     retryEmulatorFault(async () => {
       const fx = fixtures();
-      const r = await runCli([
-        'run',
-        '--kernel', fx.vmlinux,
-        '--initrd', fx.initramfs,
-        '--memory', '128M',
-        '--cmdline', testCmdline('tsvmm.mode=poweroff'),
-      ]);
+      const r = await runCli(['run', '--kernel', fx.vmlinux, '--initrd', fx.initramfs, '--memory', '128M', '--cmdline', testCmdline('tsvmm.mode=poweroff')]);
       expect(r.stdout).toContain('TSVMM-INIT-OK');
       expect(r.stdout).toMatch(/reboot: (System halted|Power down)/);
       expect(r.code).toBe(0);
@@ -78,11 +72,16 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
       const fx = fixtures();
       const r = await runCli([
         'run',
-        '--kernel', fx.bzImageXz,
-        '--initrd', fx.initramfs,
-        '--memory', '128M',
-        '--boot-mode', 'host',
-        '--cmdline', testCmdline('tsvmm.mode=panic'),
+        '--kernel',
+        fx.bzImageXz,
+        '--initrd',
+        fx.initramfs,
+        '--memory',
+        '128M',
+        '--boot-mode',
+        'host',
+        '--cmdline',
+        testCmdline('tsvmm.mode=panic'),
       ]);
       expect(r.stdout).toContain('TSVMM-PANIC-NOW');
       expect(r.stdout).toContain('Kernel panic - not syncing');

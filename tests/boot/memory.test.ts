@@ -37,19 +37,23 @@ describe.skipIf(noKvm !== undefined)(`guest RAM and KSM${noKvm ? ` (skipped: ${n
   it.each([
     ['is not mergeable by default', undefined, false],
     ['is mergeable when the VM asks for it', true, true],
-  ])('guest RAM %s', async (_name, mergeable, expected) => {
-    const vm = await createVm({ kernel, memory: `${MEMORY_KIB / 1024}M`, ...(mergeable ? { mergeable } : {}) });
-    try {
-      if (expected) {
-        // Its own mapping: a mergeable VMA does not merge with its neighbours.
-        expect(flagsOfMappings(MEMORY_KIB).some((flags) => flags.includes('mg'))).toBe(true);
-      } else {
-        // Nothing in the process is mergeable (a plain anonymous mapping may merge with its neighbours, so no size to look for).
-        expect(flagsOfMappings(-1).some((flags) => flags.includes('mg'))).toBe(false);
+  ])(
+    'guest RAM %s',
+    async (_name, mergeable, expected) => {
+      const vm = await createVm({ kernel, memory: `${MEMORY_KIB / 1024}M`, ...(mergeable ? { mergeable } : {}) });
+      try {
+        if (expected) {
+          // Its own mapping: a mergeable VMA does not merge with its neighbours.
+          expect(flagsOfMappings(MEMORY_KIB).some((flags) => flags.includes('mg'))).toBe(true);
+        } else {
+          // Nothing in the process is mergeable (a plain anonymous mapping may merge with its neighbours, so no size to look for).
+          expect(flagsOfMappings(-1).some((flags) => flags.includes('mg'))).toBe(false);
+        }
+      } finally {
+        vm.start();
+        await vm.stop('test over');
       }
-    } finally {
-      vm.start();
-      await vm.stop('test over');
-    }
-  }, 60_000);
+    },
+    60_000,
+  );
 });

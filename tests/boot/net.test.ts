@@ -106,7 +106,14 @@ describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (
   const kernels = [
     { name: 'the test kernel', memory: '128M', marker: /TSVMM-INIT-OK/, pick: (fx: Fixtures) => ({ kernel: fx.bzImage, initrd: fx.initramfs }) },
     ...(hardwareVirtUnavailable() === undefined
-      ? [{ name: "Debian's kernel", memory: '512M', marker: /TSVMM-DISTRO-INIT-OK/, pick: (fx: Fixtures) => ({ kernel: fx.distroKernel, initrd: fx.distroInitramfs }) }]
+      ? [
+          {
+            name: "Debian's kernel",
+            memory: '512M',
+            marker: /TSVMM-DISTRO-INIT-OK/,
+            pick: (fx: Fixtures) => ({ kernel: fx.distroKernel, initrd: fx.distroInitramfs }),
+          },
+        ]
       : []),
   ];
 
@@ -121,34 +128,31 @@ describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (
       const sink = await startSink();
       let upResult = '';
       let guestUpSum = '';
-      const r = await runCli(
-        ['run', '--kernel', kernel, '--initrd', initrd, '--memory', memory, '--net', 'tap=tap0', '--stats', '--cmdline', testCmdline()],
-        {
-          wrap: ['ip', 'netns', 'exec', NS],
-          drive: (child, out) => {
-            const type = (line: string) => child.stdin.write(`${line}\n`);
-            void (async () => {
-              await until(out, marker);
-              await until(out, PROMPT);
-              type(`ip addr add ${GUEST_IP}/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address && ping -c 3 ${HOST_IP}; echo "@@PI""NG $?"`);
-              await until(out, /@@PING \d/);
-              type(`dd if=/dev/urandom of=/tmp/up bs=64k count=${size >> 16} 2>/dev/null; md5sum /tmp/up; nc ${HOST_IP} ${UP_PORT} < /tmp/up; echo "@@U""P $?"`);
-              await until(out, /@@UP \d/);
-              guestUpSum = /([0-9a-f]{32})\s+\/tmp\/up/.exec(out())?.[1] ?? '';
-              upResult = await sink.result;
-              type(`nc -l -p ${DOWN_PORT} > /tmp/down & sleep 1; echo "@@LI""STEN"`);
-              await until(out, /@@LISTEN/);
-              await sendToGuest(down);
-              type(`wait; md5sum /tmp/down; echo "@@DO""WN $?"`);
-              await until(out, /@@DOWN \d/);
-              type('reboot -f');
-            })().catch((err: Error) => {
-              process.stderr.write(`net test driver: ${err.message}\n`);
-              child.kill('SIGTERM');
-            });
-          },
+      const r = await runCli(['run', '--kernel', kernel, '--initrd', initrd, '--memory', memory, '--net', 'tap=tap0', '--stats', '--cmdline', testCmdline()], {
+        wrap: ['ip', 'netns', 'exec', NS],
+        drive: (child, out) => {
+          const type = (line: string) => child.stdin.write(`${line}\n`);
+          void (async () => {
+            await until(out, marker);
+            await until(out, PROMPT);
+            type(`ip addr add ${GUEST_IP}/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address && ping -c 3 ${HOST_IP}; echo "@@PI""NG $?"`);
+            await until(out, /@@PING \d/);
+            type(`dd if=/dev/urandom of=/tmp/up bs=64k count=${size >> 16} 2>/dev/null; md5sum /tmp/up; nc ${HOST_IP} ${UP_PORT} < /tmp/up; echo "@@U""P $?"`);
+            await until(out, /@@UP \d/);
+            guestUpSum = /([0-9a-f]{32})\s+\/tmp\/up/.exec(out())?.[1] ?? '';
+            upResult = await sink.result;
+            type(`nc -l -p ${DOWN_PORT} > /tmp/down & sleep 1; echo "@@LI""STEN"`);
+            await until(out, /@@LISTEN/);
+            await sendToGuest(down);
+            type(`wait; md5sum /tmp/down; echo "@@DO""WN $?"`);
+            await until(out, /@@DOWN \d/);
+            type('reboot -f');
+          })().catch((err: Error) => {
+            process.stderr.write(`net test driver: ${err.message}\n`);
+            child.kill('SIGTERM');
+          });
         },
-      );
+      });
       expect(r.stdout).toMatch(/@@PING 0/);
       expect(r.stdout).toMatch(/3 packets transmitted, 3 packets received/);
       // A stable, locally administered MAC derived from the VM and TAP names.

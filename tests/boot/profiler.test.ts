@@ -19,9 +19,13 @@ describe('tsvmm run --profile: bad input', () => {
   it('refuses an unreadable System.map before the guest runs', async () => {
     const kernel = join(dir.path, 'vmlinux-dummy');
     writeFileSync(kernel, 'not run');
-    const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir.path, 'p.txt'), '--system-map', join(dir.path, 'missing.map')], { timeoutMs: 60_000 });
+    const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir.path, 'p.txt'), '--system-map', join(dir.path, 'missing.map')], {
+      timeoutMs: 60_000,
+    });
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/cannot read System\.map .*missing\.map: no such file; give the kernel's System\.map as profile\.systemMap \(--system-map <path>\)/);
+    expect(oneLine(r.stderr)).toMatch(
+      /cannot read System\.map .*missing\.map: no such file; give the kernel's System\.map as profile\.systemMap \(--system-map <path>\)/,
+    );
     expect(r.stdout).toBe('');
     expect(existsSync(join(dir.path, 'p.txt'))).toBe(false);
   });
@@ -31,7 +35,9 @@ describe('tsvmm run --profile: bad input', () => {
     writeFileSync(kernel, 'not run');
     const r = await runCli(['run', '--kernel', kernel, '--profile', join(dir.path, 'p.txt')], { timeoutMs: 60_000 });
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/no System\.map next to the kernel .*bzImage .*: give the kernel's System\.map as profile\.systemMap \(--system-map <path>\)/);
+    expect(oneLine(r.stderr)).toMatch(
+      /no System\.map next to the kernel .*bzImage .*: give the kernel's System\.map as profile\.systemMap \(--system-map <path>\)/,
+    );
   });
 
   it('refuses a rate out of range, and profile options without --profile', async () => {
@@ -58,11 +64,16 @@ describe.skipIf(noKvm !== undefined)(`profiling a Linux boot${noKvm ? ` (skipped
       // No --system-map: the fixture's System.map sits next to its vmlinux.
       const r = await runCli([
         'run',
-        '--kernel', fx.vmlinux,
-        '--initrd', fx.initramfs,
-        '--memory', '128M',
-        '--cmdline', testCmdline('tsvmm.mode=reboot'),
-        '--profile', out,
+        '--kernel',
+        fx.vmlinux,
+        '--initrd',
+        fx.initramfs,
+        '--memory',
+        '128M',
+        '--cmdline',
+        testCmdline('tsvmm.mode=reboot'),
+        '--profile',
+        out,
       ]);
       expect(r.stdout).toContain('TSVMM-INIT-OK');
       expect(r.code).toBe(0);

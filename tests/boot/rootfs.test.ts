@@ -69,28 +69,38 @@ describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` 
       expect(onDisk).toBe(guestSum);
       // The console may garble a line under load; s4 (waited for) and every line read must hold.
       expect(synced.has('s4.bin')).toBe(true);
-      for (const [file, sum] of synced) expect(createHash('md5').update(debugfsCat(image, `/${file}`)).digest('hex'), file).toBe(sum);
+      for (const [file, sum] of synced)
+        expect(
+          createHash('md5')
+            .update(debugfsCat(image, `/${file}`))
+            .digest('hex'),
+          file,
+        ).toBe(sum);
     }),
     RETRY_TIMEOUT_MS,
   );
 
-  it('refuses an image another tsvmm is using', async () => {
-    const fx = fixtures();
-    const image = join(dir, 'locked.ext4');
-    copyFileSync(fx.rootfs, image);
-    // The first VMM holds the lock while it runs; the second must refuse at once.
-    let second: Awaited<ReturnType<typeof runCli>> | undefined;
-    const first = await runCli(['run', '--kernel', fx.bzImage, '--memory', '128M', '--disk', image, '--cmdline', testCmdline('root=/dev/vda')], {
-      drive: (child) => {
-        void (async () => {
-          await new Promise((r) => setTimeout(r, 2000));
-          second = await runCli(['run', '--kernel', fx.bzImage, '--disk', image]);
-          child.kill('SIGTERM');
-        })();
-      },
-    });
-    expect(first.code).toBe(143);
-    expect(second?.code).toBe(1);
-    expect(second?.stderr).toMatch(/in use by another process \(locked\)/);
-  }, BOOT_TIMEOUT_MS);
+  it(
+    'refuses an image another tsvmm is using',
+    async () => {
+      const fx = fixtures();
+      const image = join(dir, 'locked.ext4');
+      copyFileSync(fx.rootfs, image);
+      // The first VMM holds the lock while it runs; the second must refuse at once.
+      let second: Awaited<ReturnType<typeof runCli>> | undefined;
+      const first = await runCli(['run', '--kernel', fx.bzImage, '--memory', '128M', '--disk', image, '--cmdline', testCmdline('root=/dev/vda')], {
+        drive: (child) => {
+          void (async () => {
+            await new Promise((r) => setTimeout(r, 2000));
+            second = await runCli(['run', '--kernel', fx.bzImage, '--disk', image]);
+            child.kill('SIGTERM');
+          })();
+        },
+      });
+      expect(first.code).toBe(143);
+      expect(second?.code).toBe(1);
+      expect(second?.stderr).toMatch(/in use by another process \(locked\)/);
+    },
+    BOOT_TIMEOUT_MS,
+  );
 });

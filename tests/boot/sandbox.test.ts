@@ -52,10 +52,14 @@ describe.skipIf(noKvm !== undefined)(`the sandbox${noKvm ? ` (skipped: ${noKvm})
         const vcpu = addon.createVcpu(vm, 0);
         const errno = addon.seccompSelfTest(vcpuSeccompFilter(addon.constants, vcpu), vcpu, ${JSON.stringify(forbidden)});
         console.log('the filter let ${forbidden} through, errno ' + errno);`;
-      const r = spawnSync(process.execPath, ['--input-type=module', '-e', `import { createRequire } from 'node:module'; const require = createRequire(import.meta.url);\n${script}`], {
-        encoding: 'utf8',
-        timeout: GUARD_MS,
-      });
+      const r = spawnSync(
+        process.execPath,
+        ['--input-type=module', '-e', `import { createRequire } from 'node:module'; const require = createRequire(import.meta.url);\n${script}`],
+        {
+          encoding: 'utf8',
+          timeout: GUARD_MS,
+        },
+      );
       expect(r.stdout).toBe('');
       expect(r.stderr).toContain(`a vCPU thread made a system call its seccomp filter forbids (number ${nr}): stopping`);
       expect(r.status).toBe(159);
@@ -101,7 +105,9 @@ describe.skipIf(noKvm !== undefined)(`the sandbox${noKvm ? ` (skipped: ${noKvm})
         result.console = out;
         await vm.stop('test over');
         process.stdout.write(JSON.stringify(result));`;
-      const child = spawn(process.execPath, ['--input-type=module', '-e', program, kernel, secret, dir, allowed, String(port)], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(process.execPath, ['--input-type=module', '-e', program, kernel, secret, dir, allowed, String(port)], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
       let stdout = '';
       let stderr = '';
       child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -116,7 +122,9 @@ describe.skipIf(noKvm !== undefined)(`the sandbox${noKvm ? ` (skipped: ${noKvm})
       // The one vCPU runs on a thread of its own (the default exit path), under its filter.
       expect(r.sandbox.vcpuThreads.filtered).toBe(true);
       expect(r.seccompThreads).toBe(1);
-      const abi = spawnSync(process.execPath, ['-e', `console.log(require(${JSON.stringify(join(REPO, 'build/Release/tsvmm.node'))}).landlockAbi())`], { encoding: 'utf8' });
+      const abi = spawnSync(process.execPath, ['-e', `console.log(require(${JSON.stringify(join(REPO, 'build/Release/tsvmm.node'))}).landlockAbi())`], {
+        encoding: 'utf8',
+      });
       if (Number(abi.stdout) < 1) {
         // This kernel offers no Landlock: the VM says so, and why.
         expect(r.sandbox.files).toMatchObject({ confined: false, reason: expect.stringMatching(/Landlock/) });
@@ -131,7 +139,7 @@ describe.skipIf(noKvm !== undefined)(`the sandbox${noKvm ? ` (skipped: ${noKvm})
   );
 
   it(
-    'a second sandboxed VM in the same process starts under the first one\'s confinement, and both guests run',
+    "a second sandboxed VM in the same process starts under the first one's confinement, and both guests run",
     () => {
       const program = `
         import { createVm } from ${JSON.stringify(join(REPO, 'dist/index.js'))};

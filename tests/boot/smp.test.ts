@@ -18,34 +18,31 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
     retryEmulatorFault(async () => {
       const fx = fixtures();
       let stopAsked = 0;
-      const r = await runCli(
-        ['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--cpus', '2', '--cmdline', testCmdline()],
-        {
-          drive: (child, out) => {
-            const type = (line: string) => child.stdin.write(`${line}\n`);
-            void (async () => {
-              await until(out, /TSVMM-INIT-OK/);
-              await until(out, PROMPT);
-              type('echo "@@ON""LINE $(cat /sys/devices/system/cpu/online) $(nproc)"');
-              await until(out, /@@ONLINE \S+ \d+/);
-              // Each job pinned to one CPU reports the CPU it ran on (field 39 of /proc/self/stat).
-              type(
-                `for c in 0 1; do taskset -c $c sh -c 'i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; echo "@@JOB $0 ran-on $(cut -d" " -f39 /proc/self/stat)"' $c & done; wait`,
-              );
-              await until(out, /@@JOB 0 ran-on \d[\s\S]*@@JOB 1 ran-on \d|@@JOB 1 ran-on \d[\s\S]*@@JOB 0 ran-on \d/);
-              type('for c in 0 1; do taskset -c $c sh -c "while :; do :; done" & done; echo "@@BU""SY"');
-              await until(out, /@@BUSY/);
-              stopAsked = performance.now();
-              type('reboot -f');
-              // A reboot that did not happen (its busybox died) fails now, not at the hang guard.
-              setTimeout(() => child.kill('SIGKILL'), STOP_GUARD_MS).unref();
-            })().catch((err: unknown) => {
-              console.error(String(err)); // the console so far: what the guest did instead
-              child.kill('SIGKILL');
-            });
-          },
+      const r = await runCli(['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--cpus', '2', '--cmdline', testCmdline()], {
+        drive: (child, out) => {
+          const type = (line: string) => child.stdin.write(`${line}\n`);
+          void (async () => {
+            await until(out, /TSVMM-INIT-OK/);
+            await until(out, PROMPT);
+            type('echo "@@ON""LINE $(cat /sys/devices/system/cpu/online) $(nproc)"');
+            await until(out, /@@ONLINE \S+ \d+/);
+            // Each job pinned to one CPU reports the CPU it ran on (field 39 of /proc/self/stat).
+            type(
+              `for c in 0 1; do taskset -c $c sh -c 'i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; echo "@@JOB $0 ran-on $(cut -d" " -f39 /proc/self/stat)"' $c & done; wait`,
+            );
+            await until(out, /@@JOB 0 ran-on \d[\s\S]*@@JOB 1 ran-on \d|@@JOB 1 ran-on \d[\s\S]*@@JOB 0 ran-on \d/);
+            type('for c in 0 1; do taskset -c $c sh -c "while :; do :; done" & done; echo "@@BU""SY"');
+            await until(out, /@@BUSY/);
+            stopAsked = performance.now();
+            type('reboot -f');
+            // A reboot that did not happen (its busybox died) fails now, not at the hang guard.
+            setTimeout(() => child.kill('SIGKILL'), STOP_GUARD_MS).unref();
+          })().catch((err: unknown) => {
+            console.error(String(err)); // the console so far: what the guest did instead
+            child.kill('SIGKILL');
+          });
         },
-      );
+      });
       // How tsvmm ended, in every failure message below.
       const how = `exit ${r.code} signal ${r.signal}; stderr: ${r.stderr.slice(-1500)}`;
       expect(r.stdout, how).toMatch(/@@ONLINE 0-1 2/);
@@ -64,27 +61,24 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
     retryEmulatorFault(async () => {
       const fx = fixtures();
       let killedAt = 0;
-      const r = await runCli(
-        ['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--cpus', '4', '--cmdline', testCmdline()],
-        {
-          drive: (child, out) => {
-            void (async () => {
-              await until(out, /TSVMM-INIT-OK/);
-              await until(out, PROMPT);
-              child.stdin.write('echo "@@ON""LINE $(cat /sys/devices/system/cpu/online) $(nproc)"\n');
-              await until(out, /@@ONLINE \S+ \d+/);
-              // Let the guest go idle: every vCPU halts in the kernel, inside KVM_RUN.
-              await new Promise((resolve) => setTimeout(resolve, 3000));
-              killedAt = performance.now();
-              child.kill('SIGTERM');
-              setTimeout(() => child.kill('SIGKILL'), STOP_GUARD_MS).unref();
-            })().catch((err: unknown) => {
-              console.error(String(err)); // the console so far: what the guest did instead
-              child.kill('SIGKILL');
-            });
-          },
+      const r = await runCli(['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--cpus', '4', '--cmdline', testCmdline()], {
+        drive: (child, out) => {
+          void (async () => {
+            await until(out, /TSVMM-INIT-OK/);
+            await until(out, PROMPT);
+            child.stdin.write('echo "@@ON""LINE $(cat /sys/devices/system/cpu/online) $(nproc)"\n');
+            await until(out, /@@ONLINE \S+ \d+/);
+            // Let the guest go idle: every vCPU halts in the kernel, inside KVM_RUN.
+            await new Promise((resolve) => setTimeout(resolve, 3000));
+            killedAt = performance.now();
+            child.kill('SIGTERM');
+            setTimeout(() => child.kill('SIGKILL'), STOP_GUARD_MS).unref();
+          })().catch((err: unknown) => {
+            console.error(String(err)); // the console so far: what the guest did instead
+            child.kill('SIGKILL');
+          });
         },
-      );
+      });
       const how = `exit ${r.code} signal ${r.signal}; stderr: ${r.stderr.slice(-1500)}`;
       expect(r.stdout, how).toMatch(/@@ONLINE 0-3 4/);
       expect(r.signal).toBeNull();

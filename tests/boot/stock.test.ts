@@ -75,7 +75,10 @@ describe.skipIf(noHardware !== undefined)(`stock kernels${noHardware ? ` (skippe
       // One disk on each transport: the PCI one is a virtio PCI function
       // (vendor 0x1af4), the other a platform device from the DSDT's LNRO0005.
       const devs = (await guest.run('for d in /sys/block/vd*; do echo "$(basename $d) $(readlink -f $d/device)"; done')).output;
-      const lines = devs.trim().split('\n').map((l) => l.trim());
+      const lines = devs
+        .trim()
+        .split('\n')
+        .map((l) => l.trim());
       expect(lines).toHaveLength(2);
       const pciDisk = lines.find((l) => /pci0000:00/.test(l))?.split(' ')[0];
       const mmioDisk = lines.find((l) => /LNRO0005|virtio-mmio|\.virtio_mmio/i.test(l))?.split(' ')[0];
@@ -100,8 +103,16 @@ describe.skipIf(noHardware !== undefined)(`stock kernels${noHardware ? ` (skippe
       expect(outcome.kind).toBe('poweroff');
       expect(outcome.exitCode).toBe(0);
       expect(outcome.message).toMatch(/ACPI/);
-      expect(readFileSync(pciImage).subarray(100 * 512, 100 * 512 + 15).toString()).toBe('tsvmm-pci-write');
-      expect(readFileSync(mmioImage).subarray(7 * 512, 7 * 512 + 16).toString()).toBe('tsvmm-mmio-write');
+      expect(
+        readFileSync(pciImage)
+          .subarray(100 * 512, 100 * 512 + 15)
+          .toString(),
+      ).toBe('tsvmm-pci-write');
+      expect(
+        readFileSync(mmioImage)
+          .subarray(7 * 512, 7 * 512 + 16)
+          .toString(),
+      ).toBe('tsvmm-mmio-write');
     },
     BOOT_TIMEOUT_MS,
   );

@@ -52,7 +52,21 @@ describe.skipIf(skip !== undefined)(`an unprivileged user${skip ? ` (skipped: ${
    */
   const asUser = (tunAccess: boolean): string[] =>
     tunAccess
-      ? ['ip', 'netns', 'exec', NS, 'unshare', '--mount', '--propagation', 'private', 'sh', '-c', 'mount --bind "$0" /dev/net/tun && exec "$@"', tun, ...setpriv]
+      ? [
+          'ip',
+          'netns',
+          'exec',
+          NS,
+          'unshare',
+          '--mount',
+          '--propagation',
+          'private',
+          'sh',
+          '-c',
+          'mount --bind "$0" /dev/net/tun && exec "$@"',
+          tun,
+          ...setpriv,
+        ]
       : ['ip', 'netns', 'exec', NS, ...setpriv];
   const userNode = (path: string, device: string) => {
     const [major, minor] = execFileSync('stat', ['-c', '%t %T', device]).toString().trim().split(' ');
@@ -82,62 +96,78 @@ describe.skipIf(skip !== undefined)(`an unprivileged user${skip ? ` (skipped: ${
     }
   });
 
-  it('runs a VM with a disk and a TAP device it owns, without root', async () => {
-    let stopped = false;
-    const r = await runCli(['run', '--kernel', kernel, '--memory', '32M', '--kvm-device', kvm, '--disk', disk, '--net', 'tap=utap0'], {
-      wrap: asUser(true),
-      timeoutMs: GUARD_MS,
-      drive: (child, out) => {
-        void until(out, /ok/, GUARD_MS).then(
-          () => {
-            stopped = true;
-            child.kill('SIGTERM');
-          },
-          (err: unknown) => {
-            console.error(String(err));
-            child.kill('SIGKILL');
-          },
-        );
-      },
-    });
-    expect(r.stderr).not.toMatch(/permission|EPERM|EACCES/i);
-    expect(r.stdout).toContain('ok');
-    expect(stopped).toBe(true);
-    expect(r.code).toBe(143);
-    expect(r.stderr).toContain('stopped by SIGTERM');
-  }, GUARD_MS + 30_000);
+  it(
+    'runs a VM with a disk and a TAP device it owns, without root',
+    async () => {
+      let stopped = false;
+      const r = await runCli(['run', '--kernel', kernel, '--memory', '32M', '--kvm-device', kvm, '--disk', disk, '--net', 'tap=utap0'], {
+        wrap: asUser(true),
+        timeoutMs: GUARD_MS,
+        drive: (child, out) => {
+          void until(out, /ok/, GUARD_MS).then(
+            () => {
+              stopped = true;
+              child.kill('SIGTERM');
+            },
+            (err: unknown) => {
+              console.error(String(err));
+              child.kill('SIGKILL');
+            },
+          );
+        },
+      });
+      expect(r.stderr).not.toMatch(/permission|EPERM|EACCES/i);
+      expect(r.stdout).toContain('ok');
+      expect(stopped).toBe(true);
+      expect(r.code).toBe(143);
+      expect(r.stderr).toContain('stopped by SIGTERM');
+    },
+    GUARD_MS + 30_000,
+  );
 
-  it('is refused, with the fix named, a TAP device that belongs to root', async () => {
-    const r = await runCli(['run', '--kernel', kernel, '--memory', '32M', '--kvm-device', kvm, '--net', 'tap=rtap0'], {
-      wrap: asUser(true),
-      timeoutMs: GUARD_MS,
-    });
-    expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/cannot open TAP rtap0: permission denied; create it for your user with `sudo ip tuntap add dev rtap0 mode tap user/);
-  }, GUARD_MS + 30_000);
-
-  it('is told to get access to /dev/net/tun when it has none', async () => {
-    const r = await runCli(['run', '--kernel', kernel, '--memory', '32M', '--kvm-device', kvm, '--net', 'tap=utap0'], {
-      wrap: asUser(false),
-      timeoutMs: GUARD_MS,
-    });
-    if (execFileSync('stat', ['-c', '%a', '/dev/net/tun']).toString().trim() === '666') {
-      expect(r.stderr).not.toMatch(/\/dev\/net\/tun/); // this host already lets every user open it
-    } else {
+  it(
+    'is refused, with the fix named, a TAP device that belongs to root',
+    async () => {
+      const r = await runCli(['run', '--kernel', kernel, '--memory', '32M', '--kvm-device', kvm, '--net', 'tap=rtap0'], {
+        wrap: asUser(true),
+        timeoutMs: GUARD_MS,
+      });
       expect(r.code).toBe(1);
-      expect(oneLine(r.stderr)).toMatch(/cannot open TAP utap0: no permission on \/dev\/net\/tun; give your user read-write access/);
-    }
-  }, GUARD_MS + 30_000);
+      expect(oneLine(r.stderr)).toMatch(/cannot open TAP rtap0: permission denied; create it for your user with `sudo ip tuntap add dev rtap0 mode tap user/);
+    },
+    GUARD_MS + 30_000,
+  );
 
-  it('is refused a disk image it cannot write', async () => {
-    const rootDisk = join(dir, 'root-disk.img');
-    writeFileSync(rootDisk, Buffer.alloc(1 << 20), { mode: 0o644 });
-    const r = await runCli(['run', '--kernel', kernel, '--memory', '32M', '--kvm-device', kvm, '--disk', rootDisk], {
-      wrap: asUser(true),
-      timeoutMs: GUARD_MS,
-    });
-    expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/root-disk\.img/);
-    expect(oneLine(r.stderr)).toMatch(/permission|readonly/i);
-  }, GUARD_MS + 30_000);
+  it(
+    'is told to get access to /dev/net/tun when it has none',
+    async () => {
+      const r = await runCli(['run', '--kernel', kernel, '--memory', '32M', '--kvm-device', kvm, '--net', 'tap=utap0'], {
+        wrap: asUser(false),
+        timeoutMs: GUARD_MS,
+      });
+      if (execFileSync('stat', ['-c', '%a', '/dev/net/tun']).toString().trim() === '666') {
+        expect(r.stderr).not.toMatch(/\/dev\/net\/tun/); // this host already lets every user open it
+      } else {
+        expect(r.code).toBe(1);
+        expect(oneLine(r.stderr)).toMatch(/cannot open TAP utap0: no permission on \/dev\/net\/tun; give your user read-write access/);
+      }
+    },
+    GUARD_MS + 30_000,
+  );
+
+  it(
+    'is refused a disk image it cannot write',
+    async () => {
+      const rootDisk = join(dir, 'root-disk.img');
+      writeFileSync(rootDisk, Buffer.alloc(1 << 20), { mode: 0o644 });
+      const r = await runCli(['run', '--kernel', kernel, '--memory', '32M', '--kvm-device', kvm, '--disk', rootDisk], {
+        wrap: asUser(true),
+        timeoutMs: GUARD_MS,
+      });
+      expect(r.code).toBe(1);
+      expect(oneLine(r.stderr)).toMatch(/root-disk\.img/);
+      expect(oneLine(r.stderr)).toMatch(/permission|readonly/i);
+    },
+    GUARD_MS + 30_000,
+  );
 });

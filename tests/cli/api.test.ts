@@ -59,7 +59,9 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
     chmodSync(dir, 0o777);
     const r = await runCli(['run', '--kernel', idleKernel, '--memory', '32M', '--api-socket', join(dir, 'x.sock')]);
     expect(r.code).toBe(1);
-    expect(r.stderr.trim()).toMatch(/^tsvmm: .*open\/tsvmm must be a directory of this user's with mode 0700 \(it is owned by uid \d+, mode 777\): remove it, or give --api-socket another path$/);
+    expect(r.stderr.trim()).toMatch(
+      /^tsvmm: .*open\/tsvmm must be a directory of this user's with mode 0700 \(it is owned by uid \d+, mode 777\): remove it, or give --api-socket another path$/,
+    );
   });
 
   it(
@@ -93,10 +95,18 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
         expect(ls.stdout).toMatch(new RegExp(`^${names[0]}\\s+running\\s+\\d+\\s+1\\s+128M\\s`, 'm'));
         expect(ls.stdout).toMatch(new RegExp(`^${names[1]}\\s+running\\s+\\d+\\s+1\\s+32M\\s`, 'm'));
 
-        for (const [n, memory] of [[names[0]!, '128M'], [names[1]!, '32M']] as const) {
+        for (const [n, memory] of [
+          [names[0]!, '128M'],
+          [names[1]!, '32M'],
+        ] as const) {
           const info = tsvmm('info', n);
           expect(info.code, info.stderr).toBe(0);
-          const body = JSON.parse(info.stdout) as { name: string; state: string; config: { memory: string }; stats: { devices: { serial: { bytesOut: number } } } };
+          const body = JSON.parse(info.stdout) as {
+            name: string;
+            state: string;
+            config: { memory: string };
+            stats: { devices: { serial: { bytesOut: number } } };
+          };
           expect(body).toMatchObject({ name: n, state: 'running', config: { memory } });
           // Both printed to their UART (the idle one only its line: its writes never exit, they go through the coalesced ring).
           expect(body.stats.devices.serial.bytesOut).toBeGreaterThanOrEqual('@@IDLE up\n'.length);
@@ -115,7 +125,10 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
 
         // Another user cannot use the socket.
         if (canSwitchUser()) {
-          const other = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, CLI, 'info', sock], { encoding: 'utf8', env: { ...process.env, HOME: '/nonexistent' } });
+          const other = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, CLI, 'info', sock], {
+            encoding: 'utf8',
+            env: { ...process.env, HOME: '/nonexistent' },
+          });
           expect(other.status).toBe(1);
           expect(other.stderr.trim()).toMatch(/^tsvmm: no permission to use .*: only the user who started the VM may$/);
         }
@@ -141,7 +154,20 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
     retryEmulatorFault(async () => {
       const fx = fixtures();
       const name = `api-det-${process.pid}`;
-      const started = tsvmm('run', '--detach', '--name', name, '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--cmdline', testCmdline());
+      const started = tsvmm(
+        'run',
+        '--detach',
+        '--name',
+        name,
+        '--kernel',
+        fx.bzImage,
+        '--initrd',
+        fx.initramfs,
+        '--memory',
+        '128M',
+        '--cmdline',
+        testCmdline(),
+      );
       expect(started.code, started.stderr).toBe(0);
       expect(started.stdout.trim()).toBe(name);
       try {

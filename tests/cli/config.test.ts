@@ -23,7 +23,14 @@ function configFile(name: string, value: unknown): string {
 
 describe('tsvmm config --print', () => {
   it('shows the file with paths made absolute, and the flags given on the command line in place of its fields', async () => {
-    const file = configFile('vm.json', { kernel: 'k/bzImage', memory: '512M', cpus: 2, disks: [{ path: 'a.img', readonly: true }], acpi: true, name: 'from-file' });
+    const file = configFile('vm.json', {
+      kernel: 'k/bzImage',
+      memory: '512M',
+      cpus: 2,
+      disks: [{ path: 'a.img', readonly: true }],
+      acpi: true,
+      name: 'from-file',
+    });
     const r = await runCli(['config', '--print', '--config', file, '--cpus', '3', '--disk', '/srv/b.img,serial=b', '--no-acpi']);
     expect(r.code, r.stderr).toBe(0);
     const c = JSON.parse(r.stdout) as Record<string, unknown>;
@@ -80,7 +87,9 @@ describe.skipIf(noKvm !== undefined)(`tsvmm run --config${noKvm ? ` (skipped: ${
     retryEmulatorFault(async () => {
       const fx = fixtures();
       const file = configFile('boot.json', { kernel: fx.bzImage, memory: '64M', cpus: 2, cmdline: testCmdline('tsvmm.from=config') });
-      const r = await runCli(['run', '--config', file, '--memory', '128M', '--expect', 'Memory: \\d+K/(\\d+)K available', '--expect-exit'], { timeoutMs: BOOT_TIMEOUT_MS });
+      const r = await runCli(['run', '--config', file, '--memory', '128M', '--expect', 'Memory: \\d+K/(\\d+)K available', '--expect-exit'], {
+        timeoutMs: BOOT_TIMEOUT_MS,
+      });
       expect(r.code, r.stderr).toBe(0);
       expect(r.stdout).toMatch(/Command line: .*tsvmm\.from=config/);
       // 128M from the flag, not the file's 64M: the kernel sees more than 100 MiB.

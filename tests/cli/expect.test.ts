@@ -23,7 +23,9 @@ describe('tsvmm run --expect, --timeout, --console-log: bad input', () => {
     expect(re.stderr.trim()).toMatch(/^error: option '--expect <regex>' argument '\(unclosed' is invalid\. not a valid regular expression \([^\n]*\)$/);
     const d = await runCli(['run', '--kernel', fx.bzImage, '--timeout', 'soon']);
     expect(d.code).toBe(2);
-    expect(d.stderr.trim()).toMatch(/^error: option '--timeout <duration>' argument 'soon' is invalid\. "soon" is not a duration: give a number with ms, s, m or h \(e\.g\. 90s, 5m\)$/);
+    expect(d.stderr.trim()).toMatch(
+      /^error: option '--timeout <duration>' argument 'soon' is invalid\. "soon" is not a duration: give a number with ms, s, m or h \(e\.g\. 90s, 5m\)$/,
+    );
     const alone = await runCli(['run', '--kernel', fx.bzImage, '--expect-exit']);
     expect(alone.code).toBe(2);
     expect(oneLine(alone.stderr)).toMatch(/--expect-exit .*add --expect <regex>/);
@@ -62,7 +64,9 @@ describe.skipIf(noKvm !== undefined)(`tsvmm run --expect, --timeout, --console-l
   it(
     'with --expect-exit, stops the VM and exits 0 as soon as the line appears',
     retryEmulatorFault(async () => {
-      const r = await runCli([...base(), '--cmdline', testCmdline(), '--expect', 'Command line: .*console=ttyS0', '--expect-exit'], { timeoutMs: BOOT_TIMEOUT_MS });
+      const r = await runCli([...base(), '--cmdline', testCmdline(), '--expect', 'Command line: .*console=ttyS0', '--expect-exit'], {
+        timeoutMs: BOOT_TIMEOUT_MS,
+      });
       expect(r.code, r.stderr).toBe(0);
       expect(r.stdout).toMatch(/Command line: .*console=ttyS0/);
       // Stopped early: long before the kernel looked for a root file system.
@@ -77,8 +81,10 @@ describe.skipIf(noKvm !== undefined)(`tsvmm run --expect, --timeout, --console-l
       // No initramfs: the kernel panics for want of a root file system, and panic=-1 ends the VM.
       const r = await runCli([...base(), '--cmdline', testCmdline(), '--expect', 'TSVMM-INIT-OK']);
       expect(r.code, r.stderr).toBe(5);
-      expect(r.stderr).toMatch(/tsvmm: the VM ended \(guest kernel panic.*\) before its console printed a match for \/TSVMM-INIT-OK\/ \(--expect\)\. The console's last lines:\n/);
-      expect(r.stderr.slice(r.stderr.indexOf("last lines:\n"))).toMatch(/\n.*Kernel panic - not syncing: VFS: Unable to mount root fs/);
+      expect(r.stderr).toMatch(
+        /tsvmm: the VM ended \(guest kernel panic.*\) before its console printed a match for \/TSVMM-INIT-OK\/ \(--expect\)\. The console's last lines:\n/,
+      );
+      expect(r.stderr.slice(r.stderr.indexOf('last lines:\n'))).toMatch(/\n.*Kernel panic - not syncing: VFS: Unable to mount root fs/);
     }),
     RETRY_TIMEOUT_MS,
   );
@@ -88,7 +94,11 @@ describe.skipIf(noKvm !== undefined)(`tsvmm run --expect, --timeout, --console-l
     expect(r.code, r.stderr).toBe(124);
     expect(r.stderr).toMatch(/tsvmm: --timeout 15 s passed waiting for \/never printed\/ \(--expect\); stopped the VM\. The console's last lines:\n/);
     expect(r.stdout.length).toBeGreaterThan(0);
-    const tail = r.stderr.slice(r.stderr.indexOf("last lines:\n") + 12).trim().split('\n').at(-1)!;
+    const tail = r.stderr
+      .slice(r.stderr.indexOf('last lines:\n') + 12)
+      .trim()
+      .split('\n')
+      .at(-1)!;
     expect(r.stdout.replace(/\r/g, '')).toContain(tail);
   });
 });

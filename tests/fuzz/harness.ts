@@ -22,12 +22,7 @@ import { BlkDevice } from '../../src/virtio/blk/device.js';
 import type { BlockBackend, IoCallback } from '../../src/virtio/blk/backend.js';
 import { openDiskImage } from '../../src/virtio/blk/image.js';
 import type { VirtioDevice } from '../../src/virtio/device.js';
-import {
-  STATUS_ACKNOWLEDGE,
-  STATUS_DRIVER,
-  STATUS_DRIVER_OK,
-  STATUS_FEATURES_OK,
-} from '../../src/virtio/features.js';
+import { STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK } from '../../src/virtio/features.js';
 import {
   MMIO_QUEUE_DESC_HIGH,
   MMIO_QUEUE_DESC_LOW,
@@ -48,7 +43,14 @@ import { ConsoleDevice } from '../../src/virtio/console/device.js';
 import { DESCRIPTOR_SIZE, Queue, QueueError, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtio/queue.js';
 import { GuestMemory, GuestMemoryError } from '../../src/base/memory.js';
 import { PCI_CAP_ID_MSIX, PCI_CAPABILITY_LIST, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY } from '../../src/devices/pci/config-space.js';
-import { MSIX_CAP_MESSAGE_CONTROL, MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK, MSIX_ENTRY_SIZE, type MsiMessage, type MsiSink } from '../../src/devices/pci/msix.js';
+import {
+  MSIX_CAP_MESSAGE_CONTROL,
+  MSIX_CONTROL_ENABLE,
+  MSIX_CONTROL_FUNCTION_MASK,
+  MSIX_ENTRY_SIZE,
+  type MsiMessage,
+  type MsiSink,
+} from '../../src/devices/pci/msix.js';
 import {
   VIRTIO_PCI_BAR_SIZE,
   VIRTIO_PCI_COMMON_DF,
@@ -324,7 +326,12 @@ export function fuzzQueueCase(seed: number, cov: Coverage = emptyCoverage()): vo
       if (op < 2 && rng.chance(0.8)) {
         const n = 1 + rng.below(4);
         driverWrites(() =>
-          plausibleChain(rng, mem, area, Array.from({ length: n }, () => ({ len: rng.below(5000), writable: rng.chance(0.5) }))),
+          plausibleChain(
+            rng,
+            mem,
+            area,
+            Array.from({ length: n }, () => ({ len: rng.below(5000), writable: rng.chance(0.5) })),
+          ),
         );
       } else if (op < 3) driverWrites(() => writeDescriptor(rng, mem, rng.chance(0.8) ? area.desc : rng.below(RAM_SIZE) & ~15, rng.below(size), size));
       else if (op < 5) driverWrites(() => publish(rng, mem, area));
@@ -410,7 +417,11 @@ class ModelDriver {
     this.w32(MMIO_STATUS, STATUS_ACKNOWLEDGE);
     this.w32(MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
     const offered = this.device.offeredFeatures;
-    const pick = rng.chance(0.5) ? offered : rng.chance(0.8) ? offered & (BigInt(rng.u32()) | (BigInt(rng.u32()) << 32n) | (1n << 32n)) : BigInt(rng.u32()) << BigInt(rng.below(40));
+    const pick = rng.chance(0.5)
+      ? offered
+      : rng.chance(0.8)
+        ? offered & (BigInt(rng.u32()) | (BigInt(rng.u32()) << 32n) | (1n << 32n))
+        : BigInt(rng.u32()) << BigInt(rng.below(40));
     this.w32(0x024, 0);
     this.w32(0x020, Number(pick & 0xffff_ffffn));
     this.w32(0x024, 1);
@@ -529,7 +540,11 @@ class CheckedBackend implements BlockBackend {
   }
   private views(buffers: readonly Uint8Array[], position: number, what: string): void {
     for (const b of buffers) this.ram.checkView(b, what);
-    this.range(position, buffers.reduce((n, b) => n + b.length, 0), what);
+    this.range(
+      position,
+      buffers.reduce((n, b) => n + b.length, 0),
+      what,
+    );
   }
   readv(b: readonly Uint8Array[], p: number, done: IoCallback) {
     this.views(b, p, 'read');
@@ -781,7 +796,11 @@ class PciModelDriver {
     this.bar(VIRTIO_PCI_COMMON_STATUS, 1, STATUS_ACKNOWLEDGE);
     this.bar(VIRTIO_PCI_COMMON_STATUS, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
     const offered = this.device.offeredFeatures;
-    const pick = rng.chance(0.5) ? offered : rng.chance(0.8) ? offered & (BigInt(rng.u32()) | (BigInt(rng.u32()) << 32n) | (1n << 32n)) : BigInt(rng.u32()) << BigInt(rng.below(40));
+    const pick = rng.chance(0.5)
+      ? offered
+      : rng.chance(0.8)
+        ? offered & (BigInt(rng.u32()) | (BigInt(rng.u32()) << 32n) | (1n << 32n))
+        : BigInt(rng.u32()) << BigInt(rng.below(40));
     this.bar(VIRTIO_PCI_COMMON_DFSELECT, 4, rng.below(3));
     this.bar(VIRTIO_PCI_COMMON_DF, 4);
     this.bar(VIRTIO_PCI_COMMON_GFSELECT, 4, 0);
@@ -839,11 +858,11 @@ class PciModelDriver {
     else if (op === 18) this.setMsix(rng.chance(0.7), rng.chance(0.5));
     else if (op === 19) this.programVector(rng.below(this.transport.msix.vectors + 1) % this.transport.msix.vectors);
     else if (op === 20) this.cfg(PCI_COMMAND, 2, rng.below(0x10000));
-    else if (op === 21) (this.bar(VIRTIO_PCI_COMMON_Q_SELECT, 2, q), this.bar(VIRTIO_PCI_COMMON_Q_MSIX, 2, rng.below(0x10000)));
+    else if (op === 21) this.bar(VIRTIO_PCI_COMMON_Q_SELECT, 2, q), this.bar(VIRTIO_PCI_COMMON_Q_MSIX, 2, rng.below(0x10000));
     else if (rng.chance(0.3)) this.bar(VIRTIO_PCI_COMMON_STATUS, 1, 0);
     // biome-ignore lint/suspicious/noDuplicateElseIf: each rng.chance() call draws a new number
     else if (rng.chance(0.3)) this.initialize();
-    else (this.bar(VIRTIO_PCI_COMMON_Q_SELECT, 2, q), this.bar(VIRTIO_PCI_COMMON_Q_ENABLE, 2, 0));
+    else this.bar(VIRTIO_PCI_COMMON_Q_SELECT, 2, q), this.bar(VIRTIO_PCI_COMMON_Q_ENABLE, 2, 0);
   }
 
   async resetAndWait(): Promise<void> {
@@ -901,9 +920,11 @@ export async function fuzzPciCase(seed: number, imagePath: string, cov: Coverage
     }
     await driver.resetAndWait();
     addCoverage(cov, transport);
-    if (blk && (device as BlkDevice).stats.inFlight !== 0) throw new Error(`${(device as BlkDevice).stats.inFlight} requests in flight after the reset completed`);
+    if (blk && (device as BlkDevice).stats.inFlight !== 0)
+      throw new Error(`${(device as BlkDevice).stats.inFlight} requests in flight after the reset completed`);
     ram.checkGuards();
-    if (device instanceof ConsoleDevice && printed !== device.stats.txBytes) throw new Error(`console printed ${printed} bytes but counted ${device.stats.txBytes}`);
+    if (device instanceof ConsoleDevice && printed !== device.stats.txBytes)
+      throw new Error(`console printed ${printed} bytes but counted ${device.stats.txBytes}`);
   } finally {
     if (device instanceof BlkDevice) await device.drain();
     device.close();

@@ -96,8 +96,10 @@ export function retryEmulatorFault<A extends unknown[], T>(body: (...args: A) =>
     } catch (err) {
       const fault = emulatorFault(fromConsole, fromEnding);
       if (fault === undefined) throw err;
-      const where = hostKind() === 'pvm' ? "the guest hit the PVM host's user-space fault" : 'the guest hit the emulated AMD-V host\'s fault';
-      console.warn(`[${hostKind() === 'pvm' ? 'pvm' : 'amdv'}] running the test once more: ${where} (${fault}); the first attempt failed with: ${String((err as Error).message ?? err).split('\n')[0]}`);
+      const where = hostKind() === 'pvm' ? "the guest hit the PVM host's user-space fault" : "the guest hit the emulated AMD-V host's fault";
+      console.warn(
+        `[${hostKind() === 'pvm' ? 'pvm' : 'amdv'}] running the test once more: ${where} (${fault}); the first attempt failed with: ${String((err as Error).message ?? err).split('\n')[0]}`,
+      );
       return await body(...args);
     }
   };

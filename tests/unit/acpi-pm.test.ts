@@ -1,22 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import {
-  ACPI_PM1_CONTROL,
-  ACPI_PM1_ENABLE,
-  ACPI_PM1_STATUS,
-  AcpiPm,
-  PM1_CONTROL,
-  PM1_ENABLE,
-  PM1_STATUS,
-} from '../../src/devices/acpi-pm.js';
+import { ACPI_PM1_CONTROL, ACPI_PM1_ENABLE, ACPI_PM1_STATUS, AcpiPm, PM1_CONTROL, PM1_ENABLE, PM1_STATUS } from '../../src/devices/acpi-pm.js';
 import { Bus } from '../../src/base/bus.js';
-import {
-  ACPI_PM1A_CNT_PORT,
-  ACPI_PM1A_EVT_PORT,
-  ACPI_PM1_CNT_LEN,
-  ACPI_PM1_EVT_LEN,
-  ACPI_PM_PORT_SIZE,
-  ACPI_S5_SLEEP_TYPE,
-} from '../../src/arch/layout.js';
+import { ACPI_PM1A_CNT_PORT, ACPI_PM1A_EVT_PORT, ACPI_PM1_CNT_LEN, ACPI_PM1_EVT_LEN, ACPI_PM_PORT_SIZE, ACPI_S5_SLEEP_TYPE } from '../../src/arch/layout.js';
 
 function setup() {
   let powerOffs = 0;
@@ -30,7 +15,10 @@ function setup() {
     return d.reduce((v, b, i) => v + b * 2 ** (8 * i), 0);
   };
   const wr = (port: number, value: number, size = 2): void => {
-    bus.write(port, Uint8Array.from({ length: size }, (_, i) => Math.floor(value / 2 ** (8 * i)) & 0xff));
+    bus.write(
+      port,
+      Uint8Array.from({ length: size }, (_, i) => Math.floor(value / 2 ** (8 * i)) & 0xff),
+    );
   };
   return { pm, rd, wr, powerOffs: () => powerOffs, acpiEnabled: () => acpiEnabled };
 }

@@ -264,7 +264,16 @@ describe('ACPI tables', () => {
       expect(dv.getUint32(at, true)).toBe(0);
     }
     for (const at of [FADT.PM2_CNT_LEN, FADT.PM_TMR_LEN, FADT.GPE0_BLK_LEN, FADT.GPE1_BLK_LEN]) expect(fadt[at]).toBe(0);
-    for (const at of [FADT.X_PM1B_EVT_BLK, FADT.X_PM1B_CNT_BLK, FADT.X_PM2_CNT_BLK, FADT.X_PM_TMR_BLK, FADT.X_GPE0_BLK, FADT.X_GPE1_BLK, FADT.SLEEP_CONTROL_REG, FADT.SLEEP_STATUS_REG]) {
+    for (const at of [
+      FADT.X_PM1B_EVT_BLK,
+      FADT.X_PM1B_CNT_BLK,
+      FADT.X_PM2_CNT_BLK,
+      FADT.X_PM_TMR_BLK,
+      FADT.X_GPE0_BLK,
+      FADT.X_GPE1_BLK,
+      FADT.SLEEP_CONTROL_REG,
+      FADT.SLEEP_STATUS_REG,
+    ]) {
       expect([...fadt.subarray(at, at + 12)].every((b) => b === 0)).toBe(true);
     }
     // The FACS, 64-byte aligned, in both pointers; not in the XSDT.
@@ -449,7 +458,9 @@ describe('iasl round trip', () => {
     for (const i of [0, 1, 2]) {
       const s = virtioMmioSlot(i);
       expect(dsdt).toContain(`0x${s.base.toString(16).toUpperCase()},         // Address Base`);
-      expect(dsdt).toMatch(new RegExp(`Interrupt \\(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \\)\\s*\\{\\s*0x${s.irq.toString(16).padStart(8, '0').toUpperCase()},`));
+      expect(dsdt).toMatch(
+        new RegExp(`Interrupt \\(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \\)\\s*\\{\\s*0x${s.irq.toString(16).padStart(8, '0').toUpperCase()},`),
+      );
     }
     expect(dsdt).toContain('EisaId ("PNP0A08")');
     expect(dsdt).toContain('Name (_CID, EisaId ("PNP0A03")');
@@ -473,8 +484,12 @@ describe('iasl round trip', () => {
     expect(dsl.FACP).toMatch(/PM1 Event Block Length : 04/);
     expect(dsl.FACP).toMatch(/PM1 Control Block Length : 02/);
     expect(dsl.FACP).toMatch(/PM Timer Block Address : 00000000/);
-    expect(dsl.FACP).toMatch(/PM1A Event Block : \[Generic Address Structure\][\s\S]*?Space ID : 01 \[SystemIO\][\s\S]*?Bit Width : 20[\s\S]*?Address : 0000000000000600/);
-    expect(dsl.FACP).toMatch(/PM1A Control Block : \[Generic Address Structure\][\s\S]*?Space ID : 01 \[SystemIO\][\s\S]*?Bit Width : 10[\s\S]*?Address : 0000000000000604/);
+    expect(dsl.FACP).toMatch(
+      /PM1A Event Block : \[Generic Address Structure\][\s\S]*?Space ID : 01 \[SystemIO\][\s\S]*?Bit Width : 20[\s\S]*?Address : 0000000000000600/,
+    );
+    expect(dsl.FACP).toMatch(
+      /PM1A Control Block : \[Generic Address Structure\][\s\S]*?Space ID : 01 \[SystemIO\][\s\S]*?Bit Width : 10[\s\S]*?Address : 0000000000000604/,
+    );
     expect(dsl.FACP).toMatch(/Sleep Control Register[\s\S]*?Address : 0000000000000000/);
     const facs = built.tables.FACS!.address.toString(16).toUpperCase();
     expect(dsl.FACP).toMatch(new RegExp(`\\[024h 0036   4\\]\\s+FACS Address : ${facs.padStart(8, '0')}`));

@@ -2,14 +2,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import {
-  HDR,
-  SETUP_HEADER_START,
-  XLF,
-  isBzImage,
-  parseBzImage,
-  protocolVersionString,
-} from '../../src/arch/boot/bzimage.js';
+import { HDR, SETUP_HEADER_START, XLF, isBzImage, parseBzImage, protocolVersionString } from '../../src/arch/boot/bzimage.js';
 import { BootError, type BootErrorKind } from '../../src/arch/boot/errors.js';
 import { buildBzImage } from '../../src/testing/index.js';
 
@@ -137,9 +130,7 @@ describe('parseBzImage errors', () => {
 
 /** The kernel a colleague's fixture script builds (fixtures/build-all.sh). */
 const manifestPath = join(process.env.TSVMM_CACHE ?? join(homedir(), '.cache', 'tsvmm'), 'fixtures', 'manifest.json');
-const manifest = existsSync(manifestPath)
-  ? (JSON.parse(readFileSync(manifestPath, 'utf8')) as Record<string, string>)
-  : undefined;
+const manifest = existsSync(manifestPath) ? (JSON.parse(readFileSync(manifestPath, 'utf8')) as Record<string, string>) : undefined;
 
 describe.skipIf(!manifest)(`parseBzImage (fixture kernel; skipped when ${manifestPath} is missing: run npm run fixtures)`, () => {
   it.each([

@@ -2,12 +2,7 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { BootError } from '../../src/arch/boot/errors.js';
-import {
-  decompress,
-  decompressKernelPayload,
-  detectCompression,
-  hostDecompressionUnavailable,
-} from '../../src/arch/boot/decompress.js';
+import { decompress, decompressKernelPayload, detectCompression, hostDecompressionUnavailable } from '../../src/arch/boot/decompress.js';
 
 /**
  * Real x86-64 machine code (the node binary), so the xz x86 BCJ filter has
@@ -39,9 +34,7 @@ function cached(make: () => Uint8Array): () => Uint8Array {
 
 /** Compressed the way scripts/Makefile.lib does for vmlinux.bin. */
 const kernelGzip = cached(() => run('gzip', ['-n', '-f', '-9'], sample));
-const kernelXz = cached(() =>
-  withSize(run('xz', ['--check=crc32', '--x86', '--lzma2=dict=32MiB', '-c'], sample), sample.length),
-);
+const kernelXz = cached(() => withSize(run('xz', ['--check=crc32', '--x86', '--lzma2=dict=32MiB', '-c'], sample), sample.length));
 const kernelZstd = cached(() => withSize(run('zstd', ['-19', '-q', '-c'], sample), sample.length));
 
 async function bootError(p: Promise<unknown>): Promise<BootError> {

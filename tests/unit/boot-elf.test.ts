@@ -83,10 +83,7 @@ describe('parseElfKernel errors', () => {
     const elf32 = kernelElf();
     elf32[4] = 1;
     expectBootError(() => parseElfKernel(elf32), 'not-64-bit', /32-bit/);
-    expectBootError(
-      () => parseElfKernel(buildElfKernel({ entry: 0x100_0000, machine: 3, segments: [{ paddr: 0x100_0000, data: text }] })),
-      'not-64-bit',
-    );
+    expectBootError(() => parseElfKernel(buildElfKernel({ entry: 0x100_0000, machine: 3, segments: [{ paddr: 0x100_0000, data: text }] })), 'not-64-bit');
   });
 
   it('corrupt: program headers past the end of the file', () => {

@@ -274,12 +274,7 @@ describe('loadLinux errors', () => {
   });
 
   it('unsupported-compression: host decompression of a format there is no decoder for', async () => {
-    await expectKind(
-      'unsupported-compression',
-      { kernel: bzImage({ payload: lz4Payload }), cmdline: '', mode: 'host' },
-      64 * MiB,
-      /lz4.*mode 'guest'/,
-    );
+    await expectKind('unsupported-compression', { kernel: bzImage({ payload: lz4Payload }), cmdline: '', mode: 'host' }, 64 * MiB, /lz4.*mode 'guest'/);
   });
 
   it('corrupt: a payload that is not an ELF', async () => {
@@ -322,9 +317,7 @@ describe('loadLinux errors', () => {
 
 /** The kernels a colleague's fixture script builds (fixtures/build-all.sh). */
 const manifestPath = join(process.env.TSVMM_CACHE ?? join(homedir(), '.cache', 'tsvmm'), 'fixtures', 'manifest.json');
-const manifest = existsSync(manifestPath)
-  ? (JSON.parse(readFileSync(manifestPath, 'utf8')) as Record<string, string>)
-  : undefined;
+const manifest = existsSync(manifestPath) ? (JSON.parse(readFileSync(manifestPath, 'utf8')) as Record<string, string>) : undefined;
 
 describe.skipIf(!manifest)(`loadLinux (fixture kernels; skipped when ${manifestPath} is missing: run npm run fixtures)`, () => {
   const file = (key: string) => {

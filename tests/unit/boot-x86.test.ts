@@ -1,13 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { GuestMemory } from '../../src/base/memory.js';
-import {
-  BOOT_GDT_START,
-  BOOT_IDT_START,
-  BOOT_STACK_POINTER,
-  PD_START,
-  PDPT_START,
-  PML4_START,
-} from '../../src/arch/layout.js';
+import { BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PD_START, PDPT_START, PML4_START } from '../../src/arch/layout.js';
 import {
   BOOT_CS_SELECTOR,
   BOOT_DS_SELECTOR,
@@ -47,15 +40,35 @@ describe('segment descriptors', () => {
   it('decodes the 64-bit code descriptor back to a long-mode CS', () => {
     const cs = segmentFromGdtEntry(gdtEntry(GDT_FLAGS.CODE64, 0, 0xfffff), 2);
     expect(cs).toEqual({
-      base: 0, limit: 0xffff_ffff, selector: 0x10, type: 0xb, present: 1, dpl: 0,
-      db: 0, s: 1, l: 1, g: 1, avl: 0, unusable: 0,
+      base: 0,
+      limit: 0xffff_ffff,
+      selector: 0x10,
+      type: 0xb,
+      present: 1,
+      dpl: 0,
+      db: 0,
+      s: 1,
+      l: 1,
+      g: 1,
+      avl: 0,
+      unusable: 0,
     });
   });
 
   it('decodes the data and TSS descriptors', () => {
     expect(segmentFromGdtEntry(gdtEntry(GDT_FLAGS.DATA, 0, 0xfffff), 3)).toEqual({
-      base: 0, limit: 0xffff_ffff, selector: 0x18, type: 0x3, present: 1, dpl: 0,
-      db: 1, s: 1, l: 0, g: 1, avl: 0, unusable: 0,
+      base: 0,
+      limit: 0xffff_ffff,
+      selector: 0x18,
+      type: 0x3,
+      present: 1,
+      dpl: 0,
+      db: 1,
+      s: 1,
+      l: 0,
+      g: 1,
+      avl: 0,
+      unusable: 0,
     });
     const tr = segmentFromGdtEntry(gdtEntry(GDT_FLAGS.TSS64, 0, 0xfffff), 4);
     expect(tr).toMatchObject({ selector: 0x20, type: 0xb, s: 0, present: 1, l: 0, db: 0 });

@@ -128,9 +128,7 @@ describe('Cmos: RAM', () => {
     expect(read(RTC_REG.BASE_MEMORY_LOW) | (read(RTC_REG.BASE_MEMORY_HIGH) << 8)).toBe(640);
     expect(read(RTC_REG.EXTENDED_MEMORY_LOW) | (read(RTC_REG.EXTENDED_MEMORY_HIGH) << 8)).toBe(0xffff);
     expect(read(RTC_REG.MEMORY_ABOVE_16M_LOW) | (read(RTC_REG.MEMORY_ABOVE_16M_HIGH) << 8)).toBe((512 - 16) * 16);
-    expect(
-      read(RTC_REG.MEMORY_ABOVE_4G_LOW) | (read(RTC_REG.MEMORY_ABOVE_4G_MID) << 8) | (read(RTC_REG.MEMORY_ABOVE_4G_HIGH) << 16),
-    ).toBe(16384);
+    expect(read(RTC_REG.MEMORY_ABOVE_4G_LOW) | (read(RTC_REG.MEMORY_ABOVE_4G_MID) << 8) | (read(RTC_REG.MEMORY_ABOVE_4G_HIGH) << 16)).toBe(16384);
     let sum = 0;
     for (let i = 0x10; i <= 0x2d; i++) sum += read(i);
     expect((read(RTC_REG.CHECKSUM_HIGH) << 8) | read(RTC_REG.CHECKSUM_LOW)).toBe(sum);

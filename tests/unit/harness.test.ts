@@ -50,7 +50,7 @@ describe('console waitFor', () => {
     expect((await c.waitFor(g, { from: 0 })).index).toBe(2);
   });
 
-  it('times out with the console\'s last lines', async () => {
+  it("times out with the console's last lines", async () => {
     const c = new ConsoleStream(() => {});
     for (let i = 1; i <= 30; i++) c.guestOutput(Buffer.from(`line ${i}\r\n`));
     const err = await rejection(c.waitFor(/never/, { timeout: 20 }));
@@ -99,7 +99,7 @@ describe('console waitFor', () => {
     await expect(c.waitFor(/x/, { timeout: Number.NaN })).rejects.toThrow(/timeout must be/);
   });
 
-  it('keeps the newest CONSOLE_TRANSCRIPT_LIMIT bytes, counting offsets from the VM\'s start', async () => {
+  it("keeps the newest CONSOLE_TRANSCRIPT_LIMIT bytes, counting offsets from the VM's start", async () => {
     const c = new ConsoleStream(() => {});
     c.resume();
     const chunk = Buffer.alloc(64 * 1024, 0x2e);
@@ -140,7 +140,7 @@ describe('vm.run on a shell', () => {
     return s.console;
   };
 
-  it('gives each command\'s output and exit status', async () => {
+  it("gives each command's output and exit status", async () => {
     const c = open();
     expect(await runOnConsole(c, 'echo hello $((6*7))')).toEqual({ output: 'hello 42\n', status: 0 });
     expect(await runOnConsole(c, 'false')).toEqual({ output: '', status: 1 });
@@ -155,7 +155,7 @@ describe('vm.run on a shell', () => {
     await expect(runOnConsole(c, 'sleep 1 &')).rejects.toThrow(/must not end with &/);
   });
 
-  it('fails after its timeout with the console\'s last lines, and on abort', async () => {
+  it("fails after its timeout with the console's last lines, and on abort", async () => {
     const c = open();
     const err = await rejection(runOnConsole(c, 'echo started; sleep 5', { timeout: 300 }));
     expect(err.code).toBe('ERR_TSVMM_WAIT_TIMEOUT');

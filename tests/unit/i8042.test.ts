@@ -1,12 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import {
-  I8042,
-  I8042_CMD,
-  I8042_COMMAND,
-  I8042_CTR,
-  I8042_DATA,
-  I8042_STATUS,
-} from '../../src/devices/i8042.js';
+import { I8042, I8042_CMD, I8042_COMMAND, I8042_CTR, I8042_DATA, I8042_STATUS } from '../../src/devices/i8042.js';
 import { DebugPort, IgnoredPorts } from '../../src/devices/legacy.js';
 import { Bus } from '../../src/base/bus.js';
 

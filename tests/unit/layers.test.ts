@@ -48,11 +48,9 @@ describe('layers', () => {
 
   it('finds the modules and their imports', () => {
     expect(files.length).toBeGreaterThan(50);
-    expect(importsOf(join(SRC, 'vmm/x.ts'), "import { a } from '../base/bus.js';\nexport type { B } from './y.js';\nconst c = await import('../kvm/z.js');")).toEqual([
-      'base/bus.ts',
-      'vmm/y.ts',
-      'kvm/z.ts',
-    ]);
+    expect(
+      importsOf(join(SRC, 'vmm/x.ts'), "import { a } from '../base/bus.js';\nexport type { B } from './y.js';\nconst c = await import('../kvm/z.js');"),
+    ).toEqual(['base/bus.ts', 'vmm/y.ts', 'kvm/z.ts']);
   });
 
   it('puts every module in a layer', () => {

@@ -1,16 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { FakeIrqLine } from '../../src/testing/index.js';
-import {
-  PIT_CHANNEL0,
-  PIT_CHANNEL1,
-  PIT_CHANNEL2,
-  PIT_FREQUENCY_HZ,
-  PIT_MODE_COMMAND,
-  PIT_STATUS,
-  Pit8254,
-  PORTB,
-  PortB,
-} from '../../src/devices/pit.js';
+import { PIT_CHANNEL0, PIT_CHANNEL1, PIT_CHANNEL2, PIT_FREQUENCY_HZ, PIT_MODE_COMMAND, PIT_STATUS, Pit8254, PORTB, PortB } from '../../src/devices/pit.js';
 import { realScheduler } from '../../src/base/clock.js';
 import { FakeClock, FakeScheduler } from '../../src/testing/index.js';
 

@@ -8,14 +8,43 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { LANDLOCK_FS, SandboxError, VCPU_THREAD_SYSCALLS, assemble, landlockFsRights, landlockNetRights, landlockScopes, sandboxRules, vcpuSeccompFilter } from '../../src/kvm/sandbox.js';
+import {
+  LANDLOCK_FS,
+  SandboxError,
+  VCPU_THREAD_SYSCALLS,
+  assemble,
+  landlockFsRights,
+  landlockNetRights,
+  landlockScopes,
+  sandboxRules,
+  vcpuSeccompFilter,
+} from '../../src/kvm/sandbox.js';
 
 // x86-64 numbers and ioctls, as the addon exports them (asm/unistd_64.h, linux/kvm.h).
 const NR: Record<string, number> = {
-  ioctl: 16, futex: 202, write: 1, mmap: 9, munmap: 11, mprotect: 10, madvise: 28, mremap: 25, brk: 12,
-  rt_sigprocmask: 14, rt_sigreturn: 15, exit: 60, exit_group: 231, sched_yield: 24, nanosleep: 35,
-  clock_nanosleep: 230, clock_gettime: 228, gettimeofday: 96, getpid: 39, gettid: 186, tgkill: 234,
-  restart_syscall: 219, openat: 257,
+  ioctl: 16,
+  futex: 202,
+  write: 1,
+  mmap: 9,
+  munmap: 11,
+  mprotect: 10,
+  madvise: 28,
+  mremap: 25,
+  brk: 12,
+  rt_sigprocmask: 14,
+  rt_sigreturn: 15,
+  exit: 60,
+  exit_group: 231,
+  sched_yield: 24,
+  nanosleep: 35,
+  clock_nanosleep: 230,
+  clock_gettime: 228,
+  gettimeofday: 96,
+  getpid: 39,
+  gettid: 186,
+  tgkill: 234,
+  restart_syscall: 219,
+  openat: 257,
 };
 const CONSTANTS: Record<string, number> = {
   AUDIT_ARCH_X86_64: 0xc000003e,
@@ -124,6 +153,8 @@ describe('Landlock masks and rules', () => {
 
   it('refuses a path that does not exist, naming it', () => {
     expect(() => sandboxRules(7, { outputs: [], allow: [{ path: join(dir, 'missing'), access: 'read' }] })).toThrow(SandboxError);
-    expect(() => sandboxRules(7, { outputs: [], allow: [{ path: join(dir, 'missing'), access: 'read' }] })).toThrow(/missing in the sandbox: ENOENT; give a path that exists/);
+    expect(() => sandboxRules(7, { outputs: [], allow: [{ path: join(dir, 'missing'), access: 'read' }] })).toThrow(
+      /missing in the sandbox: ENOENT; give a path that exists/,
+    );
   });
 });

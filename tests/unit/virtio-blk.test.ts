@@ -35,14 +35,7 @@ import {
 } from '../../src/virtio/blk/index.js';
 import { pino } from 'pino';
 import { GUEST_EVENT_LOG_LIMIT } from '../../src/base/log.js';
-import {
-  STATUS_ACKNOWLEDGE,
-  STATUS_DEVICE_NEEDS_RESET,
-  STATUS_DRIVER,
-  VIRTIO_F_EVENT_IDX,
-  featureBit,
-  hasFeature,
-} from '../../src/virtio/features.js';
+import { STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, VIRTIO_F_EVENT_IDX, featureBit, hasFeature } from '../../src/virtio/features.js';
 import { INTERRUPT_CONFIG_CHANGE, MMIO_QUEUE_READY, MMIO_QUEUE_SEL, MMIO_STATUS } from '../../src/virtio/mmio.js';
 import { CHAINS_PER_TURN, VIRTQ_DESC_F_NEXT } from '../../src/virtio/queue.js';
 import { startDevice, type FakeBuffer, type FakeVirtqueue, type TestRig } from '../../src/testing/index.js';
@@ -176,10 +169,15 @@ describe('virtio-blk: requests', () => {
     const rig = start(device);
     const q = rig.queues[0]!;
     const data = new Uint8Array(1024).map((_, i) => (i * 7) & 0xff);
-    const sent = send(q, header(VIRTIO_BLK_T_OUT, 10), [
-      { len: 1000, data: data.subarray(0, 1000) },
-      { len: 24, data: data.subarray(1000) },
-    ], { indirect: true });
+    const sent = send(
+      q,
+      header(VIRTIO_BLK_T_OUT, 10),
+      [
+        { len: 1000, data: data.subarray(0, 1000) },
+        { len: 24, data: data.subarray(1000) },
+      ],
+      { indirect: true },
+    );
     await run(rig, device);
     expect(rig.mem.readU8(sent.statusAddr)).toBe(VIRTIO_BLK_S_OK);
     expect(q.takeUsed()).toEqual([{ id: sent.head, len: 1 }]);
@@ -218,9 +216,7 @@ describe('virtio-blk: requests', () => {
     const q = rig.queues[0]!;
     const wz = send(q, header(VIRTIO_BLK_T_WRITE_ZEROES, 0), [{ len: 16, data: segment(4, 3) }]);
     const dc = send(q, header(VIRTIO_BLK_T_DISCARD, 0), [{ len: 16, data: segment(20, 8) }]);
-    const wzUnmap = send(q, header(VIRTIO_BLK_T_WRITE_ZEROES, 0), [
-      { len: 16, data: segment(30, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) },
-    ]);
+    const wzUnmap = send(q, header(VIRTIO_BLK_T_WRITE_ZEROES, 0), [{ len: 16, data: segment(30, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) }]);
     await run(rig, device);
     expect(rig.mem.readU8(wz.statusAddr)).toBe(VIRTIO_BLK_S_OK);
     expect(rig.mem.readU8(dc.statusAddr)).toBe(VIRTIO_BLK_S_OK);
@@ -309,7 +305,10 @@ describe('virtio-blk: requests', () => {
     // OUT whose data buffer is device-writable.
     const wrongOut = send(q, header(VIRTIO_BLK_T_OUT, 0), [{ len: 512, writable: true }]);
     // A header of 8 bytes.
-    const short = q.addChain([{ len: 8, data: header(VIRTIO_BLK_T_IN, 0).subarray(0, 8) }, { len: 1, writable: true }]);
+    const short = q.addChain([
+      { len: 8, data: header(VIRTIO_BLK_T_IN, 0).subarray(0, 8) },
+      { len: 1, writable: true },
+    ]);
     // GET_ID with a 10-byte buffer.
     const shortId = send(q, header(VIRTIO_BLK_T_GET_ID, 0), [{ len: 10, writable: true }]);
     // No writable status byte at the end.
@@ -433,15 +432,21 @@ describe('virtio-blk: asynchronous completion', () => {
 
 describe('virtio-blk: hostile rings', () => {
   const cases: Array<[string, (q: FakeVirtqueue) => void]> = [
-    ['a descriptor loop', (q) => {
-      q.writeDescriptor(0, { addr: 0x2000, len: 16, flags: VIRTQ_DESC_F_NEXT, next: 1 });
-      q.writeDescriptor(1, { addr: 0x2000, len: 16, flags: VIRTQ_DESC_F_NEXT, next: 0 });
-      q.publish(0);
-    }],
-    ['a buffer outside guest memory', (q) => {
-      q.writeDescriptor(0, { addr: 0x7fff_0000, len: 16, flags: 0, next: 0 });
-      q.publish(0);
-    }],
+    [
+      'a descriptor loop',
+      (q) => {
+        q.writeDescriptor(0, { addr: 0x2000, len: 16, flags: VIRTQ_DESC_F_NEXT, next: 1 });
+        q.writeDescriptor(1, { addr: 0x2000, len: 16, flags: VIRTQ_DESC_F_NEXT, next: 0 });
+        q.publish(0);
+      },
+    ],
+    [
+      'a buffer outside guest memory',
+      (q) => {
+        q.writeDescriptor(0, { addr: 0x7fff_0000, len: 16, flags: 0, next: 0 });
+        q.publish(0);
+      },
+    ],
     ['an avail index jump', (q) => q.setAvailIdx(1000)],
     ['a head index beyond the queue', (q) => q.publish(200)],
   ];
@@ -662,8 +667,7 @@ describe('virtio-blk: opening images', () => {
       expect(calls).toEqual([true, false]);
       expect(rw.size).toBe(DISK_SECTORS * SECTOR);
       // O_ACCMODE of each fd, from /proc: 0 = O_RDONLY, 2 = O_RDWR.
-      const accmode = (fd: number) =>
-        parseInt(/flags:\s*([0-7]+)/.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8) & 3;
+      const accmode = (fd: number) => parseInt(/flags:\s*([0-7]+)/.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8) & 3;
       expect(accmode(rw.fd)).toBe(2);
       expect(accmode(ro.fd)).toBe(0);
     } finally {
@@ -688,7 +692,12 @@ describe('virtio-blk: opening images', () => {
     ['a missing file', () => path.join(dir, 'nope.img'), 'NOT_FOUND', /does not exist/],
     ['a directory', () => dir, 'NOT_A_FILE', /is a directory/],
     ['an empty file', () => (fs.writeFileSync(path.join(dir, 'e.img'), ''), path.join(dir, 'e.img')), 'BAD_SIZE', /is empty/],
-    ['a size not a multiple of 512', () => (fs.writeFileSync(path.join(dir, 'o.img'), new Uint8Array(1000)), path.join(dir, 'o.img')), 'BAD_SIZE', /1000 bytes, not a multiple of 512; pad it with `truncate -s %512/],
+    [
+      'a size not a multiple of 512',
+      () => (fs.writeFileSync(path.join(dir, 'o.img'), new Uint8Array(1000)), path.join(dir, 'o.img')),
+      'BAD_SIZE',
+      /1000 bytes, not a multiple of 512; pad it with `truncate -s %512/,
+    ],
   ])('refuses %s with a one-line error', (_name, makePath, code, message) => {
     const p = makePath();
     let caught: unknown;

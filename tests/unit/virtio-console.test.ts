@@ -31,7 +31,10 @@ describe('virtio-console', () => {
   it('prints what the guest transmits, in order, and returns the buffers used with length 0', () => {
     const { tx, driver, printed, irq } = rig();
     tx.addChain([{ len: 6, data: text('hello ') }]);
-    tx.addChain([{ len: 3, data: text('wor') }, { len: 3, data: text('ld\n') }]);
+    tx.addChain([
+      { len: 3, data: text('wor') },
+      { len: 3, data: text('ld\n') },
+    ]);
     driver.notify(TX);
     expect(printed()).toBe('hello world\n');
     expect(tx.takeUsed().map((u) => u.len)).toEqual([0, 0]);
@@ -58,7 +61,10 @@ describe('virtio-console', () => {
 
   it('writes input only into writable buffers', () => {
     const { device, rx, driver, mem } = rig();
-    const chain = rx.addChain([{ len: 8, data: text('readonly') }, { len: 8, writable: true }]);
+    const chain = rx.addChain([
+      { len: 8, data: text('readonly') },
+      { len: 8, writable: true },
+    ]);
     device.enqueueInput(text('abc'));
     driver.notify(RX);
     expect(Buffer.from(mem.slice(chain.addrs[0]!, 8)).toString()).toBe('readonly');

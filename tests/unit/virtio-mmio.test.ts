@@ -54,13 +54,7 @@ const ECHO_NEEDS_EVENT_IDX = 4;
 class EchoDevice implements VirtioDevice {
   readonly deviceType = 42;
   readonly name = 'echo';
-  readonly offeredFeatures = featureMask(
-    VIRTIO_F_VERSION_1,
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    ECHO_FEATURE,
-    ECHO_NEEDS_EVENT_IDX,
-  );
+  readonly offeredFeatures = featureMask(VIRTIO_F_VERSION_1, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, ECHO_FEATURE, ECHO_NEEDS_EVENT_IDX);
   readonly queueMaxSizes = [8, 16];
   readonly config = Uint8Array.from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
   activations: VirtioActivation[] = [];
@@ -69,9 +63,7 @@ class EchoDevice implements VirtioDevice {
   refuseActivation = false;
 
   validateFeatures(features: bigint): string | undefined {
-    return hasFeature(features, ECHO_NEEDS_EVENT_IDX) && !hasFeature(features, VIRTIO_F_EVENT_IDX)
-      ? 'feature 4 requires EVENT_IDX'
-      : undefined;
+    return hasFeature(features, ECHO_NEEDS_EVENT_IDX) && !hasFeature(features, VIRTIO_F_EVENT_IDX) ? 'feature 4 requires EVENT_IDX' : undefined;
   }
   readConfig(offset: number, data: Uint8Array): void {
     readConfigBytes(this.config, offset, data);
@@ -329,7 +321,10 @@ describe('virtio-mmio: notifications and interrupts', () => {
   it('raises the used-buffer interrupt and clears it on ACK', () => {
     const { driver, irq, queues, start } = rig();
     start();
-    queues[0]!.addChain([{ len: 3, data: Uint8Array.from([7, 8, 9]) }, { len: 3, writable: true }]);
+    queues[0]!.addChain([
+      { len: 3, data: Uint8Array.from([7, 8, 9]) },
+      { len: 3, writable: true },
+    ]);
     driver.notify(0);
     expect(irq.edges).toBe(1);
     expect(driver.read32(MMIO_INTERRUPT_STATUS)).toBe(INTERRUPT_USED_BUFFER);

@@ -149,9 +149,7 @@ describe('virtio-net: configuration and negotiation', () => {
   });
 
   it('sets the vnet header size and the TAP offloads from the GUEST_* features accepted', () => {
-    const all = setup(
-      BASE | featureMask(VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN),
-    );
+    const all = setup(BASE | featureMask(VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN));
     expect(all.tap.hdrSize).toBe(12);
     expect(all.tap.offload).toBe(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN);
     const csumOnly = setup(BASE | featureMask(VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4));
@@ -177,7 +175,11 @@ describe('virtio-net: transmit', () => {
     const hdr = new Uint8Array(VNET_HDR_SIZE).fill(0);
     hdr[0] = 1; // NEEDS_CSUM passes through untouched
     const payload = Uint8Array.from({ length: 100 }, (_, i) => i);
-    const a = tx.addChain([{ len: 12, data: hdr }, { len: 60, data: payload.subarray(0, 60) }, { len: 40, data: payload.subarray(60) }]);
+    const a = tx.addChain([
+      { len: 12, data: hdr },
+      { len: 60, data: payload.subarray(0, 60) },
+      { len: 40, data: payload.subarray(60) },
+    ]);
     const b = tx.addChain([{ len: 12 + 100, data: new Uint8Array([...hdr, ...payload]) }], { indirect: true });
     rig.driver.notify(TX);
     expect(tap.written).toHaveLength(2);

@@ -322,14 +322,16 @@ describe('virtio-pci: capabilities', () => {
   it('chains from 0x34 through every virtio capability and MSI-X to 0', () => {
     const { guest, transport } = rig();
     const caps = guest.capabilities();
-    const vendor = caps.filter(([, id]) => id === PCI_CAP_ID_VENDOR).map(([at]) => ({
-      type: guest.cfg(at + VIRTIO_PCI_CAP_CFG_TYPE, 1),
-      len: guest.cfg(at + VIRTIO_PCI_CAP_LEN, 1),
-      bar: guest.cfg(at + VIRTIO_PCI_CAP_BAR, 1),
-      offset: guest.cfg(at + VIRTIO_PCI_CAP_OFFSET, 4),
-      length: guest.cfg(at + VIRTIO_PCI_CAP_LENGTH, 4),
-      extra: guest.cfg(at + VIRTIO_PCI_NOTIFY_CAP_MULTIPLIER, 4),
-    }));
+    const vendor = caps
+      .filter(([, id]) => id === PCI_CAP_ID_VENDOR)
+      .map(([at]) => ({
+        type: guest.cfg(at + VIRTIO_PCI_CAP_CFG_TYPE, 1),
+        len: guest.cfg(at + VIRTIO_PCI_CAP_LEN, 1),
+        bar: guest.cfg(at + VIRTIO_PCI_CAP_BAR, 1),
+        offset: guest.cfg(at + VIRTIO_PCI_CAP_OFFSET, 4),
+        length: guest.cfg(at + VIRTIO_PCI_CAP_LENGTH, 4),
+        extra: guest.cfg(at + VIRTIO_PCI_NOTIFY_CAP_MULTIPLIER, 4),
+      }));
     expect(vendor.map((c) => c.type)).toEqual([
       VIRTIO_PCI_CAP_COMMON_CFG,
       VIRTIO_PCI_CAP_NOTIFY_CFG,

@@ -126,7 +126,11 @@ describe('split virtqueue: chains', () => {
   it('expands an indirect table', () => {
     const { mem, queue, driver } = setup();
     const { head, addrs } = driver.addChain(
-      [{ len: 16, data: new Uint8Array(16).fill(1) }, { len: 512, writable: true }, { len: 1, writable: true }],
+      [
+        { len: 16, data: new Uint8Array(16).fill(1) },
+        { len: 512, writable: true },
+        { len: 1, writable: true },
+      ],
       { indirect: true },
     );
     const chain = queue.pop(mem)!;
@@ -201,7 +205,10 @@ describe('split virtqueue: used ring', () => {
     heads.forEach(() => {
       queue.pop(mem);
     });
-    queue.addUsedMany(mem, heads.map((head) => ({ head, len: 1 })));
+    queue.addUsedMany(
+      mem,
+      heads.map((head) => ({ head, len: 1 })),
+    );
     expect(driver.usedIdx()).toBe(3);
     expect(driver.takeUsed().map((u) => u.id)).toEqual(heads);
   });

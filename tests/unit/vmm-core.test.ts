@@ -24,13 +24,32 @@ import type { CpuidEntry } from '../../src/kvm/vcpu.js';
 
 /** The x86-64 kvm_run offsets, as the addon reports them from linux/kvm.h. */
 const RUN: NativeLayout['run'] = {
-  requestInterruptWindow: 0, immediateExit: 1, exitReason: 8, readyForInterruptInjection: 12, ifFlag: 13,
-  ioDirection: 32, ioSize: 33, ioPort: 34, ioCount: 36, ioDataOffset: 40,
-  mmioPhysAddr: 32, mmioData: 40, mmioLen: 48, mmioIsWrite: 52,
-  internalSuberror: 32, internalNdata: 36, internalData: 40,
-  emulationFlags: 40, emulationInsnSize: 48, emulationInsnBytes: 49,
-  failEntryReason: 32, failEntryCpu: 40, systemEventType: 32,
-  syncRegs: 304, kvmValidRegs: 288, kvmDirtyRegs: 296,
+  requestInterruptWindow: 0,
+  immediateExit: 1,
+  exitReason: 8,
+  readyForInterruptInjection: 12,
+  ifFlag: 13,
+  ioDirection: 32,
+  ioSize: 33,
+  ioPort: 34,
+  ioCount: 36,
+  ioDataOffset: 40,
+  mmioPhysAddr: 32,
+  mmioData: 40,
+  mmioLen: 48,
+  mmioIsWrite: 52,
+  internalSuberror: 32,
+  internalNdata: 36,
+  internalData: 40,
+  emulationFlags: 40,
+  emulationInsnSize: 48,
+  emulationInsnBytes: 49,
+  failEntryReason: 32,
+  failEntryCpu: 40,
+  systemEventType: 32,
+  syncRegs: 304,
+  kvmValidRegs: 288,
+  kvmDirtyRegs: 296,
 };
 
 /** A device that records accesses and answers reads with a fixed byte. */
@@ -73,7 +92,11 @@ describe('exit decoding', () => {
     const c = ctx();
     expect(handleExit(exit, c).kind).toBe('continue');
     // String I/O: three one-byte writes, in order.
-    expect(c.pioDev.writes).toEqual([[0, [0x61]], [0, [0x62]], [0, [0x63]]]);
+    expect(c.pioDev.writes).toEqual([
+      [0, [0x61]],
+      [0, [0x62]],
+      [0, [0x63]],
+    ]);
     expect(c.pio.accesses.get('com1')).toBe(3);
   });
 
@@ -226,8 +249,24 @@ describe('register encoding', () => {
   const layout = {
     regsSize: 144,
     sregs: {
-      size: 312, cs: 0, ds: 24, es: 48, fs: 72, gs: 96, ss: 120, tr: 144, ldt: 168, gdt: 192, idt: 208,
-      cr0: 224, cr2: 232, cr3: 240, cr4: 248, cr8: 256, efer: 264, apicBase: 272,
+      size: 312,
+      cs: 0,
+      ds: 24,
+      es: 48,
+      fs: 72,
+      gs: 96,
+      ss: 120,
+      tr: 144,
+      ldt: 168,
+      gdt: 192,
+      idt: 208,
+      cr0: 224,
+      cr2: 232,
+      cr3: 240,
+      cr4: 248,
+      cr8: 256,
+      efer: 264,
+      apicBase: 272,
     },
     segment: { size: 24, base: 0, limit: 8, selector: 12, type: 14, present: 15, dpl: 16, db: 17, s: 18, l: 19, g: 20, avl: 21, unusable: 22 },
     dtable: { size: 16, base: 0, limit: 8 },
@@ -255,7 +294,10 @@ describe('register encoding', () => {
   });
 
   it('encodes kvm_msrs with its count', () => {
-    const buf = encodeMsrs(layout, [[0x1a0, 1n], [0x2ff, 0xc06n]]);
+    const buf = encodeMsrs(layout, [
+      [0x1a0, 1n],
+      [0x2ff, 0xc06n],
+    ]);
     const v = new DataView(buf.buffer);
     expect(buf.length).toBe(8 + 2 * 16);
     expect(v.getUint32(0, true)).toBe(2);
@@ -345,7 +387,10 @@ describe('ConsoleWatcher', () => {
   });
 
   it('lets a held console writer go when the VM ends', async () => {
-    const c = new ConsoleStream(() => {}, () => CONSOLE_INPUT_LIMIT);
+    const c = new ConsoleStream(
+      () => {},
+      () => CONSOLE_INPUT_LIMIT,
+    );
     const written = new Promise<void>((resolve) => c.write(Buffer.from('x'), () => resolve()));
     let done = false;
     void written.then(() => (done = true));
@@ -368,13 +413,21 @@ describe('ConsoleWatcher', () => {
   it('holds a writer while the guest is behind on console input, and lets it go as the guest reads', async () => {
     let c: ConsoleStream | undefined;
     const uart = new Serial16550({ irq: new FakeIrqLine(), output: () => {}, onInputTaken: () => c?.inputTaken() });
-    c = new ConsoleStream((b) => uart.enqueueInput(b), () => uart.pendingInput);
+    c = new ConsoleStream(
+      (b) => uart.enqueueInput(b),
+      () => uart.pendingInput,
+    );
     uart.write(UART_MCR, Uint8Array.of(MCR.RTS | MCR.DTR));
     // 512 KiB through a pipeline that respects back-pressure, into a guest that is not reading.
     const total = 512 << 10;
-    const done = pipeline(Readable.from((function* () {
-      for (let i = 0; i < total / 4096; i++) yield Buffer.alloc(4096, i & 0xff);
-    })()), c);
+    const done = pipeline(
+      Readable.from(
+        (function* () {
+          for (let i = 0; i < total / 4096; i++) yield Buffer.alloc(4096, i & 0xff);
+        })(),
+      ),
+      c,
+    );
     await new Promise((r) => setTimeout(r, 50));
     expect(uart.pendingInput).toBeLessThanOrEqual(CONSOLE_INPUT_LIMIT + 4096);
     // The guest reads everything, byte by byte from RBR, as its driver does.

@@ -249,8 +249,7 @@ export function EisaId(id: string): Aml {
   const product = parseInt(id.slice(3), 16);
   const bigEndian = ((c(0) << 26) | (c(1) << 21) | (c(2) << 16) | product) >>> 0;
   // The compressed ID is stored big-endian in a DWord that AML reads as little-endian.
-  const swapped =
-    (((bigEndian & 0xff) << 24) | ((bigEndian & 0xff00) << 8) | ((bigEndian >>> 8) & 0xff00) | (bigEndian >>> 24)) >>> 0;
+  const swapped = (((bigEndian & 0xff) << 24) | ((bigEndian & 0xff00) << 8) | ((bigEndian >>> 8) & 0xff00) | (bigEndian >>> 24)) >>> 0;
   return DWordConst(swapped);
 }
 
@@ -429,14 +428,7 @@ const MEM_CACHEABILITY = { noncacheable: 0, cacheable: 1, writecombining: 2, pre
 /** IO range type-specific flags: _RNG EntireRange (ISA and non-ISA ports). */
 const IO_RANGE_ENTIRE = 0x03;
 
-function addressSpace(
-  tag: number,
-  width: number,
-  type: number,
-  typeFlags: number,
-  o: AddressSpaceOptions,
-  what: string,
-): Aml {
+function addressSpace(tag: number, width: number, type: number, typeFlags: number, o: AddressSpaceOptions, what: string): Aml {
   const minFixed = o.minFixed ?? true;
   const maxFixed = o.maxFixed ?? true;
   const min = toBigInt(o.min);

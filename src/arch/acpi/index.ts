@@ -141,7 +141,10 @@ function validate(c: AcpiConfig): void {
     const { base, size } = c.pci.mmio32;
     check(size > 0 && base >= 0 && base + size <= 2 ** 32, 'ACPI: the PCI 32-bit window must be a non-empty range below 4 GiB');
     check(c.pci.slotGsis.length <= 32, 'ACPI: PCI bus 0 has 32 slots');
-    check(c.pci.slotGsis.every((pins) => pins.length <= 4), 'ACPI: a PCI slot has 4 interrupt pins (INTA-INTD)');
+    check(
+      c.pci.slotGsis.every((pins) => pins.length <= 4),
+      'ACPI: a PCI slot has 4 interrupt pins (INTA-INTD)',
+    );
   }
 }
 
@@ -159,7 +162,10 @@ export function iapcBootArch(config: AcpiConfig): number {
 /** Builds every table for `config` as one image to be placed at `baseAddress`. */
 export function buildAcpiTables(config: AcpiConfig, baseAddress: number): AcpiTables {
   validate(config);
-  check(Number.isInteger(baseAddress) && baseAddress >= 0 && baseAddress % TABLE_ALIGNMENT === 0, `ACPI: base 0x${baseAddress.toString(16)} must be 16-byte aligned`);
+  check(
+    Number.isInteger(baseAddress) && baseAddress >= 0 && baseAddress % TABLE_ALIGNMENT === 0,
+    `ACPI: base 0x${baseAddress.toString(16)} must be 16-byte aligned`,
+  );
 
   const pieces: Array<{ signature: string; offset: number; bytes: Uint8Array }> = [];
   const tables: Record<string, AcpiTableLocation> = {};
@@ -231,7 +237,10 @@ export function buildAcpiTables(config: AcpiConfig, baseAddress: number): AcpiTa
 export function writeAcpiTables(mem: GuestMemory, config: AcpiConfig): { rsdpAddress: number; start: number; size: number } {
   const built = buildAcpiTables(config, ACPI_TABLES_START);
   if (built.image.length > ACPI_TABLES_SIZE) {
-    throw new AcpiError('TOO_LARGE', `ACPI tables take ${built.image.length} bytes; the region at 0x${ACPI_TABLES_START.toString(16)} holds ${ACPI_TABLES_SIZE}`);
+    throw new AcpiError(
+      'TOO_LARGE',
+      `ACPI tables take ${built.image.length} bytes; the region at 0x${ACPI_TABLES_START.toString(16)} holds ${ACPI_TABLES_SIZE}`,
+    );
   }
   if (!mem.checkRange(ACPI_TABLES_START, ACPI_TABLES_SIZE)) {
     throw new AcpiError('NO_MEMORY', `guest RAM does not cover the ACPI region 0x${ACPI_TABLES_START.toString(16)}+0x${ACPI_TABLES_SIZE.toString(16)}`);

@@ -50,7 +50,17 @@ export const CREATOR_REVISION = 1;
 
 /** System description table header (5.2.6): 36 bytes. */
 export const SDT_HEADER_SIZE = 36;
-const SDT = { SIGNATURE: 0, LENGTH: 4, REVISION: 8, CHECKSUM: 9, OEM_ID: 10, OEM_TABLE_ID: 16, OEM_REVISION: 24, CREATOR_ID: 28, CREATOR_REVISION: 32 } as const;
+const SDT = {
+  SIGNATURE: 0,
+  LENGTH: 4,
+  REVISION: 8,
+  CHECKSUM: 9,
+  OEM_ID: 10,
+  OEM_TABLE_ID: 16,
+  OEM_REVISION: 24,
+  CREATOR_ID: 28,
+  CREATOR_REVISION: 32,
+} as const;
 
 export class AcpiError extends TsvmmKindError<'INVALID_CONFIG' | 'TOO_LARGE' | 'NO_MEMORY'> {
   constructor(kind: 'INVALID_CONFIG' | 'TOO_LARGE' | 'NO_MEMORY', message: string, options?: { cause?: unknown }) {

@@ -151,10 +151,7 @@ export interface BzImage {
 export function isBzImage(bytes: Uint8Array): boolean {
   if (bytes.length < HDR.HEADER + 4) return false;
   const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  return (
-    dv.getUint16(HDR.BOOT_FLAG, true) === BOOT_FLAG_MAGIC &&
-    dv.getUint32(HDR.HEADER, true) === HDRS_MAGIC
-  );
+  return dv.getUint16(HDR.BOOT_FLAG, true) === BOOT_FLAG_MAGIC && dv.getUint32(HDR.HEADER, true) === HDRS_MAGIC;
 }
 
 export function protocolVersionString(version: number): string {
@@ -168,10 +165,7 @@ export function protocolVersionString(version: number): string {
  */
 export function parseBzImage(bytes: Uint8Array): BzImage {
   if (!isBzImage(bytes)) {
-    throw new BootError(
-      'not-a-kernel',
-      'kernel image has no Linux boot header (0xAA55 at 0x1fe and "HdrS" at 0x202): pass a bzImage or an ELF vmlinux',
-    );
+    throw new BootError('not-a-kernel', 'kernel image has no Linux boot header (0xAA55 at 0x1fe and "HdrS" at 0x202): pass a bzImage or an ELF vmlinux');
   }
   // Bytes past the header end the kernel declares belong to the setup code,
   // not the header: read them as zero, as the protocol version implies.
@@ -187,26 +181,17 @@ export function parseBzImage(bytes: Uint8Array): BzImage {
   const version = u16(HDR.VERSION);
   const versionString = protocolVersionString(version);
   if (version < MIN_PROTOCOL_VERSION) {
-    throw new BootError(
-      'protocol-too-old',
-      `kernel uses boot protocol ${versionString}; tsvmm needs 2.06 or newer (Linux 2.6.22+): use a newer kernel`,
-    );
+    throw new BootError('protocol-too-old', `kernel uses boot protocol ${versionString}; tsvmm needs 2.06 or newer (Linux 2.6.22+): use a newer kernel`);
   }
   const loadflags = u8(HDR.LOADFLAGS);
   if ((loadflags & LOADFLAGS.LOADED_HIGH) === 0) {
-    throw new BootError(
-      'not-a-kernel',
-      'kernel is a zImage (loaded low), not a bzImage: rebuild it with "make bzImage"',
-    );
+    throw new BootError('not-a-kernel', 'kernel is a zImage (loaded low), not a bzImage: rebuild it with "make bzImage"');
   }
 
   const setupSects = u8(HDR.SETUP_SECTS) || 4;
   const setupSize = (setupSects + 1) * SECTOR;
   if (setupSize >= bytes.length) {
-    throw new BootError(
-      'corrupt',
-      `bzImage is truncated: its setup code alone needs ${setupSize} bytes but the file has ${bytes.length}`,
-    );
+    throw new BootError('corrupt', `bzImage is truncated: its setup code alone needs ${setupSize} bytes but the file has ${bytes.length}`);
   }
   const protectedMode = bytes.subarray(setupSize);
   const syssize = u32(HDR.SYSSIZE);

@@ -86,9 +86,7 @@ function loadXzDecoder(): Promise<XzDecoder | Error> {
  * Why this host cannot decompress `format`, or undefined when it can.
  * Asynchronous because the xz decoder is a native addon loaded on demand.
  */
-export async function hostDecompressionUnavailable(
-  format: CompressionFormat,
-): Promise<string | undefined> {
+export async function hostDecompressionUnavailable(format: CompressionFormat): Promise<string | undefined> {
   if (!HOST_FORMATS.includes(format)) return `tsvmm has no ${format} decoder`;
   if (format === 'xz') {
     const decoder = await loadXzDecoder();
@@ -118,11 +116,7 @@ function loadZstdDecoder(): Promise<ZSTDDecoder | Error> {
  * this host cannot decode and `corrupt` when the data does not decode to
  * exactly `expectedSize` bytes (modulo 2^32, as the kernel stores it).
  */
-export async function decompress(
-  data: Uint8Array,
-  format: CompressionFormat,
-  expectedSize: number,
-): Promise<Uint8Array> {
+export async function decompress(data: Uint8Array, format: CompressionFormat, expectedSize: number): Promise<Uint8Array> {
   const unavailable = await hostDecompressionUnavailable(format);
   if (unavailable !== undefined) {
     throw new BootError(
@@ -157,9 +151,7 @@ async function decode(data: Uint8Array, format: CompressionFormat, expectedSize:
       // On liblzma's own worker thread, like gzip on the thread pool.
       const decoder = (await loadXzDecoder()) as XzDecoder;
       const input = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-      return new Promise((resolve, reject) =>
-        decoder.unxz(input, (err, out) => (err || !out ? reject(err ?? new Error('no output')) : resolve(out))),
-      );
+      return new Promise((resolve, reject) => decoder.unxz(input, (err, out) => (err || !out ? reject(err ?? new Error('no output')) : resolve(out))));
     }
     case 'zstd': {
       // One-shot ZSTD_decompress into a buffer of exactly the expected size:

@@ -140,7 +140,10 @@ export function parseElfKernel(bytes: Uint8Array, what = 'vmlinux'): ElfKernel {
       flags: dv.getUint32(ph + PH.FLAGS, true),
     };
     if (seg.offset + seg.filesz > bytes.length) {
-      throw new BootError('corrupt', `${what} is truncated: segment ${i} needs file bytes ${hex(seg.offset)}-${hex(seg.offset + seg.filesz)} but the file has ${bytes.length}`);
+      throw new BootError(
+        'corrupt',
+        `${what} is truncated: segment ${i} needs file bytes ${hex(seg.offset)}-${hex(seg.offset + seg.filesz)} but the file has ${bytes.length}`,
+      );
     }
     if (seg.filesz > seg.memsz) {
       throw new BootError('corrupt', `${what} segment ${i} has more file bytes (${seg.filesz}) than memory bytes (${seg.memsz})`);
@@ -201,10 +204,16 @@ function readSize(dv: DataView, offset: number, what: string, field: string): nu
 export function loadElfSegments(mem: GuestMemory, bytes: Uint8Array, elf: ElfKernel, what = 'vmlinux'): void {
   for (const seg of elf.segments) {
     if (seg.paddr < HIMEM_START) {
-      throw new BootError('corrupt', `${what} loads a segment at ${hex(seg.paddr)}, below 1 MiB where the boot structures live: pass a kernel linked for a normal PC`);
+      throw new BootError(
+        'corrupt',
+        `${what} loads a segment at ${hex(seg.paddr)}, below 1 MiB where the boot structures live: pass a kernel linked for a normal PC`,
+      );
     }
     if (!mem.checkRange(seg.paddr, seg.memsz)) {
-      throw new BootError('memory-too-small', `${what} segment ${hex(seg.paddr)}-${hex(seg.paddr + seg.memsz)} is outside guest RAM: give the guest more memory`);
+      throw new BootError(
+        'memory-too-small',
+        `${what} segment ${hex(seg.paddr)}-${hex(seg.paddr + seg.memsz)} is outside guest RAM: give the guest more memory`,
+      );
     }
   }
   for (const seg of elf.segments) {

@@ -18,12 +18,7 @@
 import type { GuestMemory } from '../../base/memory.js';
 import { HIMEM_START, PAGE_SIZE, ZERO_PAGE_START } from '../layout.js';
 import { isBzImage, parseBzImage, type BzImage, type SetupHeader } from './bzimage.js';
-import {
-  decompressKernelPayload,
-  detectCompression,
-  hostDecompressionUnavailable,
-  type CompressionFormat,
-} from './decompress.js';
+import { decompressKernelPayload, detectCompression, hostDecompressionUnavailable, type CompressionFormat } from './decompress.js';
 import { isElf, loadElfSegments, parseElfKernel, type ElfKernel } from './elf.js';
 import { BootError, hex, mib } from './errors.js';
 import {
@@ -131,7 +126,10 @@ export async function loadLinux(mem: GuestMemory, opts: LoadLinuxOptions): Promi
 
   const plan = await (opts.kernel instanceof Uint8Array ? planKernel(opts.kernel, mode) : opts.kernel.plan);
   if (plan.range.start < HIMEM_START) {
-    throw new BootError('corrupt', `kernel loads at ${hex(plan.range.start)}, below 1 MiB where the boot structures live: pass a kernel linked for a normal PC`);
+    throw new BootError(
+      'corrupt',
+      `kernel loads at ${hex(plan.range.start)}, below 1 MiB where the boot structures live: pass a kernel linked for a normal PC`,
+    );
   }
   const cmdline = encodeCmdline(opts.cmdline, plan.cmdlineSize);
 
@@ -220,10 +218,7 @@ async function planKernel(kernel: Uint8Array, mode: BootMode): Promise<KernelPla
       write: (mem) => loadElfSegments(mem, kernel, elf, 'vmlinux'),
     };
   }
-  throw new BootError(
-    'not-a-kernel',
-    'kernel image is neither a bzImage (no "HdrS" boot header) nor an ELF vmlinux: pass arch/x86/boot/bzImage or vmlinux',
-  );
+  throw new BootError('not-a-kernel', 'kernel image is neither a bzImage (no "HdrS" boot header) nor an ELF vmlinux: pass arch/x86/boot/bzImage or vmlinux');
 }
 
 async function planBzImage(bz: BzImage, mode: BootMode): Promise<KernelPlan> {
@@ -256,11 +251,7 @@ async function planBzImage(bz: BzImage, mode: BootMode): Promise<KernelPlan> {
       elf = parseElfKernel(payload.data, what);
     } catch (err) {
       if (err instanceof BootError && err.kind === 'not-a-kernel') {
-        throw new BootError(
-          'corrupt',
-          `${what} is not an x86-64 ELF executable: the bzImage is damaged or not a Linux kernel`,
-          { cause: err },
-        );
+        throw new BootError('corrupt', `${what} is not an x86-64 ELF executable: the bzImage is damaged or not a Linux kernel`, { cause: err });
       }
       throw err;
     }
@@ -285,9 +276,7 @@ async function planBzImage(bz: BzImage, mode: BootMode): Promise<KernelPlan> {
   // needs there: boot.rst (init_size) and compressed/head_64.S, which moves
   // a relocatable kernel up to LOAD_PHYSICAL_ADDR (= pref_address) at least.
   const alignment = hdr.kernelAlignment > 0 ? hdr.kernelAlignment : 1;
-  const runtimeStart = hdr.relocatable
-    ? Math.max(alignUp(load, alignment), hdr.prefAddress)
-    : hdr.prefAddress || load;
+  const runtimeStart = hdr.relocatable ? Math.max(alignUp(load, alignment), hdr.prefAddress) : hdr.prefAddress || load;
   const end = Math.max(load + image.length, runtimeStart + hdr.initSize);
   return {
     ...common,
@@ -308,10 +297,7 @@ function lowRamEnd(mem: GuestMemory): number {
 function memoryTooSmall(needed: number, got: number, what: string): BootError {
   const step = 16 * 2 ** 20;
   const suggest = Math.ceil(needed / step) * step;
-  return new BootError(
-    'memory-too-small',
-    `${what} at least ${mib(needed)} MiB of guest RAM (got ${mib(got)} MiB): give the VM ${mib(suggest)} MiB or more`,
-  );
+  return new BootError('memory-too-small', `${what} at least ${mib(needed)} MiB of guest RAM (got ${mib(got)} MiB): give the VM ${mib(suggest)} MiB or more`);
 }
 
 function alignUp(value: number, align: number): number {

@@ -7,13 +7,7 @@
  */
 
 import type { GuestMemory } from '../../base/memory.js';
-import {
-  CMDLINE_MAX_SIZE,
-  CMDLINE_START,
-  EBDA_START,
-  HIMEM_START,
-  ZERO_PAGE_SIZE,
-} from '../layout.js';
+import { CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, ZERO_PAGE_SIZE } from '../layout.js';
 import {
   BOOT_FLAG_MAGIC,
   HDR,
@@ -136,10 +130,7 @@ export function encodeCmdline(cmdline: string, cmdlineSize: number): Uint8Array 
   }
   const limit = Math.min(cmdlineSize, CMDLINE_MAX_SIZE - 1);
   if (text.length > limit) {
-    throw new BootError(
-      'cmdline-too-long',
-      `kernel command line is ${text.length} bytes but the kernel accepts at most ${limit}: shorten it`,
-    );
+    throw new BootError('cmdline-too-long', `kernel command line is ${text.length} bytes but the kernel accepts at most ${limit}: shorten it`);
   }
   const out = new Uint8Array(text.length + 1);
   out.set(text);

@@ -118,13 +118,7 @@ export function gdtEntry(flags: number, base: number, limit: number): bigint {
   const b = BigInt(base >>> 0);
   const l = BigInt(limit >>> 0);
   const f = BigInt(flags & 0xf0ff);
-  return (
-    ((b & 0xff00_0000n) << 32n) |
-    (f << 40n) |
-    ((l & 0xf_0000n) << 32n) |
-    ((b & 0x00ff_ffffn) << 16n) |
-    (l & 0xffffn)
-  );
+  return ((b & 0xff00_0000n) << 32n) | (f << 40n) | ((l & 0xf_0000n) << 32n) | ((b & 0x00ff_ffffn) << 16n) | (l & 0xffffn);
 }
 
 /** Decodes a descriptor into the segment-register form KVM takes. */

@@ -17,26 +17,11 @@
 import { GuestEventLog, silentLogger, type Logger } from '../../base/log.js';
 import type { GuestMemory } from '../../base/memory.js';
 import { readConfigBytes, type VirtioActivation, type VirtioDevice, type VirtioInterrupt } from '../device.js';
-import {
-  VIRTIO_F_EVENT_IDX,
-  VIRTIO_F_INDIRECT_DESC,
-  VIRTIO_F_VERSION_1,
-  VIRTIO_ID_BLOCK,
-  featureMask,
-  hasFeature,
-} from '../features.js';
+import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, featureMask, hasFeature } from '../features.js';
 import { CHAINS_PER_TURN, DESCRIPTORS_PER_TURN, LaterTurn, QueueError, type DescriptorChain, type Queue } from '../queue.js';
 import type { BlockBackend } from './backend.js';
 import { SECTOR_SIZE } from './image.js';
-import {
-  BLK_ID_BYTES,
-  VIRTIO_BLK_S_IOERR,
-  VIRTIO_BLK_S_OK,
-  VIRTIO_BLK_S_UNSUPP,
-  parseBlkRequest,
-  type BlkLimits,
-  type BlkRequest,
-} from './request.js';
+import { BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, parseBlkRequest, type BlkLimits, type BlkRequest } from './request.js';
 
 /** Feature bits (virtio 1.2 section 5.2.3). */
 export const VIRTIO_BLK_F_SEG_MAX = 2;
@@ -280,8 +265,7 @@ export class BlkDevice implements VirtioDevice {
     const op = request.operation;
     this.stats.inFlight++;
     const done = (status: number, detail?: string) => this.complete(live, request, status, detail);
-    const ioDone = (what: string) => (err: Error | null) =>
-      err ? done(VIRTIO_BLK_S_IOERR, `${what} failed: ${err.message}`) : done(VIRTIO_BLK_S_OK);
+    const ioDone = (what: string) => (err: Error | null) => (err ? done(VIRTIO_BLK_S_IOERR, `${what} failed: ${err.message}`) : done(VIRTIO_BLK_S_OK));
     try {
       switch (op.kind) {
         case 'reject':
@@ -324,11 +308,7 @@ export class BlkDevice implements VirtioDevice {
     }
   }
 
-  private eachRange<T>(
-    ranges: readonly T[],
-    run: (range: T, cb: (err: Error | null) => void) => void,
-    done: (err: Error | null) => void,
-  ): void {
+  private eachRange<T>(ranges: readonly T[], run: (range: T, cb: (err: Error | null) => void) => void, done: (err: Error | null) => void): void {
     const next = (i: number): void => {
       const range = ranges[i];
       if (range === undefined) {

@@ -202,11 +202,9 @@ function openError(path: string, readonly: boolean, err: unknown): BlkError {
       return new BlkError('NOT_FOUND', `disk image ${path} does not exist; check the path or create one with \`truncate -s 64M ${path}\``, { cause: err });
     case 'EACCES':
     case 'EPERM':
-      return new BlkError(
-        'PERMISSION',
-        `permission denied opening disk image ${path} ${mode}; fix its permissions${readonly ? '' : ' or add ,readonly'}`,
-        { cause: err },
-      );
+      return new BlkError('PERMISSION', `permission denied opening disk image ${path} ${mode}; fix its permissions${readonly ? '' : ' or add ,readonly'}`, {
+        cause: err,
+      });
     case 'EROFS':
       return new BlkError('PERMISSION', `disk image ${path} is on a read-only file system; add ,readonly`, { cause: err });
     case 'EISDIR':

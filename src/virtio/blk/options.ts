@@ -23,10 +23,7 @@ export interface DiskOptions {
 export function parseDiskOption(spec: string): DiskOptions {
   const [path = '', ...rest] = spec.split(',');
   if (path === '') {
-    throw new BlkError(
-      'BAD_OPTION',
-      `--disk ${JSON.stringify(spec)}: the image path is missing (expected <path>[,readonly][,serial=<id>])`,
-    );
+    throw new BlkError('BAD_OPTION', `--disk ${JSON.stringify(spec)}: the image path is missing (expected <path>[,readonly][,serial=<id>])`);
   }
   let readonly = false;
   let serial: string | undefined;

@@ -145,19 +145,25 @@ export class ConsoleDevice implements VirtioDevice {
     let used: boolean;
     let bytes = 0;
     try {
-      used = serveChains(tx, memory, this.txLater, (chain) => {
-        const reader = chain.reader(memory);
-        const length = reader.remaining;
-        if (length > MAX_TX_CHAIN_BYTES) {
-          this.stats.txErrors++;
-          this.events.warn('tx-too-long', { head: chain.head, length }, `console output chain of ${length} bytes refused (at most ${MAX_TX_CHAIN_BYTES})`);
-        } else if (length > 0) {
-          this.stats.txBytes += length;
-          bytes += length;
-          this.output(reader.readExact(length));
-        }
-        return 0;
-      }, () => bytes >= TX_BYTES_PER_TURN);
+      used = serveChains(
+        tx,
+        memory,
+        this.txLater,
+        (chain) => {
+          const reader = chain.reader(memory);
+          const length = reader.remaining;
+          if (length > MAX_TX_CHAIN_BYTES) {
+            this.stats.txErrors++;
+            this.events.warn('tx-too-long', { head: chain.head, length }, `console output chain of ${length} bytes refused (at most ${MAX_TX_CHAIN_BYTES})`);
+          } else if (length > 0) {
+            this.stats.txBytes += length;
+            bytes += length;
+            this.output(reader.readExact(length));
+          }
+          return 0;
+        },
+        () => bytes >= TX_BYTES_PER_TURN,
+      );
     } catch (err) {
       this.fail(live, err);
       return;

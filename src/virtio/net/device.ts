@@ -12,15 +12,18 @@
 import { GuestEventLog, silentLogger, type Logger } from '../../base/log.js';
 import type { GuestMemory } from '../../base/memory.js';
 import { readConfigBytes, type VirtioActivation, type VirtioDevice, type VirtioInterrupt } from '../device.js';
+import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_NET, featureMask, hasFeature } from '../features.js';
 import {
-  VIRTIO_F_EVENT_IDX,
-  VIRTIO_F_INDIRECT_DESC,
-  VIRTIO_F_VERSION_1,
-  VIRTIO_ID_NET,
-  featureMask,
-  hasFeature,
-} from '../features.js';
-import { CHAINS_PER_TURN, DESCRIPTORS_PER_TURN, LaterTurn, QueueError, serveChains, type ChainWriter, type DescriptorChain, type Queue, type UsedElement } from '../queue.js';
+  CHAINS_PER_TURN,
+  DESCRIPTORS_PER_TURN,
+  LaterTurn,
+  QueueError,
+  serveChains,
+  type ChainWriter,
+  type DescriptorChain,
+  type Queue,
+  type UsedElement,
+} from '../queue.js';
 import { MAC_LENGTH } from './options.js';
 import { EAGAIN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapBackend } from './tap.js';
 
@@ -420,10 +423,7 @@ export class NetDevice implements VirtioDevice {
     if (live.heldCapacity < frame.length) {
       // Larger than any buffer set the guest offers: drop it, keep the buffers.
       this.stats.rxDropped++;
-      this.log.debug(
-        { length: frame.length - VNET_HDR_SIZE, capacity: live.heldCapacity },
-        'RX frame larger than the guest buffers; dropped',
-      );
+      this.log.debug({ length: frame.length - VNET_HDR_SIZE, capacity: live.heldCapacity }, 'RX frame larger than the guest buffers; dropped');
       return 'dropped';
     }
     const parts = this.takeParts(live, frame.length);

@@ -57,10 +57,7 @@ export function parseNetOption(spec: string): NetOptions {
 function checkIfName(spec: string, value: string | undefined): string {
   if (!value) throw new NetError('BAD_OPTION', `--net ${spec}: 'tap' needs an interface name (tap=tap0)`);
   if (value.length > MAX_IFNAME_LENGTH) {
-    throw new NetError(
-      'BAD_OPTION',
-      `--net ${spec}: interface name ${JSON.stringify(value)} is longer than ${MAX_IFNAME_LENGTH} characters`,
-    );
+    throw new NetError('BAD_OPTION', `--net ${spec}: interface name ${JSON.stringify(value)} is longer than ${MAX_IFNAME_LENGTH} characters`);
   }
   if (value === '.' || value === '..' || !/^[\x21-\x7e]+$/.test(value) || value.includes('/') || value.includes(':')) {
     throw new NetError('BAD_OPTION', `--net ${spec}: ${JSON.stringify(value)} is not a valid interface name`);
@@ -75,17 +72,11 @@ function checkIfName(spec: string, value: string | undefined): string {
 export function parseMac(text: string, context = ''): Uint8Array {
   const parts = text.split(/[:-]/);
   if (parts.length !== MAC_LENGTH || !parts.every((p) => /^[0-9a-fA-F]{2}$/.test(p))) {
-    throw new NetError(
-      'BAD_OPTION',
-      `${context}MAC address ${JSON.stringify(text)} is not of the form aa:bb:cc:dd:ee:ff`,
-    );
+    throw new NetError('BAD_OPTION', `${context}MAC address ${JSON.stringify(text)} is not of the form aa:bb:cc:dd:ee:ff`);
   }
   const mac = Uint8Array.from(parts.map((p) => parseInt(p, 16)));
   if (mac[0]! & 0x01) {
-    throw new NetError(
-      'BAD_OPTION',
-      `${context}MAC address ${text} is a multicast address; the first byte must be even`,
-    );
+    throw new NetError('BAD_OPTION', `${context}MAC address ${text} is a multicast address; the first byte must be even`);
   }
   if (mac.every((b) => b === 0)) throw new NetError('BAD_OPTION', `${context}MAC address ${text} is all zeros`);
   return mac;

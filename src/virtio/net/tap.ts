@@ -37,10 +37,7 @@ export interface TapBackend {
 }
 
 /** The part of the native addon a TAP uses; injectable for tests. */
-export type TapNative = Pick<
-  NativeAddon,
-  'tapOpen' | 'tapSetOffload' | 'tapSetVnetHdrSize' | 'read' | 'writev' | 'pollStart' | 'pollClose' | 'close'
->;
+export type TapNative = Pick<NativeAddon, 'tapOpen' | 'tapSetOffload' | 'tapSetVnetHdrSize' | 'read' | 'writev' | 'pollStart' | 'pollClose' | 'close'>;
 
 /** A TAP device over the native addon. */
 export class Tap implements TapBackend {

@@ -29,7 +29,31 @@ const cmdline = 'console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.n
 const cli = new URL('../../../bin/tsvmm.js', import.meta.url).pathname;
 const argv =
   values.vmm === 'qemu'
-    ? ['qemu-system-x86_64', '-M', 'pc', '-enable-kvm', '-cpu', 'host', '-m', '128M', '-smp', values.cpus, '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot', '-serial', 'stdio', '-kernel', fx.bzImage, '-initrd', fx.initramfs, '-append', cmdline]
+    ? [
+        'qemu-system-x86_64',
+        '-M',
+        'pc',
+        '-enable-kvm',
+        '-cpu',
+        'host',
+        '-m',
+        '128M',
+        '-smp',
+        values.cpus,
+        '-nodefaults',
+        '-no-user-config',
+        '-display',
+        'none',
+        '-no-reboot',
+        '-serial',
+        'stdio',
+        '-kernel',
+        fx.bzImage,
+        '-initrd',
+        fx.initramfs,
+        '-append',
+        cmdline,
+      ]
     : [process.execPath, cli, 'run', '--kernel', fx.bzImage, '--initrd', fx.initramfs, '--memory', '128M', '--cpus', values.cpus, '--cmdline', cmdline];
 mkdirSync(values.out, { recursive: true });
 let fails = 0;
@@ -57,7 +81,9 @@ for (let i = 0; i < runs; i++) {
     writeFileSync(join(values.out, `${values.vmm}-${values.cpus}-${i}.txt`), `exit ${code} signal ${signal}\nstderr:\n${err}\nconsole:\n${out}`);
   }
   const last = err.trim().split('\n').at(-1) ?? '';
-  console.log(`${values.vmm} boot ${i} (${values.cpus} vCPUs): ${ok ? 'ok' : 'FAILED'} exit ${code} ${((performance.now() - t0) / 1000).toFixed(1)} s ${ok ? '' : last}`);
+  console.log(
+    `${values.vmm} boot ${i} (${values.cpus} vCPUs): ${ok ? 'ok' : 'FAILED'} exit ${code} ${((performance.now() - t0) / 1000).toFixed(1)} s ${ok ? '' : last}`,
+  );
 }
 console.log(`${values.vmm}, ${values.cpus} vCPUs: ${fails} of ${runs} boots failed`);
 process.exitCode = fails > 0 ? 1 : 0;
