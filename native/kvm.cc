@@ -508,6 +508,7 @@ struct VcpuThread {
   bool onLoop = false;
   bool inBurst = false;
   bool finished = false;
+  int openHandles = 0;  // idle and keepalive, while they close
   napi_env env = nullptr;
   uv_idle_t idle{};
   uv_prepare_t keepalive{};  // holds the loop open while the idle handle is stopped (during a burst)
@@ -905,21 +906,27 @@ int LoopReport(VcpuThread* v, int report, int err) {
   }
 }
 
+// Close callback of a loop vCPU's two handles. libuv runs close callbacks
+// newest first, so the VcpuThread (which holds both handles) is freed by
+// whichever comes second, once libuv is done with both.
+void LoopVcpuHandleClosed(uv_handle_t* h) {
+  auto* vt = static_cast<VcpuThread*>(h->data);
+  if (--vt->openHandles > 0) return;
+  g_vcpus.erase(vt->id);
+  vt->cb.Reset();
+  vt->runRef.Reset();
+  vt->samplesRef.Reset();
+  napi_async_destroy(vt->env, vt->asyncContext);
+  delete vt;
+}
+
 void FinishLoopVcpu(VcpuThread* v) {
   v->finished = true;
   uv_idle_stop(&v->idle);
   LoopReport(v, kStopped, 0);
-  uv_close(reinterpret_cast<uv_handle_t*>(&v->keepalive), nullptr);
-  uv_close(reinterpret_cast<uv_handle_t*>(&v->idle), [](uv_handle_t* h) {
-    // Closed after keepalive (close callbacks run in order).
-    auto* vt = static_cast<VcpuThread*>(h->data);
-    g_vcpus.erase(vt->id);
-    vt->cb.Reset();
-    vt->runRef.Reset();
-    vt->samplesRef.Reset();
-    napi_async_destroy(vt->env, vt->asyncContext);
-    delete vt;
-  });
+  v->openHandles = 2;
+  uv_close(reinterpret_cast<uv_handle_t*>(&v->keepalive), LoopVcpuHandleClosed);
+  uv_close(reinterpret_cast<uv_handle_t*>(&v->idle), LoopVcpuHandleClosed);
 }
 
 void LoopBurst(uv_idle_t* handle) {
