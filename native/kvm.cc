@@ -643,15 +643,20 @@ void VcpuLoop(VcpuThread* v) {
   v->tsfn.Release();
 }
 
+// Once per process, however many environments (the main thread, workers)
+// load the addon and start vCPUs, possibly at the same time: a function-local
+// static is initialised exactly once, and a second caller waits until the
+// handler is in place (a kick before it would end the process).
 void InstallKickHandler() {
-  static bool installed = false;
-  if (installed) return;
-  struct sigaction sa = {};
-  sa.sa_handler = KickHandler;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
-  sigaction(KickSignal(), &sa, nullptr);
-  installed = true;
+  static const bool installed = [] {
+    struct sigaction sa = {};
+    sa.sa_handler = KickHandler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
+    sigaction(KickSignal(), &sa, nullptr);
+    return true;
+  }();
+  (void)installed;
 }
 
 VcpuThread* FindVcpu(const Napi::CallbackInfo& info) {
