@@ -464,6 +464,30 @@ Napi::Value MapVcpuRun(const Napi::CallbackInfo& info) {
 // the same event loop. A kick is immediate_exit plus a signal, so a vCPU
 // sleeping in the guest's HLT leaves KVM_RUN at once.
 
+struct VcpuThread;
+struct LoopWatcher;
+struct PollWatch;
+
+// What the addon keeps for one Node environment: the main thread's, or one
+// worker_threads Worker's. The module may be loaded in several at once, each
+// with its own event loop and JavaScript thread, so nothing here is shared:
+// handles (vCPU, poll) are numbered per environment and only valid in it.
+struct EnvState {
+  std::map<int, VcpuThread*> vcpus;
+  int nextVcpu = 1;
+  // The watcher thread of this environment's event loop (one loop per
+  // environment), started with its first vCPU on the loop.
+  LoopWatcher* watcher = nullptr;
+  std::map<int, PollWatch*> polls;
+  int nextPoll = 1;
+};
+
+EnvState* StateOf(napi_env env) {
+  void* data = nullptr;
+  napi_get_instance_data(env, &data);
+  return static_cast<EnvState*>(data);
+}
+
 enum Report { kExit = 0, kKicked = 1, kStopped = 2, kError = 3, kFilterError = 4, kPaused = 5 };
 enum Action { kContinue = 0, kStop = 1 };
 
@@ -472,6 +496,7 @@ int KickSignal() { return SIGRTMIN; }
 void KickHandler(int) {}
 
 struct VcpuThread {
+  EnvState* state = nullptr;
   int id = 0;
   int fd = -1;
   kvm_run* run = nullptr;
@@ -520,9 +545,6 @@ struct VcpuThread {
   // before its first KVM_RUN; empty: none.
   std::vector<uint8_t> filter;
 };
-
-std::map<int, VcpuThread*> g_vcpus;
-int g_nextVcpu = 1;
 
 void RecordSample(VcpuThread* v) {
   kvm_regs regs;
@@ -661,8 +683,9 @@ void InstallKickHandler() {
 
 VcpuThread* FindVcpu(const Napi::CallbackInfo& info) {
   int h = ArgInt(info, 0);
-  auto it = g_vcpus.find(h);
-  if (it == g_vcpus.end()) ThrowType(info.Env(), "unknown or finished vCPU handle " + std::to_string(h));
+  EnvState* state = StateOf(info.Env());
+  auto it = state->vcpus.find(h);
+  if (it == state->vcpus.end()) ThrowType(info.Env(), "unknown or finished vCPU handle " + std::to_string(h));
   return it->second;
 }
 
@@ -689,9 +712,11 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
   }
   InstallKickHandler();
 
+  EnvState* state = StateOf(env);
   auto* v = new VcpuThread();
+  v->state = state;
   v->filter = std::move(filter);
-  v->id = g_nextVcpu++;
+  v->id = state->nextVcpu++;
   v->fd = fd;
   // Safe: the buffer is the kvm_run mmap (size checked); runRef keeps it mapped.
   v->run = static_cast<kvm_run*>(run.Data());
@@ -702,13 +727,13 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
         // Runs on the main thread after the vCPU thread released the function,
         // which is its last act: the join returns at once.
         if (vt->thread.joinable()) vt->thread.join();
-        g_vcpus.erase(vt->id);
+        vt->state->vcpus.erase(vt->id);
         vt->runRef.Reset();
         vt->samplesRef.Reset();
         delete vt;
       },
       static_cast<void*>(nullptr));
-  g_vcpus[v->id] = v;
+  state->vcpus[v->id] = v;
   v->thread = std::thread(VcpuLoop, v);
   return Napi::Number::New(env, v->id);
 }
@@ -753,8 +778,6 @@ struct LoopWatcher {
   kvm_run* run = nullptr;
   std::chrono::steady_clock::time_point armedAt;
 };
-
-std::map<uv_loop_t*, LoopWatcher*> g_watchers;
 
 void WatcherLoop(LoopWatcher* w) {
   // The watcher must never take the kick signal itself.
@@ -801,9 +824,8 @@ void WatcherLoop(LoopWatcher* w) {
   }
 }
 
-LoopWatcher* WatcherFor(Napi::Env env, uv_loop_t* loop) {
-  auto it = g_watchers.find(loop);
-  if (it != g_watchers.end()) return it->second;
+LoopWatcher* WatcherFor(Napi::Env env, EnvState* state, uv_loop_t* loop) {
+  if (state->watcher != nullptr) return state->watcher;
   auto* w = new LoopWatcher();
   w->epfd = epoll_create1(EPOLL_CLOEXEC);
   if (w->epfd < 0) {
@@ -827,7 +849,7 @@ LoopWatcher* WatcherFor(Napi::Env env, uv_loop_t* loop) {
   }
   w->thread = std::thread(WatcherLoop, w);
   w->thread.detach();  // lives as long as the loop; ends with the process
-  g_watchers[loop] = w;
+  state->watcher = w;
   return w;
 }
 
@@ -917,7 +939,7 @@ int LoopReport(VcpuThread* v, int report, int err) {
 void LoopVcpuHandleClosed(uv_handle_t* h) {
   auto* vt = static_cast<VcpuThread*>(h->data);
   if (--vt->openHandles > 0) return;
-  g_vcpus.erase(vt->id);
+  vt->state->vcpus.erase(vt->id);
   vt->cb.Reset();
   vt->runRef.Reset();
   vt->samplesRef.Reset();
@@ -1008,7 +1030,8 @@ Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
   uv_loop_t* loop = nullptr;
   if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) ThrowType(env, "no event loop");
   InstallKickHandler();
-  LoopWatcher* w = WatcherFor(env, loop);
+  EnvState* state = StateOf(env);
+  LoopWatcher* w = WatcherFor(env, state, loop);
 
   // The kick signal: blocked on this thread, open only inside KVM_RUN.
   sigset_t block, mask;
@@ -1029,7 +1052,8 @@ Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
   if (ioctl(fd, kSetSignalMask, km) < 0) ThrowErrno(env, "KVM_SET_SIGNAL_MASK", errno);
 
   auto* v = new VcpuThread();
-  v->id = g_nextVcpu++;
+  v->state = state;
+  v->id = state->nextVcpu++;
   v->fd = fd;
   v->onLoop = true;
   v->env = env;
@@ -1050,7 +1074,7 @@ Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
   v->keepalive.data = v;
   uv_prepare_start(&v->keepalive, [](uv_prepare_t*) {});
   v->started.store(true);
-  g_vcpus[v->id] = v;
+  state->vcpus[v->id] = v;
   return Napi::Number::New(env, v->id);
 }
 
@@ -1077,8 +1101,9 @@ Napi::Value KickVcpu(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value StopVcpu(const Napi::CallbackInfo& info) {
-  auto it = g_vcpus.find(ArgInt(info, 0));
-  if (it == g_vcpus.end()) return info.Env().Undefined();  // already gone: stopping twice is fine
+  EnvState* state = StateOf(info.Env());
+  auto it = state->vcpus.find(ArgInt(info, 0));
+  if (it == state->vcpus.end()) return info.Env().Undefined();  // already gone: stopping twice is fine
   it->second->stopRequested.store(true);
   {
     // A paused thread waits on pauseCv, not in KVM_RUN.
@@ -1286,6 +1311,7 @@ Napi::Value LockFile(const Napi::CallbackInfo& info) {
 // fd readiness on the main event loop
 
 struct PollWatch {
+  EnvState* state = nullptr;
   int id;
   uv_poll_t handle;
   Napi::FunctionReference cb;
@@ -1294,9 +1320,6 @@ struct PollWatch {
   bool active = false;
   PollWatch(Napi::Env e) : env(e) {}
 };
-
-std::map<int, PollWatch*> g_polls;
-int g_nextPoll = 1;
 
 void OnPoll(uv_poll_t* h, int status, int events) {
   // Safe: handle.data was set to the owning PollWatch, freed only in the close callback.
@@ -1309,8 +1332,9 @@ void OnPoll(uv_poll_t* h, int status, int events) {
 }
 
 PollWatch* FindPoll(const Napi::CallbackInfo& info) {
-  auto it = g_polls.find(ArgInt(info, 0));
-  if (it == g_polls.end()) ThrowType(info.Env(), "unknown poll handle");
+  EnvState* state = StateOf(info.Env());
+  auto it = state->polls.find(ArgInt(info, 0));
+  if (it == state->polls.end()) ThrowType(info.Env(), "unknown poll handle");
   return it->second;
 }
 
@@ -1320,8 +1344,10 @@ Napi::Value PollStart(const Napi::CallbackInfo& info) {
   if (info.Length() < 2 || !info[1].IsFunction()) ThrowType(env, "pollStart(fd, onReadable)");
   uv_loop_t* loop = nullptr;
   if (napi_get_uv_event_loop(env, &loop) != napi_ok) ThrowType(env, "no event loop");
+  EnvState* state = StateOf(env);
   auto* w = new PollWatch(env);
-  w->id = g_nextPoll++;
+  w->state = state;
+  w->id = state->nextPoll++;
   int r = uv_poll_init(loop, &w->handle, fd);
   if (r < 0) {
     delete w;
@@ -1332,7 +1358,7 @@ Napi::Value PollStart(const Napi::CallbackInfo& info) {
   w->ctx = std::make_unique<Napi::AsyncContext>(env, "tsvmm-poll");
   uv_poll_start(&w->handle, UV_READABLE, OnPoll);
   w->active = true;
-  g_polls[w->id] = w;
+  state->polls[w->id] = w;
   return Napi::Number::New(env, w->id);
 }
 
@@ -1355,10 +1381,11 @@ Napi::Value PollStop(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value PollClose(const Napi::CallbackInfo& info) {
-  auto it = g_polls.find(ArgInt(info, 0));
-  if (it == g_polls.end()) return info.Env().Undefined();
+  EnvState* state = StateOf(info.Env());
+  auto it = state->polls.find(ArgInt(info, 0));
+  if (it == state->polls.end()) return info.Env().Undefined();
   PollWatch* w = it->second;
-  g_polls.erase(it);
+  state->polls.erase(it);
   uv_poll_stop(&w->handle);
   w->cb.Reset();
   uv_close(reinterpret_cast<uv_handle_t*>(&w->handle), [](uv_handle_t* h) {
@@ -1541,7 +1568,11 @@ Napi::Object Constants(Napi::Env env) {
   return c;
 }
 
+// Runs once per environment that loads the module (the main thread, each
+// worker), not once per process.
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  // Freed with the environment's napi_env.
+  env.SetInstanceData<EnvState>(new EnvState());
   exports.Set("layout", Layout(env));
   Napi::Object constants = Constants(env);
   exports.Set("constants", constants);
