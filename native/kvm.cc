@@ -499,9 +499,9 @@ struct VcpuThread {
   EnvState* state = nullptr;
   int id = 0;
   int fd = -1;
+  // The vCPU's kvm_run, mapped for the addon alone (MapRunForAddon).
   kvm_run* run = nullptr;
   Napi::ThreadSafeFunction tsfn;
-  Napi::Reference<Napi::ArrayBuffer> runRef;
   std::thread thread;
   pthread_t tid{};
   std::atomic<bool> started{false};
@@ -544,7 +544,31 @@ struct VcpuThread {
   // A seccomp program (struct sock_filter[]) the thread installs on itself
   // before its first KVM_RUN; empty: none.
   std::vector<uint8_t> filter;
+
+  ~VcpuThread();
 };
+
+// kvm_run is the first page of a vCPU's mapping.
+constexpr size_t kRunPage = 4096;
+static_assert(sizeof(kvm_run) <= kRunPage, "kvm_run fits in its page");
+
+// The vCPU's kvm_run mapped a second time, for the addon alone: the
+// ArrayBuffer JavaScript reads it through is unmapped when JavaScript says
+// (unmap()) or when its environment is torn down (buffers are finalized
+// before the addon's cleanup hook runs), while a vCPU thread, a kick or the
+// loop watcher may still write immediate_exit. Both are MAP_SHARED mappings
+// of the same page, so they see the same fields. Like any kvm_run mapping it
+// holds a reference on the vCPU: it goes with the VcpuThread, as soon as the
+// vCPU has stopped.
+kvm_run* MapRunForAddon(Napi::Env env, int fd) {
+  void* p = mmap(nullptr, kRunPage, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) ThrowErrno(env, "mmap kvm_run", errno);
+  return static_cast<kvm_run*>(p);
+}
+
+VcpuThread::~VcpuThread() {
+  if (run != nullptr) munmap(run, kRunPage);
+}
 
 void RecordSample(VcpuThread* v) {
   kvm_regs regs;
@@ -713,14 +737,13 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
   InstallKickHandler();
 
   EnvState* state = StateOf(env);
+  kvm_run* own = MapRunForAddon(env, fd);
   auto* v = new VcpuThread();
   v->state = state;
   v->filter = std::move(filter);
   v->id = state->nextVcpu++;
   v->fd = fd;
-  // Safe: the buffer is the kvm_run mmap (size checked); runRef keeps it mapped.
-  v->run = static_cast<kvm_run*>(run.Data());
-  v->runRef = Napi::Persistent(run);
+  v->run = own;
   v->tsfn = Napi::ThreadSafeFunction::New(
       env, info[2].As<Napi::Function>(), "tsvmm-vcpu", 0, 1, v,
       [](Napi::Env, void*, VcpuThread* vt) {
@@ -728,7 +751,6 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
         // which is its last act: the join returns at once.
         if (vt->thread.joinable()) vt->thread.join();
         vt->state->vcpus.erase(vt->id);
-        vt->runRef.Reset();
         vt->samplesRef.Reset();
         delete vt;
       },
@@ -941,7 +963,6 @@ void LoopVcpuHandleClosed(uv_handle_t* h) {
   if (--vt->openHandles > 0) return;
   vt->state->vcpus.erase(vt->id);
   vt->cb.Reset();
-  vt->runRef.Reset();
   vt->samplesRef.Reset();
   napi_async_destroy(vt->env, vt->asyncContext);
   delete vt;
@@ -1051,6 +1072,7 @@ Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
   constexpr unsigned long kSetSignalMask = _IOC(_IOC_WRITE, KVMIO, 0x8b, sizeof(__u32));
   if (ioctl(fd, kSetSignalMask, km) < 0) ThrowErrno(env, "KVM_SET_SIGNAL_MASK", errno);
 
+  kvm_run* own = MapRunForAddon(env, fd);
   auto* v = new VcpuThread();
   v->state = state;
   v->id = state->nextVcpu++;
@@ -1059,9 +1081,7 @@ Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
   v->env = env;
   v->watcher = w;
   v->tid = pthread_self();
-  // Safe: the buffer is the kvm_run mmap (size checked); runRef keeps it mapped.
-  v->run = static_cast<kvm_run*>(run.Data());
-  v->runRef = Napi::Persistent(run);
+  v->run = own;
   v->cb = Napi::Persistent(info[2].As<Napi::Function>());
   if (napi_async_init(env, nullptr, Napi::String::New(env, "tsvmm-vcpu"), &v->asyncContext) != napi_ok) {
     delete v;
