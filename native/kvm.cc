@@ -533,6 +533,7 @@ struct VcpuThread {
   bool onLoop = false;
   bool inBurst = false;
   bool finished = false;
+  bool jsGone = false;  // a report could not run: the environment is shutting down
   int openHandles = 0;  // idle and keepalive, while they close
   napi_env env = nullptr;
   uv_idle_t idle{};
@@ -581,27 +582,51 @@ void RecordSample(VcpuThread* v) {
   __atomic_store_n(&v->samples[0], n + 1, __ATOMIC_RELEASE);
 }
 
+// Calls into JavaScript from libuv callbacks and thread-safe function
+// dispatch, with raw Node-API calls that never throw: a C++ exception must
+// not unwind through libuv or Node (it would end the process), and
+// node-addon-api throws one whenever a call fails, which every call does once
+// the environment is shutting down (a worker terminated or exiting) and
+// JavaScript can no longer run.
+
+// A report callback's answer: the VcpuAction it returned (a number), else Continue.
+int ReturnedAction(napi_env env, napi_value ret) {
+  napi_valuetype type;
+  int32_t action;
+  if (napi_typeof(env, ret, &type) == napi_ok && type == napi_number && napi_get_value_int32(env, ret, &action) == napi_ok) return action;
+  return kContinue;
+}
+
+// cb(report, err) with `this` undefined. False when it did not return: it
+// threw (the exception stays pending, and Node raises it as uncaught once
+// the dispatch returns) or JavaScript cannot run any more.
+bool CallReportCallback(napi_env env, napi_value cb, int report, int err, int* action) {
+  napi_value argv[2], recv, ret;
+  if (napi_create_int32(env, report, &argv[0]) != napi_ok || napi_create_int32(env, err, &argv[1]) != napi_ok ||
+      napi_get_undefined(env, &recv) != napi_ok || napi_call_function(env, recv, cb, 2, argv, &ret) != napi_ok)
+    return false;
+  *action = ReturnedAction(env, ret);
+  return true;
+}
+
+// After a failed napi_make_callback from a libuv callback: an exception the
+// callback threw is raised as uncaught, as Node does for its own I/O
+// callbacks. Returns false when there was none: JavaScript cannot run any
+// more (the environment is shutting down).
+bool RaisePendingException(napi_env env) {
+  bool pending = false;
+  if (napi_is_exception_pending(env, &pending) != napi_ok || !pending) return false;
+  napi_value e;
+  if (napi_get_and_clear_last_exception(env, &e) == napi_ok) napi_fatal_exception(env, e);
+  return true;
+}
+
 // Runs on the main thread for each report.
 void CallReport(Napi::Env env, Napi::Function cb, VcpuThread* v) {
   int action = kStop;
-  if (env != nullptr && cb != nullptr) {
-    try {
-      Napi::Value ret = cb.Call({Napi::Number::New(env, v->report), Napi::Number::New(env, v->err)});
-      action = ret.IsNumber() ? ret.As<Napi::Number>().Int32Value() : kContinue;
-    } catch (const Napi::Error& e) {
-      // The TypeScript handler catches its own errors; reaching here is a
-      // bug. Stop this vCPU and let the error surface as uncaught.
-      action = kStop;
-      {
-        std::lock_guard<std::mutex> lock(v->mu);
-        v->action = action;
-        v->replied = true;
-      }
-      v->cv.notify_one();
-      e.ThrowAsJavaScriptException();
-      return;
-    }
-  }
+  // A handler that threw is a bug (the TypeScript handler catches its own
+  // errors): this vCPU stops, and the error surfaces as uncaught.
+  if (env != nullptr && cb != nullptr && !CallReportCallback(env, cb, v->report, v->err, &action)) action = kStop;
   {
     std::lock_guard<std::mutex> lock(v->mu);
     v->action = action;
@@ -666,7 +691,8 @@ void VcpuLoop(VcpuThread* v) {
           uint64_t seq = v->pauseSeq;
           lock.unlock();
           v->tsfn.NonBlockingCall(v, [](Napi::Env env, Napi::Function cb, VcpuThread*) {
-            if (env != nullptr && cb != nullptr) cb.Call({Napi::Number::New(env, kPaused), Napi::Number::New(env, 0)});
+            int ignored;
+            if (env != nullptr && cb != nullptr) CallReportCallback(env, cb, kPaused, 0, &ignored);
           });
           lock.lock();
           v->pauseCv.wait(lock, [v, seq] { return !v->pauseRequested.load() || v->stopRequested.load() || v->pauseSeq != seq; });
@@ -681,10 +707,9 @@ void VcpuLoop(VcpuThread* v) {
     v->report = kStopped;
     v->err = 0;
   }
-  v->tsfn.NonBlockingCall(v, [](Napi::Env env, Napi::Function cb, VcpuThread* vt) {
-    if (env != nullptr && cb != nullptr) {
-      cb.Call({Napi::Number::New(env, kStopped), Napi::Number::New(env, 0)});
-    }
+  v->tsfn.NonBlockingCall(v, [](Napi::Env env, Napi::Function cb, VcpuThread*) {
+    int ignored;
+    if (env != nullptr && cb != nullptr) CallReportCallback(env, cb, kStopped, 0, &ignored);
   });
   v->tsfn.Release();
 }
@@ -941,18 +966,26 @@ void EatKickSignals() {
 }
 
 // Calls the report callback on the loop thread; returns its VcpuAction.
+// An exception from the callback is a bug (the TypeScript handler catches
+// its own errors): this vCPU stops, and the error is raised as uncaught.
+// Once JavaScript cannot run (jsGone), reports nothing and answers Stop.
 int LoopReport(VcpuThread* v, int report, int err) {
-  Napi::Env env(v->env);
-  Napi::HandleScope scope(env);
-  try {
-    Napi::Value ret = v->cb.Value().MakeCallback(env.Global(), {Napi::Number::New(env, report), Napi::Number::New(env, err)}, v->asyncContext);
-    return ret.IsNumber() ? ret.As<Napi::Number>().Int32Value() : kContinue;
-  } catch (const Napi::Error& e) {
-    // The TypeScript handler catches its own errors: reaching here is a bug.
-    // Stop this vCPU and raise it as an uncaught exception.
-    napi_fatal_exception(v->env, e.Value());
-    return kStop;
+  if (v->jsGone) return kStop;
+  napi_env env = v->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return kStop;
+  int action = kStop;
+  napi_value argv[2], global, cb, ret;
+  if (napi_create_int32(env, report, &argv[0]) == napi_ok && napi_create_int32(env, err, &argv[1]) == napi_ok &&
+      napi_get_global(env, &global) == napi_ok && napi_get_reference_value(env, v->cb, &cb) == napi_ok) {
+    if (napi_make_callback(env, v->asyncContext, global, cb, 2, argv, &ret) == napi_ok) {
+      action = ReturnedAction(env, ret);
+    } else if (!RaisePendingException(env)) {
+      v->jsGone = true;
+    }
   }
+  napi_close_handle_scope(env, scope);
+  return action;
 }
 
 // Close callback of a loop vCPU's two handles. libuv runs close callbacks
@@ -1346,9 +1379,17 @@ void OnPoll(uv_poll_t* h, int status, int events) {
   auto* w = static_cast<PollWatch*>(h->data);
   (void)events;
   (void)status;
-  Napi::HandleScope scope(w->env);
-  // MakeCallback runs the microtask queue after the callback, as for any I/O callback.
-  w->cb.MakeCallback(Napi::Object::New(w->env), {}, *w->ctx);
+  napi_env env = w->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_value recv, cb, ret;
+  // MakeCallback runs the microtask queue after the callback, as for any I/O
+  // callback. When it fails without an exception, JavaScript cannot run any
+  // more: the environment's teardown closes this watch.
+  if (napi_create_object(env, &recv) == napi_ok && napi_get_reference_value(env, w->cb, &cb) == napi_ok &&
+      napi_make_callback(env, *w->ctx, recv, cb, 0, nullptr, &ret) != napi_ok)
+    RaisePendingException(env);
+  napi_close_handle_scope(env, scope);
 }
 
 PollWatch* FindPoll(const Napi::CallbackInfo& info) {
