@@ -218,6 +218,9 @@ Napi::Value GetSupportedCpuid(const Napi::CallbackInfo& info) {
 // ---------------------------------------------------------------------------
 // fds, system and VM ioctls
 
+void ForgetVm(int fd);
+void RecordSlot(void* base, int vmFd, uint32_t slot);
+
 Napi::Value Open(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsString()) ThrowType(info.Env(), "path must be a string");
   std::string path = info[0].As<Napi::String>();
@@ -228,6 +231,7 @@ Napi::Value Open(const Napi::CallbackInfo& info) {
 
 Napi::Value Close(const Napi::CallbackInfo& info) {
   int fd = ArgInt(info, 0);
+  ForgetVm(fd);  // before the close: once closed, the number may be another's
   if (close(fd) < 0 && errno != EINTR) ThrowErrno(info.Env(), "close", errno);
   return info.Env().Undefined();
 }
@@ -297,6 +301,7 @@ Napi::Value SetUserMemoryRegion(const Napi::CallbackInfo& info) {
   // buffer referenced for the VM's lifetime, so the mapping outlives the slot.
   r.userspace_addr = reinterpret_cast<uint64_t>(static_cast<uint8_t*>(ab.Data()) + offset);
   Ioctl(env, vmFd, KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION");
+  RecordSlot(ab.Data(), vmFd, r.slot);
   return env.Undefined();
 }
 
@@ -385,27 +390,99 @@ Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
 
 // A mapping is released either by unmap() or by the garbage collector,
 // whichever comes first. The finalizer only unmaps what unmap() has not.
+//
+// Guest RAM is unmapped only after the KVM memory slots it backs are
+// deleted: a slot holds host addresses, and a guest still running (a
+// worker's buffers are finalized before its vCPU threads are stopped) would
+// otherwise reach whatever the process maps there next, another thread's
+// memory. KVM waits for running vCPUs to be out of the slot before the
+// delete returns.
+//
+// The map is process wide (mappings of every environment, keyed by
+// address, under mappingsMutex): a mapping's address is not reused before
+// it is unmapped, which happens after it left the map, and the slot records
+// are keyed by VM fd, unique while open (close() drops a VM's).
+struct MemSlot {
+  int vmFd;
+  uint32_t slot;
+};
+
 struct Mapping {
   void* addr;
   size_t size;
+  std::vector<MemSlot> slots;  // under mappingsMutex
 };
 
 std::mutex mappingsMutex;
 std::map<void*, Mapping*> mappings;
 
+// Deletes the slots a mapping backs (mappingsMutex held, so that close()
+// cannot close a VM fd between here and the ioctl), once out of the map.
+void DeleteSlots(Mapping* m) {
+  for (const MemSlot& s : m->slots) {
+    kvm_userspace_memory_region r = {};
+    r.slot = s.slot;  // memory_size 0: delete
+    ioctl(s.vmFd, KVM_SET_USER_MEMORY_REGION, &r);
+  }
+  m->slots.clear();
+}
+
+// After KVM_SET_USER_MEMORY_REGION: `slot` of `vmFd` is backed by the
+// mapping at `base` now, and by no other.
+void RecordSlot(void* base, int vmFd, uint32_t slot) {
+  std::lock_guard<std::mutex> lock(mappingsMutex);
+  for (auto& entry : mappings) {
+    auto& v = entry.second->slots;
+    for (size_t i = 0; i < v.size();) {
+      if (v[i].vmFd == vmFd && v[i].slot == slot) {
+        v.erase(v.begin() + i);
+      } else {
+        i++;
+      }
+    }
+  }
+  auto it = mappings.find(base);
+  if (it != mappings.end()) it->second->slots.push_back({vmFd, slot});
+}
+
+// Before an fd is closed: if it is a VM's, its slots go with it.
+void ForgetVm(int fd) {
+  std::lock_guard<std::mutex> lock(mappingsMutex);
+  for (auto& entry : mappings) {
+    auto& v = entry.second->slots;
+    for (size_t i = 0; i < v.size();) {
+      if (v[i].vmFd == fd) {
+        v.erase(v.begin() + i);
+      } else {
+        i++;
+      }
+    }
+  }
+}
+
+// Takes the mapping at `addr` out of the map and deletes its slots; the
+// caller unmaps it. Null when it is not in the map (already unmapped).
+Mapping* ReleaseMapping(void* addr, Mapping* expected) {
+  std::lock_guard<std::mutex> lock(mappingsMutex);
+  auto it = mappings.find(addr);
+  if (it == mappings.end() || (expected != nullptr && it->second != expected)) return nullptr;
+  Mapping* m = it->second;
+  mappings.erase(it);
+  DeleteSlots(m);
+  return m;
+}
+
 Napi::Value ExternalMapping(Napi::Env env, void* addr, size_t size) {
-  auto* m = new Mapping{addr, size};
+  auto* m = new Mapping{addr, size, {}};
   {
     std::lock_guard<std::mutex> lock(mappingsMutex);
     mappings[addr] = m;
   }
   return Napi::ArrayBuffer::New(env, addr, size, [](Napi::Env, void*, Mapping* hint) {
-    {
-      std::lock_guard<std::mutex> lock(mappingsMutex);
-      auto it = mappings.find(hint->addr);
-      if (it != mappings.end() && it->second == hint) mappings.erase(it);
+    if (hint->addr != nullptr) {
+      ReleaseMapping(hint->addr, hint);
+      munmap(hint->addr, hint->size);
     }
-    if (hint->addr != nullptr) munmap(hint->addr, hint->size);
     delete hint;
   }, m);
 }
@@ -419,14 +496,8 @@ Napi::Value Unmap(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsArrayBuffer()) ThrowType(env, "argument 0 must be an ArrayBuffer from a tsvmm mapping");
   Napi::ArrayBuffer ab = info[0].As<Napi::ArrayBuffer>();
   void* addr = ab.Data();
-  Mapping* m = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(mappingsMutex);
-    auto it = mappings.find(addr);
-    if (it == mappings.end()) return env.Undefined();  // already unmapped, or not ours
-    m = it->second;
-    mappings.erase(it);
-  }
+  Mapping* m = ReleaseMapping(addr, nullptr);
+  if (m == nullptr) return env.Undefined();  // already unmapped, or not ours
   ab.Detach();
   munmap(m->addr, m->size);
   // The finalizer still runs later and frees m; it must not unmap again.
