@@ -216,10 +216,59 @@ Napi::Value GetSupportedCpuid(const Napi::CallbackInfo& info) {
 }
 
 // ---------------------------------------------------------------------------
-// fds, system and VM ioctls
+// Per-environment state
+
+struct VcpuThread;
+struct LoopWatcher;
+struct PollWatch;
+
+// What the addon keeps for one Node environment: the main thread's, or one
+// worker_threads Worker's. The module may be loaded in several at once, each
+// with its own event loop and JavaScript thread, so nothing here is shared:
+// handles (vCPU, poll) are numbered per environment and only valid in it.
+// When the environment ends (a Worker exits or is terminated, the main
+// thread's loop runs dry), its cleanup hook, Teardown, stops what is left.
+struct EnvState {
+  std::map<int, VcpuThread*> vcpus;
+  int nextVcpu = 1;
+  // The watcher thread of this environment's event loop (one loop per
+  // environment), started with its first vCPU on the loop.
+  LoopWatcher* watcher = nullptr;
+  std::map<int, PollWatch*> polls;
+  int nextPoll = 1;
+  // uv handles of the addon's whose close callbacks have not run yet. The
+  // loop must not be closed before they have (it would abort), so the
+  // cleanup hook ends only when this is back to 0.
+  int closing = 0;
+  // The cleanup hook while it waits for those close callbacks.
+  napi_async_cleanup_hook_handle hookWaiting = nullptr;
+};
+
+EnvState* StateOf(napi_env env) {
+  void* data = nullptr;
+  napi_get_instance_data(env, &data);
+  return static_cast<EnvState*>(data);
+}
 
 void ForgetVm(int fd);
 void RecordSlot(void* base, int vmFd, uint32_t slot);
+
+// Every uv_close of the addon's handles goes through CloseHandle, and every
+// close callback ends with HandleClosed, so that teardown can wait for them.
+void CloseHandle(EnvState* state, uv_handle_t* h, uv_close_cb cb) {
+  state->closing++;
+  uv_close(h, cb);
+}
+
+void HandleClosed(EnvState* state) {
+  if (--state->closing > 0 || state->hookWaiting == nullptr) return;
+  napi_async_cleanup_hook_handle hook = state->hookWaiting;
+  state->hookWaiting = nullptr;
+  napi_remove_async_cleanup_hook(hook);  // teardown is over
+}
+
+// ---------------------------------------------------------------------------
+// fds, system and VM ioctls
 
 Napi::Value Open(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsString()) ThrowType(info.Env(), "path must be a string");
@@ -535,30 +584,6 @@ Napi::Value MapVcpuRun(const Napi::CallbackInfo& info) {
 // the same event loop. A kick is immediate_exit plus a signal, so a vCPU
 // sleeping in the guest's HLT leaves KVM_RUN at once.
 
-struct VcpuThread;
-struct LoopWatcher;
-struct PollWatch;
-
-// What the addon keeps for one Node environment: the main thread's, or one
-// worker_threads Worker's. The module may be loaded in several at once, each
-// with its own event loop and JavaScript thread, so nothing here is shared:
-// handles (vCPU, poll) are numbered per environment and only valid in it.
-struct EnvState {
-  std::map<int, VcpuThread*> vcpus;
-  int nextVcpu = 1;
-  // The watcher thread of this environment's event loop (one loop per
-  // environment), started with its first vCPU on the loop.
-  LoopWatcher* watcher = nullptr;
-  std::map<int, PollWatch*> polls;
-  int nextPoll = 1;
-};
-
-EnvState* StateOf(napi_env env) {
-  void* data = nullptr;
-  napi_get_instance_data(env, &data);
-  return static_cast<EnvState*>(data);
-}
-
 enum Report { kExit = 0, kKicked = 1, kStopped = 2, kError = 3, kFilterError = 4, kPaused = 5 };
 enum Action { kContinue = 0, kStop = 1 };
 
@@ -580,6 +605,8 @@ struct VcpuThread {
   std::mutex mu;
   std::condition_variable cv;
   bool replied = false;
+  // The environment is going away: no answer will come (under mu).
+  bool abandoned = false;
   int action = kContinue;
   int report = kExit;
   int err = 0;
@@ -707,17 +734,20 @@ void CallReport(Napi::Env env, Napi::Function cb, VcpuThread* v) {
 }
 
 // Hands one report to the main thread and waits for its answer.
+// Stop when the environment has abandoned the thread: its JavaScript will
+// not answer (a report already queued is never dispatched).
 int ReportAndWait(VcpuThread* v, int report, int err) {
   {
     std::lock_guard<std::mutex> lock(v->mu);
+    if (v->abandoned) return kStop;
     v->report = report;
     v->err = err;
     v->replied = false;
   }
   if (v->tsfn.BlockingCall(v, CallReport) != napi_ok) return kStop;
   std::unique_lock<std::mutex> lock(v->mu);
-  v->cv.wait(lock, [v] { return v->replied; });
-  return v->action;
+  v->cv.wait(lock, [v] { return v->replied || v->abandoned; });
+  return v->replied ? v->action : kStop;
 }
 
 void VcpuLoop(VcpuThread* v) {
@@ -816,6 +846,20 @@ void Kick(VcpuThread* v) {
   if (v->started.load()) pthread_kill(v->tid, KickSignal());
 }
 
+// Stops a vCPU thread without JavaScript, which will not answer any more
+// (its environment is being torn down): a report it waits on ends in Stop, a
+// pause ends, and KVM_RUN is kicked. The caller joins the thread.
+void Abandon(VcpuThread* v) {
+  {
+    std::lock_guard<std::mutex> lock(v->mu);
+    v->abandoned = true;
+    v->stopRequested.store(true);
+  }
+  v->cv.notify_all();
+  v->pauseCv.notify_all();
+  Kick(v);
+}
+
 Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = ArgInt(info, 0);
@@ -844,8 +888,14 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
       env, info[2].As<Napi::Function>(), "tsvmm-vcpu", 0, 1, v,
       [](Napi::Env, void*, VcpuThread* vt) {
         // Runs on the main thread after the vCPU thread released the function,
-        // which is its last act: the join returns at once.
-        if (vt->thread.joinable()) vt->thread.join();
+        // which is its last act: the join returns at once. Or when the
+        // environment is torn down: Teardown has stopped and joined the
+        // thread already (this runs after cleanup hooks), and in case it
+        // has not, it is stopped here, for the function is going away.
+        if (vt->thread.joinable()) {
+          Abandon(vt);
+          vt->thread.join();
+        }
         vt->state->vcpus.erase(vt->id);
         vt->samplesRef.Reset();
         delete vt;
@@ -890,6 +940,7 @@ struct LoopWatcher {
   std::condition_variable cv;
   bool armed = false;
   bool kicked = false;
+  bool quit = false;  // its environment is torn down: the thread ends
   uint64_t gen = 0;
   int64_t dueMs = -1;  // when the loop's next timer is due, in uv_now() time; -1: none
   pthread_t target{};
@@ -905,7 +956,8 @@ void WatcherLoop(LoopWatcher* w) {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   for (;;) {
     std::unique_lock<std::mutex> lock(w->mu);
-    w->cv.wait(lock, [w] { return w->armed; });
+    w->cv.wait(lock, [w] { return w->armed || w->quit; });
+    if (w->quit) return;
     uint64_t gen = w->gen;
     int64_t due = w->dueMs;
     auto armedAt = w->armedAt;
@@ -965,10 +1017,29 @@ LoopWatcher* WatcherFor(Napi::Env env, EnvState* state, uv_loop_t* loop) {
     delete w;
     ThrowErrno(env, "epoll_ctl (event loop watcher)", err);
   }
-  w->thread = std::thread(WatcherLoop, w);
-  w->thread.detach();  // lives as long as the loop; ends with the process
+  w->thread = std::thread(WatcherLoop, w);  // until StopWatcher, at the environment's teardown
   state->watcher = w;
   return w;
+}
+
+void Wake(LoopWatcher* w);
+
+// Ends the watcher thread and closes its fds. It is disarmed (no burst
+// runs: this is called on the loop's thread, outside LoopBurst), so it
+// waits in epoll or on its condition variable, and the wake fd or the
+// notify ends the wait.
+void StopWatcher(LoopWatcher* w) {
+  {
+    std::lock_guard<std::mutex> lock(w->mu);
+    w->quit = true;
+    w->armed = false;
+  }
+  w->cv.notify_one();
+  Wake(w);
+  w->thread.join();
+  close(w->wakefd);
+  close(w->epfd);
+  delete w;
 }
 
 int64_t DueMs(uv_loop_t* loop, int timeoutMs) {
@@ -1064,21 +1135,30 @@ int LoopReport(VcpuThread* v, int report, int err) {
 // whichever comes second, once libuv is done with both.
 void LoopVcpuHandleClosed(uv_handle_t* h) {
   auto* vt = static_cast<VcpuThread*>(h->data);
-  if (--vt->openHandles > 0) return;
-  vt->state->vcpus.erase(vt->id);
-  vt->cb.Reset();
-  vt->samplesRef.Reset();
-  napi_async_destroy(vt->env, vt->asyncContext);
-  delete vt;
+  EnvState* state = vt->state;
+  if (--vt->openHandles == 0) {
+    state->vcpus.erase(vt->id);
+    vt->cb.Reset();
+    vt->samplesRef.Reset();
+    napi_async_destroy(vt->env, vt->asyncContext);
+    delete vt;
+  }
+  HandleClosed(state);
+}
+
+void CloseLoopVcpu(VcpuThread* v) {
+  v->finished = true;
+  uv_idle_stop(&v->idle);
+  v->openHandles = 2;
+  CloseHandle(v->state, reinterpret_cast<uv_handle_t*>(&v->keepalive), LoopVcpuHandleClosed);
+  CloseHandle(v->state, reinterpret_cast<uv_handle_t*>(&v->idle), LoopVcpuHandleClosed);
 }
 
 void FinishLoopVcpu(VcpuThread* v) {
   v->finished = true;
   uv_idle_stop(&v->idle);
   LoopReport(v, kStopped, 0);
-  v->openHandles = 2;
-  uv_close(reinterpret_cast<uv_handle_t*>(&v->keepalive), LoopVcpuHandleClosed);
-  uv_close(reinterpret_cast<uv_handle_t*>(&v->idle), LoopVcpuHandleClosed);
+  CloseLoopVcpu(v);
 }
 
 void LoopBurst(uv_idle_t* handle) {
@@ -1463,6 +1543,19 @@ void OnPoll(uv_poll_t* h, int status, int events) {
   napi_close_handle_scope(env, scope);
 }
 
+// Stops and frees a watch (already out of its environment's map).
+void ClosePoll(PollWatch* w) {
+  uv_poll_stop(&w->handle);
+  w->cb.Reset();
+  CloseHandle(w->state, reinterpret_cast<uv_handle_t*>(&w->handle), [](uv_handle_t* h) {
+    // Safe: data is the PollWatch that owns this handle; nothing else frees it.
+    auto* pw = static_cast<PollWatch*>(h->data);
+    EnvState* state = pw->state;
+    delete pw;
+    HandleClosed(state);
+  });
+}
+
 PollWatch* FindPoll(const Napi::CallbackInfo& info) {
   EnvState* state = StateOf(info.Env());
   auto it = state->polls.find(ArgInt(info, 0));
@@ -1518,12 +1611,7 @@ Napi::Value PollClose(const Napi::CallbackInfo& info) {
   if (it == state->polls.end()) return info.Env().Undefined();
   PollWatch* w = it->second;
   state->polls.erase(it);
-  uv_poll_stop(&w->handle);
-  w->cb.Reset();
-  uv_close(reinterpret_cast<uv_handle_t*>(&w->handle), [](uv_handle_t* h) {
-    // Safe: data is the PollWatch that owns this handle; nothing else frees it.
-    delete static_cast<PollWatch*>(h->data);
-  });
+  ClosePoll(w);
   return info.Env().Undefined();
 }
 
@@ -1700,11 +1788,79 @@ Napi::Object Constants(Napi::Env env) {
   return c;
 }
 
+// ---------------------------------------------------------------------------
+// Environment teardown
+//
+// The environment's cleanup hook: its JavaScript is gone (a Worker that
+// exited or was terminated, or the main thread at the end), and what the
+// addon runs for it must stop before its event loop is closed.
+//
+// Node runs it on the loop's thread, with JavaScript disallowed, after it
+// has finalized the environment's buffers (Node 20: in a queue drained
+// before any cleanup hook) and after the cleanup hooks newer than this one
+// (Init adds it), among them those closing the vCPU threads' thread-safe
+// functions: a report a thread queued is never dispatched, and a new one is
+// refused. The functions are finalized later, from a close callback, which
+// frees each VcpuThread.
+//
+// So guest RAM may be unmapped while vCPU threads still run: the slots it
+// backed were deleted first (ReleaseMapping), and the guest sees no RAM
+// there; the addon's own kvm_run mappings are still there. vCPUs on the
+// loop's thread run only inside the loop, which does not run from the
+// buffers' finalization to the end of this hook.
+//
+// In order: vCPU threads are abandoned (Abandon: stop, no answer awaited,
+// kicked out of KVM_RUN or a pause) and joined; vCPUs on the loop's thread
+// have their handles closed without a Stopped report; the loop watcher
+// thread, which sends the kick signal to this thread, is ended and joined
+// (no burst is running: this hook runs on the loop's thread) and its epoll
+// and eventfd closed; fd watches are closed. The hook is asynchronous so that Node keeps running the loop until every handle it
+// closed has called back (HandleClosed ends it).
+void StopVcpuThreads(EnvState* state) {
+  std::vector<VcpuThread*> threads;
+  for (auto& entry : state->vcpus) {
+    VcpuThread* v = entry.second;
+    if (!v->onLoop && v->thread.joinable()) {
+      Abandon(v);
+      threads.push_back(v);
+    }
+  }
+  for (VcpuThread* v : threads) v->thread.join();
+}
+
+void Teardown(napi_async_cleanup_hook_handle hook, void* arg) {
+  auto* state = static_cast<EnvState*>(arg);
+  StopVcpuThreads(state);
+  for (auto& entry : state->vcpus) {
+    VcpuThread* v = entry.second;
+    if (v->onLoop && !v->finished) {
+      v->jsGone = true;
+      CloseLoopVcpu(v);
+    }
+  }
+  if (state->watcher != nullptr) {
+    StopWatcher(state->watcher);
+    state->watcher = nullptr;
+  }
+  for (auto& entry : state->polls) ClosePoll(entry.second);
+  state->polls.clear();
+  if (state->closing == 0) {
+    napi_remove_async_cleanup_hook(hook);
+  } else {
+    state->hookWaiting = hook;
+  }
+}
+
 // Runs once per environment that loads the module (the main thread, each
 // worker), not once per process.
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
-  // Freed with the environment's napi_env.
-  env.SetInstanceData<EnvState>(new EnvState());
+  // Freed with the environment's napi_env, which the cleanup hook holds
+  // until teardown is over and each thread-safe function until finalized:
+  // after every VcpuThread and PollWatch of it.
+  auto* state = new EnvState();
+  env.SetInstanceData<EnvState>(state);
+  napi_async_cleanup_hook_handle hook;
+  if (napi_add_async_cleanup_hook(env, Teardown, state, &hook) != napi_ok) ThrowType(env, "napi_add_async_cleanup_hook failed");
   exports.Set("layout", Layout(env));
   Napi::Object constants = Constants(env);
   exports.Set("constants", constants);
