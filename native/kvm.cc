@@ -250,8 +250,51 @@ EnvState* StateOf(napi_env env) {
   return static_cast<EnvState*>(data);
 }
 
+// The fds the addon made (open, createVm, createVcpu, eventfd, tapOpen),
+// each with the environment it made it for, until close() closes it: the
+// ones still open when an environment ends are closed by its teardown, as
+// Node does for a Worker's fs.open() fds. Otherwise a terminated worker
+// leaks its VM (its fds, and the kernel threads KVM runs for it). Process
+// wide and by fd number, like the fds themselves: a number reused after a
+// close belongs to its new owner. The contract is Node's too: an fd from
+// the addon is closed with close(), and not behind its back.
+std::mutex fdsMutex;
+std::map<int, EnvState*> ownedFds;
+
 void ForgetVm(int fd);
 void RecordSlot(void* base, int vmFd, uint32_t slot);
+
+int Own(Napi::Env env, int fd) {
+  EnvState* state = StateOf(env);
+  std::lock_guard<std::mutex> lock(fdsMutex);
+  ownedFds[fd] = state;
+  return fd;
+}
+
+void Disown(int fd) {
+  std::lock_guard<std::mutex> lock(fdsMutex);
+  ownedFds.erase(fd);
+}
+
+// Closes the fds an environment still owns (at its teardown).
+void CloseOwnedFds(EnvState* state) {
+  std::vector<int> fds;
+  {
+    std::lock_guard<std::mutex> lock(fdsMutex);
+    for (auto it = ownedFds.begin(); it != ownedFds.end();) {
+      if (it->second == state) {
+        fds.push_back(it->first);
+        it = ownedFds.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (int fd : fds) {
+    ForgetVm(fd);
+    close(fd);
+  }
+}
 
 // Every uv_close of the addon's handles goes through CloseHandle, and every
 // close callback ends with HandleClosed, so that teardown can wait for them.
@@ -275,12 +318,14 @@ Napi::Value Open(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>();
   int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) ThrowErrno(info.Env(), "open " + path, errno);
-  return Napi::Number::New(info.Env(), fd);
+  return Napi::Number::New(info.Env(), Own(info.Env(), fd));
 }
 
 Napi::Value Close(const Napi::CallbackInfo& info) {
   int fd = ArgInt(info, 0);
-  ForgetVm(fd);  // before the close: once closed, the number may be another's
+  // Before the close: once closed, the number may be another's.
+  Disown(fd);
+  ForgetVm(fd);
   if (close(fd) < 0 && errno != EINTR) ThrowErrno(info.Env(), "close", errno);
   return info.Env().Undefined();
 }
@@ -294,7 +339,7 @@ Napi::Value CheckExtension(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value CreateVm(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VM, 0, "KVM_CREATE_VM"));
+  return Napi::Number::New(info.Env(), Own(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VM, 0, "KVM_CREATE_VM")));
 }
 
 Napi::Value GetVcpuMmapSize(const Napi::CallbackInfo& info) {
@@ -431,7 +476,7 @@ Napi::Value EnableCap(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VCPU, ArgInt(info, 1), "KVM_CREATE_VCPU"));
+  return Napi::Number::New(info.Env(), Own(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VCPU, ArgInt(info, 1), "KVM_CREATE_VCPU")));
 }
 
 // ---------------------------------------------------------------------------
@@ -1390,7 +1435,7 @@ Napi::Value RunOnce(const Napi::CallbackInfo& info) {
 Napi::Value EventFd(const Napi::CallbackInfo& info) {
   int fd = eventfd(ArgInt(info, 0), EFD_CLOEXEC | EFD_NONBLOCK);
   if (fd < 0) ThrowErrno(info.Env(), "eventfd", errno);
-  return Napi::Number::New(info.Env(), fd);
+  return Napi::Number::New(info.Env(), Own(info.Env(), fd));
 }
 
 Napi::Value EventFdWrite(const Napi::CallbackInfo& info) {
@@ -1431,6 +1476,7 @@ Napi::Value TapOpen(const Napi::CallbackInfo& info) {
     close(fd);
     ThrowErrno(env, "TUNSETIFF " + name, err);
   }
+  Own(env, fd);
   Napi::Object out = Napi::Object::New(env);
   out.Set("fd", fd);
   out.Set("name", std::string(ifr.ifr_name, strnlen(ifr.ifr_name, IFNAMSIZ)));
@@ -1814,7 +1860,11 @@ Napi::Object Constants(Napi::Env env) {
 // have their handles closed without a Stopped report; the loop watcher
 // thread, which sends the kick signal to this thread, is ended and joined
 // (no burst is running: this hook runs on the loop's thread) and its epoll
-// and eventfd closed; fd watches are closed. The hook is asynchronous so that Node keeps running the loop until every handle it
+// and eventfd closed; fd watches are closed; and last the fds the
+// environment got from the addon and did not close (/dev/kvm, VMs, vCPUs,
+// eventfds, TAPs: the VM goes once the VcpuThreads' own kvm_run mappings
+// go too, with the thread-safe functions' finalizers). The hook is
+// asynchronous so that Node keeps running the loop until every handle it
 // closed has called back (HandleClosed ends it).
 void StopVcpuThreads(EnvState* state) {
   std::vector<VcpuThread*> threads;
@@ -1844,6 +1894,7 @@ void Teardown(napi_async_cleanup_hook_handle hook, void* arg) {
   }
   for (auto& entry : state->polls) ClosePoll(entry.second);
   state->polls.clear();
+  CloseOwnedFds(state);
   if (state->closing == 0) {
     napi_remove_async_cleanup_hook(hook);
   } else {
