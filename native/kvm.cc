@@ -216,6 +216,101 @@ Napi::Value GetSupportedCpuid(const Napi::CallbackInfo& info) {
 }
 
 // ---------------------------------------------------------------------------
+// Per-environment state
+
+struct VcpuThread;
+struct LoopWatcher;
+struct PollWatch;
+
+// What the addon keeps for one Node environment: the main thread's, or one
+// worker_threads Worker's. The module may be loaded in several at once, each
+// with its own event loop and JavaScript thread, so nothing here is shared:
+// handles (vCPU, poll) are numbered per environment and only valid in it.
+// When the environment ends (a Worker exits or is terminated, the main
+// thread's loop runs dry), its cleanup hook, Teardown, stops what is left.
+struct EnvState {
+  std::map<int, VcpuThread*> vcpus;
+  int nextVcpu = 1;
+  // The watcher thread of this environment's event loop (one loop per
+  // environment), started with its first vCPU on the loop.
+  LoopWatcher* watcher = nullptr;
+  std::map<int, PollWatch*> polls;
+  int nextPoll = 1;
+  // uv handles of the addon's whose close callbacks have not run yet. The
+  // loop must not be closed before they have (it would abort), so the
+  // cleanup hook ends only when this is back to 0.
+  int closing = 0;
+  // The cleanup hook while it waits for those close callbacks.
+  napi_async_cleanup_hook_handle hookWaiting = nullptr;
+};
+
+EnvState* StateOf(napi_env env) {
+  void* data = nullptr;
+  napi_get_instance_data(env, &data);
+  return static_cast<EnvState*>(data);
+}
+
+// The fds the addon made (open, createVm, createVcpu, eventfd, tapOpen),
+// each with the environment it made it for, until close() closes it: the
+// ones still open when an environment ends are closed by its teardown, as
+// Node does for a Worker's fs.open() fds. Otherwise a terminated worker
+// leaks its VM (its fds, and the kernel threads KVM runs for it). Process
+// wide and by fd number, like the fds themselves: a number reused after a
+// close belongs to its new owner. The contract is Node's too: an fd from
+// the addon is closed with close(), and not behind its back.
+std::mutex fdsMutex;
+std::map<int, EnvState*> ownedFds;
+
+void ForgetVm(int fd);
+void RecordSlot(void* base, int vmFd, uint32_t slot);
+
+int Own(Napi::Env env, int fd) {
+  EnvState* state = StateOf(env);
+  std::lock_guard<std::mutex> lock(fdsMutex);
+  ownedFds[fd] = state;
+  return fd;
+}
+
+void Disown(int fd) {
+  std::lock_guard<std::mutex> lock(fdsMutex);
+  ownedFds.erase(fd);
+}
+
+// Closes the fds an environment still owns (at its teardown).
+void CloseOwnedFds(EnvState* state) {
+  std::vector<int> fds;
+  {
+    std::lock_guard<std::mutex> lock(fdsMutex);
+    for (auto it = ownedFds.begin(); it != ownedFds.end();) {
+      if (it->second == state) {
+        fds.push_back(it->first);
+        it = ownedFds.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (int fd : fds) {
+    ForgetVm(fd);
+    close(fd);
+  }
+}
+
+// Every uv_close of the addon's handles goes through CloseHandle, and every
+// close callback ends with HandleClosed, so that teardown can wait for them.
+void CloseHandle(EnvState* state, uv_handle_t* h, uv_close_cb cb) {
+  state->closing++;
+  uv_close(h, cb);
+}
+
+void HandleClosed(EnvState* state) {
+  if (--state->closing > 0 || state->hookWaiting == nullptr) return;
+  napi_async_cleanup_hook_handle hook = state->hookWaiting;
+  state->hookWaiting = nullptr;
+  napi_remove_async_cleanup_hook(hook);  // teardown is over
+}
+
+// ---------------------------------------------------------------------------
 // fds, system and VM ioctls
 
 Napi::Value Open(const Napi::CallbackInfo& info) {
@@ -223,11 +318,14 @@ Napi::Value Open(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>();
   int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) ThrowErrno(info.Env(), "open " + path, errno);
-  return Napi::Number::New(info.Env(), fd);
+  return Napi::Number::New(info.Env(), Own(info.Env(), fd));
 }
 
 Napi::Value Close(const Napi::CallbackInfo& info) {
   int fd = ArgInt(info, 0);
+  // Before the close: once closed, the number may be another's.
+  Disown(fd);
+  ForgetVm(fd);
   if (close(fd) < 0 && errno != EINTR) ThrowErrno(info.Env(), "close", errno);
   return info.Env().Undefined();
 }
@@ -241,7 +339,7 @@ Napi::Value CheckExtension(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value CreateVm(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VM, 0, "KVM_CREATE_VM"));
+  return Napi::Number::New(info.Env(), Own(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VM, 0, "KVM_CREATE_VM")));
 }
 
 Napi::Value GetVcpuMmapSize(const Napi::CallbackInfo& info) {
@@ -297,6 +395,7 @@ Napi::Value SetUserMemoryRegion(const Napi::CallbackInfo& info) {
   // buffer referenced for the VM's lifetime, so the mapping outlives the slot.
   r.userspace_addr = reinterpret_cast<uint64_t>(static_cast<uint8_t*>(ab.Data()) + offset);
   Ioctl(env, vmFd, KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION");
+  RecordSlot(ab.Data(), vmFd, r.slot);
   return env.Undefined();
 }
 
@@ -377,7 +476,7 @@ Napi::Value EnableCap(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VCPU, ArgInt(info, 1), "KVM_CREATE_VCPU"));
+  return Napi::Number::New(info.Env(), Own(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VCPU, ArgInt(info, 1), "KVM_CREATE_VCPU")));
 }
 
 // ---------------------------------------------------------------------------
@@ -385,27 +484,99 @@ Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
 
 // A mapping is released either by unmap() or by the garbage collector,
 // whichever comes first. The finalizer only unmaps what unmap() has not.
+//
+// Guest RAM is unmapped only after the KVM memory slots it backs are
+// deleted: a slot holds host addresses, and a guest still running (a
+// worker's buffers are finalized before its vCPU threads are stopped) would
+// otherwise reach whatever the process maps there next, another thread's
+// memory. KVM waits for running vCPUs to be out of the slot before the
+// delete returns.
+//
+// The map is process wide (mappings of every environment, keyed by
+// address, under mappingsMutex): a mapping's address is not reused before
+// it is unmapped, which happens after it left the map, and the slot records
+// are keyed by VM fd, unique while open (close() drops a VM's).
+struct MemSlot {
+  int vmFd;
+  uint32_t slot;
+};
+
 struct Mapping {
   void* addr;
   size_t size;
+  std::vector<MemSlot> slots;  // under mappingsMutex
 };
 
 std::mutex mappingsMutex;
 std::map<void*, Mapping*> mappings;
 
+// Deletes the slots a mapping backs (mappingsMutex held, so that close()
+// cannot close a VM fd between here and the ioctl), once out of the map.
+void DeleteSlots(Mapping* m) {
+  for (const MemSlot& s : m->slots) {
+    kvm_userspace_memory_region r = {};
+    r.slot = s.slot;  // memory_size 0: delete
+    ioctl(s.vmFd, KVM_SET_USER_MEMORY_REGION, &r);
+  }
+  m->slots.clear();
+}
+
+// After KVM_SET_USER_MEMORY_REGION: `slot` of `vmFd` is backed by the
+// mapping at `base` now, and by no other.
+void RecordSlot(void* base, int vmFd, uint32_t slot) {
+  std::lock_guard<std::mutex> lock(mappingsMutex);
+  for (auto& entry : mappings) {
+    auto& v = entry.second->slots;
+    for (size_t i = 0; i < v.size();) {
+      if (v[i].vmFd == vmFd && v[i].slot == slot) {
+        v.erase(v.begin() + i);
+      } else {
+        i++;
+      }
+    }
+  }
+  auto it = mappings.find(base);
+  if (it != mappings.end()) it->second->slots.push_back({vmFd, slot});
+}
+
+// Before an fd is closed: if it is a VM's, its slots go with it.
+void ForgetVm(int fd) {
+  std::lock_guard<std::mutex> lock(mappingsMutex);
+  for (auto& entry : mappings) {
+    auto& v = entry.second->slots;
+    for (size_t i = 0; i < v.size();) {
+      if (v[i].vmFd == fd) {
+        v.erase(v.begin() + i);
+      } else {
+        i++;
+      }
+    }
+  }
+}
+
+// Takes the mapping at `addr` out of the map and deletes its slots; the
+// caller unmaps it. Null when it is not in the map (already unmapped).
+Mapping* ReleaseMapping(void* addr, Mapping* expected) {
+  std::lock_guard<std::mutex> lock(mappingsMutex);
+  auto it = mappings.find(addr);
+  if (it == mappings.end() || (expected != nullptr && it->second != expected)) return nullptr;
+  Mapping* m = it->second;
+  mappings.erase(it);
+  DeleteSlots(m);
+  return m;
+}
+
 Napi::Value ExternalMapping(Napi::Env env, void* addr, size_t size) {
-  auto* m = new Mapping{addr, size};
+  auto* m = new Mapping{addr, size, {}};
   {
     std::lock_guard<std::mutex> lock(mappingsMutex);
     mappings[addr] = m;
   }
   return Napi::ArrayBuffer::New(env, addr, size, [](Napi::Env, void*, Mapping* hint) {
-    {
-      std::lock_guard<std::mutex> lock(mappingsMutex);
-      auto it = mappings.find(hint->addr);
-      if (it != mappings.end() && it->second == hint) mappings.erase(it);
+    if (hint->addr != nullptr) {
+      ReleaseMapping(hint->addr, hint);
+      munmap(hint->addr, hint->size);
     }
-    if (hint->addr != nullptr) munmap(hint->addr, hint->size);
     delete hint;
   }, m);
 }
@@ -419,14 +590,8 @@ Napi::Value Unmap(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsArrayBuffer()) ThrowType(env, "argument 0 must be an ArrayBuffer from a tsvmm mapping");
   Napi::ArrayBuffer ab = info[0].As<Napi::ArrayBuffer>();
   void* addr = ab.Data();
-  Mapping* m = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(mappingsMutex);
-    auto it = mappings.find(addr);
-    if (it == mappings.end()) return env.Undefined();  // already unmapped, or not ours
-    m = it->second;
-    mappings.erase(it);
-  }
+  Mapping* m = ReleaseMapping(addr, nullptr);
+  if (m == nullptr) return env.Undefined();  // already unmapped, or not ours
   ab.Detach();
   munmap(m->addr, m->size);
   // The finalizer still runs later and frees m; it must not unmap again.
@@ -472,11 +637,12 @@ int KickSignal() { return SIGRTMIN; }
 void KickHandler(int) {}
 
 struct VcpuThread {
+  EnvState* state = nullptr;
   int id = 0;
   int fd = -1;
+  // The vCPU's kvm_run, mapped for the addon alone (MapRunForAddon).
   kvm_run* run = nullptr;
   Napi::ThreadSafeFunction tsfn;
-  Napi::Reference<Napi::ArrayBuffer> runRef;
   std::thread thread;
   pthread_t tid{};
   std::atomic<bool> started{false};
@@ -484,6 +650,8 @@ struct VcpuThread {
   std::mutex mu;
   std::condition_variable cv;
   bool replied = false;
+  // The environment is going away: no answer will come (under mu).
+  bool abandoned = false;
   int action = kContinue;
   int report = kExit;
   int err = 0;
@@ -508,6 +676,8 @@ struct VcpuThread {
   bool onLoop = false;
   bool inBurst = false;
   bool finished = false;
+  bool jsGone = false;  // a report could not run: the environment is shutting down
+  int openHandles = 0;  // idle and keepalive, while they close
   napi_env env = nullptr;
   uv_idle_t idle{};
   uv_prepare_t keepalive{};  // holds the loop open while the idle handle is stopped (during a burst)
@@ -518,10 +688,31 @@ struct VcpuThread {
   // A seccomp program (struct sock_filter[]) the thread installs on itself
   // before its first KVM_RUN; empty: none.
   std::vector<uint8_t> filter;
+
+  ~VcpuThread();
 };
 
-std::map<int, VcpuThread*> g_vcpus;
-int g_nextVcpu = 1;
+// kvm_run is the first page of a vCPU's mapping.
+constexpr size_t kRunPage = 4096;
+static_assert(sizeof(kvm_run) <= kRunPage, "kvm_run fits in its page");
+
+// The vCPU's kvm_run mapped a second time, for the addon alone: the
+// ArrayBuffer JavaScript reads it through is unmapped when JavaScript says
+// (unmap()) or when its environment is torn down (buffers are finalized
+// before the addon's cleanup hook runs), while a vCPU thread, a kick or the
+// loop watcher may still write immediate_exit. Both are MAP_SHARED mappings
+// of the same page, so they see the same fields. Like any kvm_run mapping it
+// holds a reference on the vCPU: it goes with the VcpuThread, as soon as the
+// vCPU has stopped.
+kvm_run* MapRunForAddon(Napi::Env env, int fd) {
+  void* p = mmap(nullptr, kRunPage, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) ThrowErrno(env, "mmap kvm_run", errno);
+  return static_cast<kvm_run*>(p);
+}
+
+VcpuThread::~VcpuThread() {
+  if (run != nullptr) munmap(run, kRunPage);
+}
 
 void RecordSample(VcpuThread* v) {
   kvm_regs regs;
@@ -534,27 +725,51 @@ void RecordSample(VcpuThread* v) {
   __atomic_store_n(&v->samples[0], n + 1, __ATOMIC_RELEASE);
 }
 
+// Calls into JavaScript from libuv callbacks and thread-safe function
+// dispatch, with raw Node-API calls that never throw: a C++ exception must
+// not unwind through libuv or Node (it would end the process), and
+// node-addon-api throws one whenever a call fails, which every call does once
+// the environment is shutting down (a worker terminated or exiting) and
+// JavaScript can no longer run.
+
+// A report callback's answer: the VcpuAction it returned (a number), else Continue.
+int ReturnedAction(napi_env env, napi_value ret) {
+  napi_valuetype type;
+  int32_t action;
+  if (napi_typeof(env, ret, &type) == napi_ok && type == napi_number && napi_get_value_int32(env, ret, &action) == napi_ok) return action;
+  return kContinue;
+}
+
+// cb(report, err) with `this` undefined. False when it did not return: it
+// threw (the exception stays pending, and Node raises it as uncaught once
+// the dispatch returns) or JavaScript cannot run any more.
+bool CallReportCallback(napi_env env, napi_value cb, int report, int err, int* action) {
+  napi_value argv[2], recv, ret;
+  if (napi_create_int32(env, report, &argv[0]) != napi_ok || napi_create_int32(env, err, &argv[1]) != napi_ok ||
+      napi_get_undefined(env, &recv) != napi_ok || napi_call_function(env, recv, cb, 2, argv, &ret) != napi_ok)
+    return false;
+  *action = ReturnedAction(env, ret);
+  return true;
+}
+
+// After a failed napi_make_callback from a libuv callback: an exception the
+// callback threw is raised as uncaught, as Node does for its own I/O
+// callbacks. Returns false when there was none: JavaScript cannot run any
+// more (the environment is shutting down).
+bool RaisePendingException(napi_env env) {
+  bool pending = false;
+  if (napi_is_exception_pending(env, &pending) != napi_ok || !pending) return false;
+  napi_value e;
+  if (napi_get_and_clear_last_exception(env, &e) == napi_ok) napi_fatal_exception(env, e);
+  return true;
+}
+
 // Runs on the main thread for each report.
 void CallReport(Napi::Env env, Napi::Function cb, VcpuThread* v) {
   int action = kStop;
-  if (env != nullptr && cb != nullptr) {
-    try {
-      Napi::Value ret = cb.Call({Napi::Number::New(env, v->report), Napi::Number::New(env, v->err)});
-      action = ret.IsNumber() ? ret.As<Napi::Number>().Int32Value() : kContinue;
-    } catch (const Napi::Error& e) {
-      // The TypeScript handler catches its own errors; reaching here is a
-      // bug. Stop this vCPU and let the error surface as uncaught.
-      action = kStop;
-      {
-        std::lock_guard<std::mutex> lock(v->mu);
-        v->action = action;
-        v->replied = true;
-      }
-      v->cv.notify_one();
-      e.ThrowAsJavaScriptException();
-      return;
-    }
-  }
+  // A handler that threw is a bug (the TypeScript handler catches its own
+  // errors): this vCPU stops, and the error surfaces as uncaught.
+  if (env != nullptr && cb != nullptr && !CallReportCallback(env, cb, v->report, v->err, &action)) action = kStop;
   {
     std::lock_guard<std::mutex> lock(v->mu);
     v->action = action;
@@ -564,17 +779,20 @@ void CallReport(Napi::Env env, Napi::Function cb, VcpuThread* v) {
 }
 
 // Hands one report to the main thread and waits for its answer.
+// Stop when the environment has abandoned the thread: its JavaScript will
+// not answer (a report already queued is never dispatched).
 int ReportAndWait(VcpuThread* v, int report, int err) {
   {
     std::lock_guard<std::mutex> lock(v->mu);
+    if (v->abandoned) return kStop;
     v->report = report;
     v->err = err;
     v->replied = false;
   }
   if (v->tsfn.BlockingCall(v, CallReport) != napi_ok) return kStop;
   std::unique_lock<std::mutex> lock(v->mu);
-  v->cv.wait(lock, [v] { return v->replied; });
-  return v->action;
+  v->cv.wait(lock, [v] { return v->replied || v->abandoned; });
+  return v->replied ? v->action : kStop;
 }
 
 void VcpuLoop(VcpuThread* v) {
@@ -619,7 +837,8 @@ void VcpuLoop(VcpuThread* v) {
           uint64_t seq = v->pauseSeq;
           lock.unlock();
           v->tsfn.NonBlockingCall(v, [](Napi::Env env, Napi::Function cb, VcpuThread*) {
-            if (env != nullptr && cb != nullptr) cb.Call({Napi::Number::New(env, kPaused), Napi::Number::New(env, 0)});
+            int ignored;
+            if (env != nullptr && cb != nullptr) CallReportCallback(env, cb, kPaused, 0, &ignored);
           });
           lock.lock();
           v->pauseCv.wait(lock, [v, seq] { return !v->pauseRequested.load() || v->stopRequested.load() || v->pauseSeq != seq; });
@@ -634,29 +853,34 @@ void VcpuLoop(VcpuThread* v) {
     v->report = kStopped;
     v->err = 0;
   }
-  v->tsfn.NonBlockingCall(v, [](Napi::Env env, Napi::Function cb, VcpuThread* vt) {
-    if (env != nullptr && cb != nullptr) {
-      cb.Call({Napi::Number::New(env, kStopped), Napi::Number::New(env, 0)});
-    }
+  v->tsfn.NonBlockingCall(v, [](Napi::Env env, Napi::Function cb, VcpuThread*) {
+    int ignored;
+    if (env != nullptr && cb != nullptr) CallReportCallback(env, cb, kStopped, 0, &ignored);
   });
   v->tsfn.Release();
 }
 
+// Once per process, however many environments (the main thread, workers)
+// load the addon and start vCPUs, possibly at the same time: a function-local
+// static is initialised exactly once, and a second caller waits until the
+// handler is in place (a kick before it would end the process).
 void InstallKickHandler() {
-  static bool installed = false;
-  if (installed) return;
-  struct sigaction sa = {};
-  sa.sa_handler = KickHandler;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
-  sigaction(KickSignal(), &sa, nullptr);
-  installed = true;
+  static const bool installed = [] {
+    struct sigaction sa = {};
+    sa.sa_handler = KickHandler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
+    sigaction(KickSignal(), &sa, nullptr);
+    return true;
+  }();
+  (void)installed;
 }
 
 VcpuThread* FindVcpu(const Napi::CallbackInfo& info) {
   int h = ArgInt(info, 0);
-  auto it = g_vcpus.find(h);
-  if (it == g_vcpus.end()) ThrowType(info.Env(), "unknown or finished vCPU handle " + std::to_string(h));
+  EnvState* state = StateOf(info.Env());
+  auto it = state->vcpus.find(h);
+  if (it == state->vcpus.end()) ThrowType(info.Env(), "unknown or finished vCPU handle " + std::to_string(h));
   return it->second;
 }
 
@@ -665,6 +889,20 @@ void Kick(VcpuThread* v) {
   // the signal covers a thread already inside it.
   __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_RELEASE);
   if (v->started.load()) pthread_kill(v->tid, KickSignal());
+}
+
+// Stops a vCPU thread without JavaScript, which will not answer any more
+// (its environment is being torn down): a report it waits on ends in Stop, a
+// pause ends, and KVM_RUN is kicked. The caller joins the thread.
+void Abandon(VcpuThread* v) {
+  {
+    std::lock_guard<std::mutex> lock(v->mu);
+    v->abandoned = true;
+    v->stopRequested.store(true);
+  }
+  v->cv.notify_all();
+  v->pauseCv.notify_all();
+  Kick(v);
 }
 
 Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
@@ -683,26 +921,32 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
   }
   InstallKickHandler();
 
+  EnvState* state = StateOf(env);
+  kvm_run* own = MapRunForAddon(env, fd);
   auto* v = new VcpuThread();
+  v->state = state;
   v->filter = std::move(filter);
-  v->id = g_nextVcpu++;
+  v->id = state->nextVcpu++;
   v->fd = fd;
-  // Safe: the buffer is the kvm_run mmap (size checked); runRef keeps it mapped.
-  v->run = static_cast<kvm_run*>(run.Data());
-  v->runRef = Napi::Persistent(run);
+  v->run = own;
   v->tsfn = Napi::ThreadSafeFunction::New(
       env, info[2].As<Napi::Function>(), "tsvmm-vcpu", 0, 1, v,
       [](Napi::Env, void*, VcpuThread* vt) {
         // Runs on the main thread after the vCPU thread released the function,
-        // which is its last act: the join returns at once.
-        if (vt->thread.joinable()) vt->thread.join();
-        g_vcpus.erase(vt->id);
-        vt->runRef.Reset();
+        // which is its last act: the join returns at once. Or when the
+        // environment is torn down: Teardown has stopped and joined the
+        // thread already (this runs after cleanup hooks), and in case it
+        // has not, it is stopped here, for the function is going away.
+        if (vt->thread.joinable()) {
+          Abandon(vt);
+          vt->thread.join();
+        }
+        vt->state->vcpus.erase(vt->id);
         vt->samplesRef.Reset();
         delete vt;
       },
       static_cast<void*>(nullptr));
-  g_vcpus[v->id] = v;
+  state->vcpus[v->id] = v;
   v->thread = std::thread(VcpuLoop, v);
   return Napi::Number::New(env, v->id);
 }
@@ -741,14 +985,13 @@ struct LoopWatcher {
   std::condition_variable cv;
   bool armed = false;
   bool kicked = false;
+  bool quit = false;  // its environment is torn down: the thread ends
   uint64_t gen = 0;
   int64_t dueMs = -1;  // when the loop's next timer is due, in uv_now() time; -1: none
   pthread_t target{};
   kvm_run* run = nullptr;
   std::chrono::steady_clock::time_point armedAt;
 };
-
-std::map<uv_loop_t*, LoopWatcher*> g_watchers;
 
 void WatcherLoop(LoopWatcher* w) {
   // The watcher must never take the kick signal itself.
@@ -758,7 +1001,8 @@ void WatcherLoop(LoopWatcher* w) {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   for (;;) {
     std::unique_lock<std::mutex> lock(w->mu);
-    w->cv.wait(lock, [w] { return w->armed; });
+    w->cv.wait(lock, [w] { return w->armed || w->quit; });
+    if (w->quit) return;
     uint64_t gen = w->gen;
     int64_t due = w->dueMs;
     auto armedAt = w->armedAt;
@@ -795,9 +1039,8 @@ void WatcherLoop(LoopWatcher* w) {
   }
 }
 
-LoopWatcher* WatcherFor(Napi::Env env, uv_loop_t* loop) {
-  auto it = g_watchers.find(loop);
-  if (it != g_watchers.end()) return it->second;
+LoopWatcher* WatcherFor(Napi::Env env, EnvState* state, uv_loop_t* loop) {
+  if (state->watcher != nullptr) return state->watcher;
   auto* w = new LoopWatcher();
   w->epfd = epoll_create1(EPOLL_CLOEXEC);
   if (w->epfd < 0) {
@@ -819,10 +1062,29 @@ LoopWatcher* WatcherFor(Napi::Env env, uv_loop_t* loop) {
     delete w;
     ThrowErrno(env, "epoll_ctl (event loop watcher)", err);
   }
-  w->thread = std::thread(WatcherLoop, w);
-  w->thread.detach();  // lives as long as the loop; ends with the process
-  g_watchers[loop] = w;
+  w->thread = std::thread(WatcherLoop, w);  // until StopWatcher, at the environment's teardown
+  state->watcher = w;
   return w;
+}
+
+void Wake(LoopWatcher* w);
+
+// Ends the watcher thread and closes its fds. It is disarmed (no burst
+// runs: this is called on the loop's thread, outside LoopBurst), so it
+// waits in epoll or on its condition variable, and the wake fd or the
+// notify ends the wait.
+void StopWatcher(LoopWatcher* w) {
+  {
+    std::lock_guard<std::mutex> lock(w->mu);
+    w->quit = true;
+    w->armed = false;
+  }
+  w->cv.notify_one();
+  Wake(w);
+  w->thread.join();
+  close(w->wakefd);
+  close(w->epfd);
+  delete w;
 }
 
 int64_t DueMs(uv_loop_t* loop, int timeoutMs) {
@@ -891,35 +1153,57 @@ void EatKickSignals() {
 }
 
 // Calls the report callback on the loop thread; returns its VcpuAction.
+// An exception from the callback is a bug (the TypeScript handler catches
+// its own errors): this vCPU stops, and the error is raised as uncaught.
+// Once JavaScript cannot run (jsGone), reports nothing and answers Stop.
 int LoopReport(VcpuThread* v, int report, int err) {
-  Napi::Env env(v->env);
-  Napi::HandleScope scope(env);
-  try {
-    Napi::Value ret = v->cb.Value().MakeCallback(env.Global(), {Napi::Number::New(env, report), Napi::Number::New(env, err)}, v->asyncContext);
-    return ret.IsNumber() ? ret.As<Napi::Number>().Int32Value() : kContinue;
-  } catch (const Napi::Error& e) {
-    // The TypeScript handler catches its own errors: reaching here is a bug.
-    // Stop this vCPU and raise it as an uncaught exception.
-    napi_fatal_exception(v->env, e.Value());
-    return kStop;
+  if (v->jsGone) return kStop;
+  napi_env env = v->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return kStop;
+  int action = kStop;
+  napi_value argv[2], global, cb, ret;
+  if (napi_create_int32(env, report, &argv[0]) == napi_ok && napi_create_int32(env, err, &argv[1]) == napi_ok &&
+      napi_get_global(env, &global) == napi_ok && napi_get_reference_value(env, v->cb, &cb) == napi_ok) {
+    if (napi_make_callback(env, v->asyncContext, global, cb, 2, argv, &ret) == napi_ok) {
+      action = ReturnedAction(env, ret);
+    } else if (!RaisePendingException(env)) {
+      v->jsGone = true;
+    }
   }
+  napi_close_handle_scope(env, scope);
+  return action;
+}
+
+// Close callback of a loop vCPU's two handles. libuv runs close callbacks
+// newest first, so the VcpuThread (which holds both handles) is freed by
+// whichever comes second, once libuv is done with both.
+void LoopVcpuHandleClosed(uv_handle_t* h) {
+  auto* vt = static_cast<VcpuThread*>(h->data);
+  EnvState* state = vt->state;
+  if (--vt->openHandles == 0) {
+    state->vcpus.erase(vt->id);
+    vt->cb.Reset();
+    vt->samplesRef.Reset();
+    napi_async_destroy(vt->env, vt->asyncContext);
+    delete vt;
+  }
+  HandleClosed(state);
+}
+
+void CloseLoopVcpu(VcpuThread* v) {
+  v->finished = true;
+  uv_idle_stop(&v->idle);
+  v->openHandles = 2;
+  CloseHandle(v->state, reinterpret_cast<uv_handle_t*>(&v->keepalive), LoopVcpuHandleClosed);
+  CloseHandle(v->state, reinterpret_cast<uv_handle_t*>(&v->idle), LoopVcpuHandleClosed);
 }
 
 void FinishLoopVcpu(VcpuThread* v) {
   v->finished = true;
   uv_idle_stop(&v->idle);
   LoopReport(v, kStopped, 0);
-  uv_close(reinterpret_cast<uv_handle_t*>(&v->keepalive), nullptr);
-  uv_close(reinterpret_cast<uv_handle_t*>(&v->idle), [](uv_handle_t* h) {
-    // Closed after keepalive (close callbacks run in order).
-    auto* vt = static_cast<VcpuThread*>(h->data);
-    g_vcpus.erase(vt->id);
-    vt->cb.Reset();
-    vt->runRef.Reset();
-    vt->samplesRef.Reset();
-    napi_async_destroy(vt->env, vt->asyncContext);
-    delete vt;
-  });
+  CloseLoopVcpu(v);
 }
 
 void LoopBurst(uv_idle_t* handle) {
@@ -996,7 +1280,8 @@ Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
   uv_loop_t* loop = nullptr;
   if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) ThrowType(env, "no event loop");
   InstallKickHandler();
-  LoopWatcher* w = WatcherFor(env, loop);
+  EnvState* state = StateOf(env);
+  LoopWatcher* w = WatcherFor(env, state, loop);
 
   // The kick signal: blocked on this thread, open only inside KVM_RUN.
   sigset_t block, mask;
@@ -1016,16 +1301,16 @@ Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
   constexpr unsigned long kSetSignalMask = _IOC(_IOC_WRITE, KVMIO, 0x8b, sizeof(__u32));
   if (ioctl(fd, kSetSignalMask, km) < 0) ThrowErrno(env, "KVM_SET_SIGNAL_MASK", errno);
 
+  kvm_run* own = MapRunForAddon(env, fd);
   auto* v = new VcpuThread();
-  v->id = g_nextVcpu++;
+  v->state = state;
+  v->id = state->nextVcpu++;
   v->fd = fd;
   v->onLoop = true;
   v->env = env;
   v->watcher = w;
   v->tid = pthread_self();
-  // Safe: the buffer is the kvm_run mmap (size checked); runRef keeps it mapped.
-  v->run = static_cast<kvm_run*>(run.Data());
-  v->runRef = Napi::Persistent(run);
+  v->run = own;
   v->cb = Napi::Persistent(info[2].As<Napi::Function>());
   if (napi_async_init(env, nullptr, Napi::String::New(env, "tsvmm-vcpu"), &v->asyncContext) != napi_ok) {
     delete v;
@@ -1038,7 +1323,7 @@ Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
   v->keepalive.data = v;
   uv_prepare_start(&v->keepalive, [](uv_prepare_t*) {});
   v->started.store(true);
-  g_vcpus[v->id] = v;
+  state->vcpus[v->id] = v;
   return Napi::Number::New(env, v->id);
 }
 
@@ -1065,8 +1350,9 @@ Napi::Value KickVcpu(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value StopVcpu(const Napi::CallbackInfo& info) {
-  auto it = g_vcpus.find(ArgInt(info, 0));
-  if (it == g_vcpus.end()) return info.Env().Undefined();  // already gone: stopping twice is fine
+  EnvState* state = StateOf(info.Env());
+  auto it = state->vcpus.find(ArgInt(info, 0));
+  if (it == state->vcpus.end()) return info.Env().Undefined();  // already gone: stopping twice is fine
   it->second->stopRequested.store(true);
   {
     // A paused thread waits on pauseCv, not in KVM_RUN.
@@ -1149,7 +1435,7 @@ Napi::Value RunOnce(const Napi::CallbackInfo& info) {
 Napi::Value EventFd(const Napi::CallbackInfo& info) {
   int fd = eventfd(ArgInt(info, 0), EFD_CLOEXEC | EFD_NONBLOCK);
   if (fd < 0) ThrowErrno(info.Env(), "eventfd", errno);
-  return Napi::Number::New(info.Env(), fd);
+  return Napi::Number::New(info.Env(), Own(info.Env(), fd));
 }
 
 Napi::Value EventFdWrite(const Napi::CallbackInfo& info) {
@@ -1190,6 +1476,7 @@ Napi::Value TapOpen(const Napi::CallbackInfo& info) {
     close(fd);
     ThrowErrno(env, "TUNSETIFF " + name, err);
   }
+  Own(env, fd);
   Napi::Object out = Napi::Object::New(env);
   out.Set("fd", fd);
   out.Set("name", std::string(ifr.ifr_name, strnlen(ifr.ifr_name, IFNAMSIZ)));
@@ -1274,6 +1561,7 @@ Napi::Value LockFile(const Napi::CallbackInfo& info) {
 // fd readiness on the main event loop
 
 struct PollWatch {
+  EnvState* state = nullptr;
   int id;
   uv_poll_t handle;
   Napi::FunctionReference cb;
@@ -1283,22 +1571,41 @@ struct PollWatch {
   PollWatch(Napi::Env e) : env(e) {}
 };
 
-std::map<int, PollWatch*> g_polls;
-int g_nextPoll = 1;
-
 void OnPoll(uv_poll_t* h, int status, int events) {
   // Safe: handle.data was set to the owning PollWatch, freed only in the close callback.
   auto* w = static_cast<PollWatch*>(h->data);
   (void)events;
   (void)status;
-  Napi::HandleScope scope(w->env);
-  // MakeCallback runs the microtask queue after the callback, as for any I/O callback.
-  w->cb.MakeCallback(Napi::Object::New(w->env), {}, *w->ctx);
+  napi_env env = w->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_value recv, cb, ret;
+  // MakeCallback runs the microtask queue after the callback, as for any I/O
+  // callback. When it fails without an exception, JavaScript cannot run any
+  // more: the environment's teardown closes this watch.
+  if (napi_create_object(env, &recv) == napi_ok && napi_get_reference_value(env, w->cb, &cb) == napi_ok &&
+      napi_make_callback(env, *w->ctx, recv, cb, 0, nullptr, &ret) != napi_ok)
+    RaisePendingException(env);
+  napi_close_handle_scope(env, scope);
+}
+
+// Stops and frees a watch (already out of its environment's map).
+void ClosePoll(PollWatch* w) {
+  uv_poll_stop(&w->handle);
+  w->cb.Reset();
+  CloseHandle(w->state, reinterpret_cast<uv_handle_t*>(&w->handle), [](uv_handle_t* h) {
+    // Safe: data is the PollWatch that owns this handle; nothing else frees it.
+    auto* pw = static_cast<PollWatch*>(h->data);
+    EnvState* state = pw->state;
+    delete pw;
+    HandleClosed(state);
+  });
 }
 
 PollWatch* FindPoll(const Napi::CallbackInfo& info) {
-  auto it = g_polls.find(ArgInt(info, 0));
-  if (it == g_polls.end()) ThrowType(info.Env(), "unknown poll handle");
+  EnvState* state = StateOf(info.Env());
+  auto it = state->polls.find(ArgInt(info, 0));
+  if (it == state->polls.end()) ThrowType(info.Env(), "unknown poll handle");
   return it->second;
 }
 
@@ -1308,8 +1615,10 @@ Napi::Value PollStart(const Napi::CallbackInfo& info) {
   if (info.Length() < 2 || !info[1].IsFunction()) ThrowType(env, "pollStart(fd, onReadable)");
   uv_loop_t* loop = nullptr;
   if (napi_get_uv_event_loop(env, &loop) != napi_ok) ThrowType(env, "no event loop");
+  EnvState* state = StateOf(env);
   auto* w = new PollWatch(env);
-  w->id = g_nextPoll++;
+  w->state = state;
+  w->id = state->nextPoll++;
   int r = uv_poll_init(loop, &w->handle, fd);
   if (r < 0) {
     delete w;
@@ -1320,7 +1629,7 @@ Napi::Value PollStart(const Napi::CallbackInfo& info) {
   w->ctx = std::make_unique<Napi::AsyncContext>(env, "tsvmm-poll");
   uv_poll_start(&w->handle, UV_READABLE, OnPoll);
   w->active = true;
-  g_polls[w->id] = w;
+  state->polls[w->id] = w;
   return Napi::Number::New(env, w->id);
 }
 
@@ -1343,16 +1652,12 @@ Napi::Value PollStop(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value PollClose(const Napi::CallbackInfo& info) {
-  auto it = g_polls.find(ArgInt(info, 0));
-  if (it == g_polls.end()) return info.Env().Undefined();
+  EnvState* state = StateOf(info.Env());
+  auto it = state->polls.find(ArgInt(info, 0));
+  if (it == state->polls.end()) return info.Env().Undefined();
   PollWatch* w = it->second;
-  g_polls.erase(it);
-  uv_poll_stop(&w->handle);
-  w->cb.Reset();
-  uv_close(reinterpret_cast<uv_handle_t*>(&w->handle), [](uv_handle_t* h) {
-    // Safe: data is the PollWatch that owns this handle; nothing else frees it.
-    delete static_cast<PollWatch*>(h->data);
-  });
+  state->polls.erase(it);
+  ClosePoll(w);
   return info.Env().Undefined();
 }
 
@@ -1529,7 +1834,84 @@ Napi::Object Constants(Napi::Env env) {
   return c;
 }
 
+// ---------------------------------------------------------------------------
+// Environment teardown
+//
+// The environment's cleanup hook: its JavaScript is gone (a Worker that
+// exited or was terminated, or the main thread at the end), and what the
+// addon runs for it must stop before its event loop is closed.
+//
+// Node runs it on the loop's thread, with JavaScript disallowed, after it
+// has finalized the environment's buffers (Node 20: in a queue drained
+// before any cleanup hook) and after the cleanup hooks newer than this one
+// (Init adds it), among them those closing the vCPU threads' thread-safe
+// functions: a report a thread queued is never dispatched, and a new one is
+// refused. The functions are finalized later, from a close callback, which
+// frees each VcpuThread.
+//
+// So guest RAM may be unmapped while vCPU threads still run: the slots it
+// backed were deleted first (ReleaseMapping), and the guest sees no RAM
+// there; the addon's own kvm_run mappings are still there. vCPUs on the
+// loop's thread run only inside the loop, which does not run from the
+// buffers' finalization to the end of this hook.
+//
+// In order: vCPU threads are abandoned (Abandon: stop, no answer awaited,
+// kicked out of KVM_RUN or a pause) and joined; vCPUs on the loop's thread
+// have their handles closed without a Stopped report; the loop watcher
+// thread, which sends the kick signal to this thread, is ended and joined
+// (no burst is running: this hook runs on the loop's thread) and its epoll
+// and eventfd closed; fd watches are closed; and last the fds the
+// environment got from the addon and did not close (/dev/kvm, VMs, vCPUs,
+// eventfds, TAPs: the VM goes once the VcpuThreads' own kvm_run mappings
+// go too, with the thread-safe functions' finalizers). The hook is
+// asynchronous so that Node keeps running the loop until every handle it
+// closed has called back (HandleClosed ends it).
+void StopVcpuThreads(EnvState* state) {
+  std::vector<VcpuThread*> threads;
+  for (auto& entry : state->vcpus) {
+    VcpuThread* v = entry.second;
+    if (!v->onLoop && v->thread.joinable()) {
+      Abandon(v);
+      threads.push_back(v);
+    }
+  }
+  for (VcpuThread* v : threads) v->thread.join();
+}
+
+void Teardown(napi_async_cleanup_hook_handle hook, void* arg) {
+  auto* state = static_cast<EnvState*>(arg);
+  StopVcpuThreads(state);
+  for (auto& entry : state->vcpus) {
+    VcpuThread* v = entry.second;
+    if (v->onLoop && !v->finished) {
+      v->jsGone = true;
+      CloseLoopVcpu(v);
+    }
+  }
+  if (state->watcher != nullptr) {
+    StopWatcher(state->watcher);
+    state->watcher = nullptr;
+  }
+  for (auto& entry : state->polls) ClosePoll(entry.second);
+  state->polls.clear();
+  CloseOwnedFds(state);
+  if (state->closing == 0) {
+    napi_remove_async_cleanup_hook(hook);
+  } else {
+    state->hookWaiting = hook;
+  }
+}
+
+// Runs once per environment that loads the module (the main thread, each
+// worker), not once per process.
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  // Freed with the environment's napi_env, which the cleanup hook holds
+  // until teardown is over and each thread-safe function until finalized:
+  // after every VcpuThread and PollWatch of it.
+  auto* state = new EnvState();
+  env.SetInstanceData<EnvState>(state);
+  napi_async_cleanup_hook_handle hook;
+  if (napi_add_async_cleanup_hook(env, Teardown, state, &hook) != napi_ok) ThrowType(env, "napi_add_async_cleanup_hook failed");
   exports.Set("layout", Layout(env));
   Napi::Object constants = Constants(env);
   exports.Set("constants", constants);
