@@ -24,7 +24,7 @@ import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createVm, type ExitPath } from '../../src/index.js';
-import { buildPrintAndHaltKernel } from '../../src/vmm/boot/synthetic.js';
+import { buildPrintAndHaltKernel } from '../../src/testing/index.js';
 import { kvmUnavailable, REPO } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
