@@ -32,6 +32,7 @@
  * instructions, which a host that emulates real-mode code charges to every
  * variant alike. Subtracting it gives the exit costs alone.
  */
+import { constants as osConstants } from 'node:os';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -45,7 +46,7 @@ import { max, median, min, round, secondsSince } from './lib/stats.js';
 
 /** The port portWriteLoopCode writes to. */
 const EXIT_PORT = 0x511;
-const EINTR = 4;
+const EINTR = osConstants.errno.EINTR;
 const C_SOURCE = fileURLToPath(new URL('./c/exit-loop.c', import.meta.url));
 
 const OUT_DX_AL = 0xee;
@@ -105,10 +106,10 @@ async function runVcpu(kvm: Kvm, n: number, on: 'loop' | 'thread', variant: Vari
   guest.vcpu.start({
     onExit: (exit) => {
       const action = handleExit(exit, ctx);
-      if (action.kind === 'continue') return 'continue';
+      if (action.kind === 'continue') return action;
       end = process.hrtime.bigint();
-      if (action.stop.kind !== 'halt') failure = `guest stopped with ${JSON.stringify(action.stop)}`;
-      return 'stop';
+      if (action.stop?.kind !== 'halt') failure = `guest stopped with ${JSON.stringify(action.stop)}`;
+      return action;
     },
     onError: (err) => {
       failure = err.message;
@@ -136,7 +137,7 @@ function runSync(kvm: Kvm, n: number): number {
       const action = handleExit(guest.vcpu.currentExit(), ctx);
       if (action.kind === 'continue') continue;
       const us = secondsSince(start) * 1e6;
-      if (action.stop.kind !== 'halt') throw new Error(`exit-loop sync: guest stopped with ${JSON.stringify(action.stop)}`);
+      if (action.stop?.kind !== 'halt') throw new Error(`exit-loop sync: guest stopped with ${JSON.stringify(action.stop)}`);
       checkCount('sync', port.writes, n);
       return us;
     }

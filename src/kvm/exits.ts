@@ -150,9 +150,19 @@ export type GuestStop =
   | { kind: 'crash' }
   | { kind: 'error'; message: string };
 
-export type ExitAction = { kind: 'continue' } | { kind: 'stop'; stop: GuestStop };
+/**
+ * What to do after an exit (or a kick): the one vocabulary of the exit path,
+ * from the handler to the vCPU loop. `stop` says why when the guest asked
+ * for the end; a stop the host asked for has none.
+ */
+export type ExitAction = { kind: 'continue' } | { kind: 'stop'; stop?: GuestStop };
 
-export const CONTINUE: ExitAction = { kind: 'continue' };
+export const CONTINUE = { kind: 'continue' } as const satisfies ExitAction;
+/** Stop the vCPU, for a reason of the host's (the VM is ending). */
+export const STOP: ExitAction = { kind: 'stop' };
+
+/** What {@link handleExit} answers: an ExitAction whose stops always say why. */
+export type HandledExit = { kind: 'continue' } | { kind: 'stop'; stop: GuestStop };
 
 /** What the exit handler needs from the machine. */
 export interface ExitContext {
@@ -172,7 +182,7 @@ function count(ctx: ExitContext, key: string): void {
 }
 
 /** Maps one exit to what the vCPU does next. Never throws for guest behaviour. */
-export function handleExit(exit: VcpuExit, ctx: ExitContext): ExitAction {
+export function handleExit(exit: VcpuExit, ctx: ExitContext): HandledExit {
   count(ctx, exit.kind);
   switch (exit.kind) {
     case 'io': {

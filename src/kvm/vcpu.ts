@@ -20,7 +20,7 @@ import {
   type Sregs,
   type SregsUpdate,
 } from './cpu.js';
-import { ExitDecoder, type VcpuExit } from './exits.js';
+import { ExitDecoder, type ExitAction, type VcpuExit } from './exits.js';
 import type { VmFd } from './kvm.js';
 import { TsvmmError } from '../base/errors.js';
 
@@ -36,7 +36,6 @@ export class VcpuError extends TsvmmError {
 }
 
 /** What the machine answers to each exit. */
-export type ExitResult = 'continue' | 'stop';
 
 /** LAPIC register offsets (Intel SDM vol. 3, table 11-1). */
 const APIC_LVT_LINT0 = 0x350;
@@ -218,8 +217,8 @@ export class Vcpu {
    * loop; the machine puts the others of an SMP guest on threads.
    */
   start(handlers: {
-    onExit: (exit: VcpuExit) => ExitResult;
-    onKick?: () => ExitResult;
+    onExit: (exit: VcpuExit) => ExitAction;
+    onKick?: () => ExitAction;
     onError: (err: VcpuError) => void;
     on?: 'loop' | 'thread';
     /** On a thread of its own: the seccomp filter the thread installs before its first KVM_RUN. */
@@ -233,9 +232,9 @@ export class Vcpu {
       try {
         switch (report) {
           case VcpuReport.Exit:
-            return handlers.onExit(this.currentExit()) === 'stop' ? VcpuAction.Stop : VcpuAction.Continue;
+            return handlers.onExit(this.currentExit()).kind === 'stop' ? VcpuAction.Stop : VcpuAction.Continue;
           case VcpuReport.Kicked:
-            return (handlers.onKick?.() ?? 'continue') === 'stop' ? VcpuAction.Stop : VcpuAction.Continue;
+            return handlers.onKick?.().kind === 'stop' ? VcpuAction.Stop : VcpuAction.Continue;
           case VcpuReport.Error:
             handlers.onError(new VcpuError(this.id, `KVM_RUN failed with errno ${errno}`));
             return VcpuAction.Stop;

@@ -8,7 +8,7 @@ import type { Logger } from '../base/log.js';
 import type { Bus } from '../base/bus.js';
 import type { GuestMemory } from '../base/memory.js';
 import { TsvmmError } from '../base/errors.js';
-import { handleExit, type ExitContext, type GuestStop } from '../kvm/exits.js';
+import { CONTINUE, handleExit, STOP, type ExitContext, type GuestStop } from '../kvm/exits.js';
 import { EmulationFallback } from '../kvm/fallback.js';
 import type { Kvm, VmFd } from '../kvm/kvm.js';
 import type { HostProbe } from '../kvm/probe.js';
@@ -165,16 +165,15 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       };
       vcpu.start({
         onExit: (exit) => {
-          if (this.stopping) return 'stop';
+          if (this.stopping) return STOP;
           // Writes the guest made before this exit come first.
           if (this.coalesced) this.drainCoalesced();
           const action = handleExit(exit, ctx);
           if (this.coalesced && this.serial.transmitInterruptEnabled !== this.coalescedFast) this.pollCoalesced();
-          if (action.kind === 'continue') return 'continue';
-          this.onGuestStop(action.stop);
-          return 'stop';
+          if (action.kind === 'stop' && action.stop) this.onGuestStop(action.stop);
+          return action;
         },
-        onKick: () => (this.stopping ? 'stop' : 'continue'),
+        onKick: () => (this.stopping ? STOP : CONTINUE),
         onError: (err) => this.finish(outcome('error', err.message, err)),
         // exitPath 'loop' puts a single vCPU on the event loop's thread. An
         // SMP guest keeps every vCPU on a thread of its own, so they run in

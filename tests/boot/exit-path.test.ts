@@ -8,6 +8,7 @@
  */
 import { connect, createServer } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
+import { CONTINUE, STOP } from '../../src/kvm/exits.js';
 import { Kvm } from '../../src/kvm/kvm.js';
 import { TinyGuest } from '../../src/kvm/probe.js';
 import { kvmUnavailable } from '../helpers/guest.js';
@@ -45,9 +46,9 @@ describe.skipIf(noKvm !== undefined)(`a vCPU on the event loop${noKvm ? ` (skipp
       onExit: (exit) => {
         if (exit.kind === 'io' && exit.port === 0x511) {
           onPortWrite();
-          return 'continue';
+          return CONTINUE;
         }
-        return 'stop';
+        return STOP;
       },
       onError: (err) => {
         throw err;
