@@ -629,7 +629,8 @@ Napi::Value MapVcpuRun(const Napi::CallbackInfo& info) {
 // the same event loop. A kick is immediate_exit plus a signal, so a vCPU
 // sleeping in the guest's HLT leaves KVM_RUN at once.
 
-enum Report { kExit = 0, kKicked = 1, kStopped = 2, kError = 3, kFilterError = 4, kPaused = 5 };
+// 1 was a plain kick's report: stopping and sampling have their own requests now.
+enum Report { kExit = 0, kStopped = 2, kError = 3, kFilterError = 4, kPaused = 5 };
 enum Action { kContinue = 0, kStop = 1 };
 
 int KickSignal() { return SIGRTMIN; }
@@ -657,7 +658,6 @@ struct VcpuThread {
   int err = 0;
 
   std::atomic<bool> stopRequested{false};
-  std::atomic<bool> kickRequested{false};
   // Pause: the thread leaves KVM_RUN, reports kPaused, and waits on pauseCv
   // (under mu) until resumed or stopped.
   std::atomic<bool> pauseRequested{false};
@@ -825,9 +825,6 @@ void VcpuLoop(VcpuThread* v) {
       __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
       if (v->stopRequested.load()) break;
       if (v->sampleRequested.exchange(false)) RecordSample(v);
-      if (v->kickRequested.exchange(false)) {
-        if (ReportAndWait(v, kKicked, 0) == kStop) break;
-      }
       if (v->pauseRequested.load()) {
         // One Paused report per pause request, also for a request made
         // while the thread is still parked from the one before (a resume
@@ -1211,8 +1208,6 @@ void LoopBurst(uv_idle_t* handle) {
   if (v->finished) return;
   Napi::HandleScope scope(Napi::Env(v->env));
   if (v->stopRequested.load()) return FinishLoopVcpu(v);
-  if (v->kickRequested.exchange(false) && LoopReport(v, kKicked, 0) == kStop) return FinishLoopVcpu(v);
-  if (v->stopRequested.load()) return FinishLoopVcpu(v);
 
   // The loop's own timeout, without this idle handle (which would make it
   // 0): stopped for the burst, restarted after it; keepalive holds the loop.
@@ -1235,10 +1230,6 @@ void LoopBurst(uv_idle_t* handle) {
       __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
       if (v->stopRequested.load()) break;
       if (v->sampleRequested.exchange(false)) RecordSample(v);
-      if (v->kickRequested.exchange(false) && LoopReport(v, kKicked, 0) == kStop) {
-        stop = true;
-        break;
-      }
       bool kicked;
       {
         std::lock_guard<std::mutex> lock(v->watcher->mu);
@@ -1327,24 +1318,20 @@ Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, v->id);
 }
 
-Napi::Value KickVcpu(const Napi::CallbackInfo& info) {
+// Records the guest's RIP into the sample buffer: the thread leaves
+// KVM_RUN, samples, and re-enters without reporting.
+Napi::Value SampleVcpu(const Napi::CallbackInfo& info) {
   VcpuThread* v = FindVcpu(info);
-  bool sample = info.Length() > 1 && info[1].ToBoolean();
   if (v->onLoop) {
     // This thread is the vCPU's: outside a burst the vCPU is not in KVM_RUN,
     // so a sample is taken now; inside one (an exit callback), after it.
-    if (sample && !v->inBurst)
+    if (!v->inBurst)
       RecordSample(v);
-    else if (sample)
-      v->sampleRequested.store(true);
     else
-      v->kickRequested.store(true);
+      v->sampleRequested.store(true);
     return info.Env().Undefined();
   }
-  if (sample)
-    v->sampleRequested.store(true);
-  else
-    v->kickRequested.store(true);
+  v->sampleRequested.store(true);
   Kick(v);
   return info.Env().Undefined();
 }
@@ -1952,7 +1939,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   F("runOnce", RunOnce)
   F("startVcpu", StartVcpu)
   F("startVcpuOnLoop", StartVcpuOnLoop)
-  F("kickVcpu", KickVcpu)
+  F("sampleVcpu", SampleVcpu)
   F("stopVcpu", StopVcpu)
   F("pauseVcpu", PauseVcpu)
   F("resumeVcpu", ResumeVcpu)

@@ -148,8 +148,6 @@ export interface NativeLayout {
 export const VcpuReport = {
   /** KVM_RUN returned with an exit to handle; read kvm_run. */
   Exit: 0,
-  /** KVM_RUN was interrupted by a kick (EINTR) and no sample was pending. */
-  Kicked: 1,
   /** The thread has left its loop; no more reports follow. */
   Stopped: 2,
   /** KVM_RUN failed; the second argument is the errno. */
@@ -261,7 +259,7 @@ export interface NativeAddon {
    * kicks). With `filter` (a struct sock_filter program), the thread
    * installs it as its seccomp filter before the first KVM_RUN, and a call
    * the filter traps ends the process with a message (status 159).
-   * Returns a handle for kickVcpu.
+   * Returns a handle for sampleVcpu, pauseVcpu, stopVcpu.
    */
   startVcpu(vcpuFd: number, run: ArrayBuffer, onReport: (report: VcpuReport, errno: number) => VcpuAction, filter?: Buffer): number;
   /**
@@ -275,11 +273,11 @@ export interface NativeAddon {
    */
   startVcpuOnLoop(vcpuFd: number, run: ArrayBuffer, onReport: (report: VcpuReport, errno: number) => VcpuAction): number;
   /**
-   * Makes the vCPU thread leave KVM_RUN soon (immediate_exit plus a signal).
-   * With `sample` true, the thread records the guest RIP into the sample
-   * buffer and re-enters without reporting; otherwise it reports Kicked.
+   * Makes the vCPU thread leave KVM_RUN soon (immediate_exit plus a
+   * signal), record the guest RIP into the sample buffer, and re-enter
+   * without reporting.
    */
-  kickVcpu(handle: number, sample: boolean): void;
+  sampleVcpu(handle: number): void;
   /** Asks the thread to stop: it kicks the vCPU and reports Stopped. */
   stopVcpu(handle: number): void;
   /** Takes a vCPU thread out of KVM_RUN until resumeVcpu; it reports Paused once out. Threads only. */

@@ -206,7 +206,7 @@ export class Vcpu {
 
   /**
    * Starts the vCPU. `onExit` runs on the main thread for every exit and
-   * must not throw; `onKick` for kicks; `onError` when KVM_RUN fails.
+   * must not throw; `onError` when KVM_RUN fails.
    *
    * `on: 'loop'` (the default) runs KVM_RUN on the main thread itself, in
    * bursts between turns of the event loop: an exit costs KVM_RUN and one
@@ -218,7 +218,6 @@ export class Vcpu {
    */
   start(handlers: {
     onExit: (exit: VcpuExit) => ExitAction;
-    onKick?: () => ExitAction;
     onError: (err: VcpuError) => void;
     on?: 'loop' | 'thread';
     /** On a thread of its own: the seccomp filter the thread installs before its first KVM_RUN. */
@@ -233,8 +232,6 @@ export class Vcpu {
         switch (report) {
           case VcpuReport.Exit:
             return handlers.onExit(this.currentExit()).kind === 'stop' ? VcpuAction.Stop : VcpuAction.Continue;
-          case VcpuReport.Kicked:
-            return handlers.onKick?.().kind === 'stop' ? VcpuAction.Stop : VcpuAction.Continue;
           case VcpuReport.Error:
             handlers.onError(new VcpuError(this.id, `KVM_RUN failed with errno ${errno}`));
             return VcpuAction.Stop;
@@ -279,9 +276,9 @@ export class Vcpu {
     if (this.handle !== undefined && this.running) this.addon.resumeVcpu(this.handle);
   }
 
-  /** Interrupts KVM_RUN: reported to onKick, or with `sample`, records RIP silently. */
-  kick(sample = false): void {
-    if (this.handle !== undefined && this.running) this.addon.kickVcpu(this.handle, sample);
+  /** Interrupts KVM_RUN to record the guest's RIP into the sample buffer; the guest runs on. */
+  sample(): void {
+    if (this.handle !== undefined && this.running) this.addon.sampleVcpu(this.handle);
   }
 
   setSampleBuffer(buf: BigUint64Array): void {

@@ -374,7 +374,7 @@ async function checkWritable(path: string): Promise<void> {
 export interface SampledVcpu {
   readonly id: number;
   readonly running: boolean;
-  kick(sample: boolean): void;
+  sample(): void;
   setSampleBuffer(buf: BigUint64Array): void;
 }
 
@@ -524,7 +524,7 @@ export class Profiler implements VmObserver {
     for (const s of this.samplers) {
       if (!s.vcpu.running) continue;
       try {
-        s.vcpu.kick(true);
+        s.vcpu.sample();
         this.recorder!.addKicks(s.vcpu.id, 1);
       } catch (err) {
         // The thread ended between the check and the kick: nothing to sample.

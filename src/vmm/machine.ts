@@ -8,7 +8,7 @@ import type { Logger } from '../base/log.js';
 import type { Bus } from '../base/bus.js';
 import type { GuestMemory } from '../base/memory.js';
 import { TsvmmError } from '../base/errors.js';
-import { CONTINUE, handleExit, STOP, type ExitContext, type GuestStop } from '../kvm/exits.js';
+import { handleExit, STOP, type ExitContext, type GuestStop } from '../kvm/exits.js';
 import { EmulationFallback } from '../kvm/fallback.js';
 import type { Kvm, VmFd } from '../kvm/kvm.js';
 import type { HostProbe } from '../kvm/probe.js';
@@ -173,7 +173,6 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
           if (action.kind === 'stop' && action.stop) this.onGuestStop(action.stop);
           return action;
         },
-        onKick: () => (this.stopping ? STOP : CONTINUE),
         onError: (err) => this.finish(outcome('error', err.message, err)),
         // exitPath 'loop' puts a single vCPU on the event loop's thread. An
         // SMP guest keeps every vCPU on a thread of its own, so they run in

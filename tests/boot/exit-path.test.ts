@@ -97,7 +97,7 @@ describe.skipIf(noKvm !== undefined)(`a vCPU on the event loop${noKvm ? ` (skipp
     const ring = new BigUint64Array(8);
     guest.vcpu.setSampleBuffer(ring);
     await new Promise((r) => setTimeout(r, 50));
-    guest.vcpu.kick(true);
+    guest.vcpu.sample();
     // The sample is the spinning jmp at 0x1004 (CODE_ADDR 0x1000 + 4).
     expect(ring[0]).toBe(1n);
     expect(ring[1]).toBe(0x1004n);
