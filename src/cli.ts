@@ -41,6 +41,7 @@ interface RunOptions {
   transport: 'pci' | 'mmio';
   acpi: boolean;
   mergeable?: boolean;
+  haltPollNs?: number;
   sandbox: boolean;
   emulationFallback: 'auto' | 'on' | 'off';
   logLevel: LogLevel;
@@ -204,6 +205,7 @@ export function effectiveConfig(opts: RunOptions, sourceOf: SourceOf): VmConfig 
     transport: pick('transport', 'transport') as VmConfig['transport'],
     acpi: pick('acpi', 'acpi') as boolean,
     mergeable: (pick('mergeable', 'mergeable') as boolean | undefined) ?? false,
+    haltPollNs: pick('haltPollNs', 'haltPollNs') as number | undefined,
     // The CLI's default is a sandbox; a file may turn it off or widen it.
     sandbox: given('sandbox') ? opts.sandbox : (file?.sandbox ?? opts.sandbox),
     emulationFallback: pick('emulationFallback', 'emulationFallback') as VmConfig['emulationFallback'],
@@ -512,6 +514,7 @@ function addVmOptions(cmd: Command): Command {
     .option('--disk <spec>', 'virtio-blk disk: <path>[,readonly][,serial=<id>][,transport=pci|mmio] (repeatable)', collect(parseDiskOption), [])
     .option('--net <spec>', 'virtio-net over a TAP device: tap=<name>[,mac=<mac>][,transport=pci|mmio] (repeatable)', collect(parseNetOption), [])
     .addOption(new Option('--transport <kind>', 'virtio transport for devices that do not choose one').choices(['pci', 'mmio']).default('pci'))
+    .option('--halt-poll-ns <ns>', 'how long KVM polls a halted vCPU before it sleeps (default 0: an idle guest costs no host CPU)', intArg)
     .option('--mergeable', "let the host's KSM merge identical guest pages across VMs (saves memory; a timing side channel between guests)")
     .option(
       '--no-sandbox',

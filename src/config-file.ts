@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { z } from 'zod';
 import { TsvmmError } from './base/errors.js';
-import { MAX_CPUS, parseMemorySize } from './vmm/config.js';
+import { MAX_CPUS, MAX_HALT_POLL_NS, parseMemorySize } from './vmm/config.js';
 import { MAX_PROFILE_RATE_HZ } from './tools/profiler.js';
 
 /** A config file that cannot be read, is not JSON, or has a field that is wrong. */
@@ -43,6 +43,7 @@ export const vmConfigSchema = z.strictObject({
   exitPath: z.enum(['thread', 'loop']).optional(),
   pit: z.enum(['emulated', 'kernel']).optional(),
   mergeable: z.boolean().optional(),
+  haltPollNs: z.int().min(0).max(MAX_HALT_POLL_NS).optional(),
   emulationFallback: z.enum(['auto', 'on', 'off']).optional(),
   disks: z
     .array(

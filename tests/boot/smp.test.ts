@@ -44,12 +44,12 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
         },
       });
       // How tsvmm ended, in every failure message below.
-      const how = `exit ${r.code} signal ${r.signal}; stderr: ${r.stderr.slice(-1500)}`;
+      const how = `exit ${r.code} signal ${r.signal}; stderr: ${r.stderr.slice(-1500)}; console tail: ${r.stdout.slice(-1500)}`;
       expect(r.stdout, how).toMatch(/@@ONLINE 0-1 2/);
-      expect(r.stdout).toMatch(/@@JOB 0 ran-on 0/);
-      expect(r.stdout).toMatch(/@@JOB 1 ran-on 1/);
-      expect(r.stdout).toContain('smpboot: Total of 2 processors activated');
-      expect(r.code).toBe(0);
+      expect(r.stdout, how).toMatch(/@@JOB 0 ran-on 0/);
+      expect(r.stdout, how).toMatch(/@@JOB 1 ran-on 1/);
+      expect(r.stdout, how).toContain('smpboot: Total of 2 processors activated');
+      expect(r.code, how).toBe(0);
       expect(stopAsked).toBeGreaterThan(0);
       expect(performance.now() - stopAsked).toBeLessThan(STOP_GUARD_MS);
     }),

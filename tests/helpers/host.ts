@@ -7,8 +7,11 @@
 import { probeHostOnce } from '../../src/kvm/probe.js';
 import { BOOT_TIMEOUT_MS, consolesSeen, endingsSeen, kvmUnavailable } from './guest.js';
 
-/** The timeout of a boot test wrapped in {@link retryEmulatorFault}: room for the retry. */
-export const RETRY_TIMEOUT_MS = 2 * BOOT_TIMEOUT_MS + 60_000;
+/** How many times a boot test runs at most while each failure shows the emulator's fault. */
+export const EMULATOR_FAULT_ATTEMPTS = 3;
+
+/** The timeout of a boot test wrapped in {@link retryEmulatorFault}: room for its attempts. */
+export const RETRY_TIMEOUT_MS = EMULATOR_FAULT_ATTEMPTS * BOOT_TIMEOUT_MS + 60_000;
 
 export type HostKind = 'hardware' | 'pvm' | 'none';
 
@@ -80,27 +83,34 @@ function emulatorFault(fromConsole: number, fromEnding: number): string | undefi
 }
 
 /**
- * A boot test body, run once more when it failed and what it saw shows a
- * fault of the emulated platforms, not of tsvmm: on the PVM host a console
- * with {@link PVM_USER_SEGFAULT} or {@link PVM_USER_GARBLED}, in the
+ * A boot test body, run again when it failed and what that attempt saw
+ * shows a fault of the emulated platforms, not of tsvmm: on the PVM host a
+ * console with {@link PVM_USER_SEGFAULT} or {@link PVM_USER_GARBLED}, in the
  * emulated AMD-V host a guest that ended in {@link L1_GUEST_TRIPLE_FAULT}.
- * Any other failure, any failure on a real host, and a second failure
- * fail the test. The retry is printed with the fault.
+ * At most {@link EMULATOR_FAULT_ATTEMPTS} attempts. A failure without the
+ * fault, any failure on a real host, and the last attempt's failure fail
+ * the test; each retry is printed with its fault, and a final failure says
+ * whether it showed the fault too.
  */
 export function retryEmulatorFault<A extends unknown[], T>(body: (...args: A) => Promise<T>): (...args: A) => Promise<T> {
   return async (...args: A) => {
-    const fromConsole = consolesSeen.length;
-    const fromEnding = endingsSeen.length;
-    try {
-      return await body(...args);
-    } catch (err) {
-      const fault = emulatorFault(fromConsole, fromEnding);
-      if (fault === undefined) throw err;
-      const where = hostKind() === 'pvm' ? "the guest hit the PVM host's user-space fault" : "the guest hit the emulated AMD-V host's fault";
-      console.warn(
-        `[${hostKind() === 'pvm' ? 'pvm' : 'amdv'}] running the test once more: ${where} (${fault}); the first attempt failed with: ${String((err as Error).message ?? err).split('\n')[0]}`,
-      );
-      return await body(...args);
+    const host = hostKind() === 'pvm' ? 'pvm' : 'amdv';
+    const where = host === 'pvm' ? "the guest hit the PVM host's user-space fault" : "the guest hit the emulated AMD-V host's fault";
+    for (let attempt = 1; ; attempt++) {
+      const fromConsole = consolesSeen.length;
+      const fromEnding = endingsSeen.length;
+      try {
+        return await body(...args);
+      } catch (err) {
+        const fault = emulatorFault(fromConsole, fromEnding);
+        if (fault === undefined) throw err;
+        const first = String((err as Error).message ?? err).split('\n')[0];
+        if (attempt >= EMULATOR_FAULT_ATTEMPTS) {
+          console.warn(`[${host}] attempt ${attempt} of ${EMULATOR_FAULT_ATTEMPTS} failed too, and ${where} again (${fault}): failing the test`);
+          throw err;
+        }
+        console.warn(`[${host}] running the test again (attempt ${attempt + 1} of ${EMULATOR_FAULT_ATTEMPTS}): ${where} (${fault}); attempt ${attempt} failed with: ${first}`);
+      }
     }
   };
 }
