@@ -514,7 +514,7 @@ function addVmOptions(cmd: Command): Command {
     .option('--disk <spec>', 'virtio-blk disk: <path>[,readonly][,serial=<id>][,transport=pci|mmio] (repeatable)', collect(parseDiskOption), [])
     .option('--net <spec>', 'virtio-net over a TAP device: tap=<name>[,mac=<mac>][,transport=pci|mmio] (repeatable)', collect(parseNetOption), [])
     .addOption(new Option('--transport <kind>', 'virtio transport for devices that do not choose one').choices(['pci', 'mmio']).default('pci'))
-    .option('--halt-poll-ns <ns>', 'how long KVM polls a halted vCPU before it sleeps (default 0: an idle guest costs no host CPU)', intArg)
+    .option('--halt-poll-ns <ns>', "how long KVM polls a halted vCPU before it sleeps, 0 for never (default: the host's halt_poll_ns)", intArg)
     .option('--mergeable', "let the host's KSM merge identical guest pages across VMs (saves memory; a timing side channel between guests)")
     .option(
       '--no-sandbox',

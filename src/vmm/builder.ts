@@ -268,7 +268,7 @@ function createVm(kvm: Kvm, config: MachineConfig, log: Logger): VmFd {
     addon.createIrqchip(vm.fd);
     if (config.pit === 'kernel') addon.createPit2(vm.fd, addon.constants.KVM_PIT_SPEAKER_DUMMY!);
     disableGuestPmu(kvm, vm, log);
-    setHaltPoll(kvm, vm, config.haltPollNs ?? 0, log);
+    if (config.haltPollNs !== undefined) setHaltPoll(kvm, vm, config.haltPollNs, log);
     return vm;
   } catch (err) {
     vm.close();
@@ -279,7 +279,7 @@ function createVm(kvm: Kvm, config: MachineConfig, log: Logger): VmFd {
 /** KVM_CAP_HALT_POLL: how long KVM polls a halted vCPU before it sleeps (see MachineConfig.haltPollNs). */
 function setHaltPoll(kvm: Kvm, vm: VmFd, ns: number, log: Logger): void {
   if (!kvm.hasCap('KVM_CAP_HALT_POLL')) {
-    log.debug("KVM offers no KVM_CAP_HALT_POLL: the host's halt_poll_ns applies");
+    log.warn("KVM offers no KVM_CAP_HALT_POLL: haltPollNs ignored, the host's halt_poll_ns applies");
     return;
   }
   try {

@@ -83,11 +83,10 @@ export interface MachineConfig {
   mergeable?: boolean;
   /**
    * How long KVM polls a halted vCPU for a wake-up before it puts the
-   * thread to sleep, in nanoseconds (KVM_CAP_HALT_POLL). Default 0: an
-   * idle guest costs the host nothing. KVM's own default (the kvm module's
-   * halt_poll_ns, 200 us on most hosts) trades up to that much host CPU per
-   * halt for a faster wake-up, which with several vCPUs waking each other
-   * keeps a core busy for an idle guest. Ignored where KVM lacks the cap.
+   * thread to sleep, in nanoseconds (KVM_CAP_HALT_POLL, per VM). Default:
+   * the host's (the kvm module's halt_poll_ns, 200 us on most hosts), which
+   * trades up to that much host CPU per halt for a faster wake-up; 0 turns
+   * polling off. Ignored (logged) where KVM lacks the cap.
    */
   haltPollNs?: number;
   /** The emulation-failure fallback: 'auto' (default) probes the host. */
