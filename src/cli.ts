@@ -180,16 +180,21 @@ export function effectiveConfig(opts: RunOptions, sourceOf: SourceOf): VmConfig 
     given(key) || file?.[field] === undefined ? opts[key] : file[field];
   const kernel = given('kernel') ? opts.kernel : (file?.kernel ?? opts.kernel);
   if (kernel === undefined) throw new Error('no kernel to boot: pass --kernel <path>, or set "kernel" in the --config file');
-  const profileGiven = given('profile') || given('systemMap') || given('profileRate') || given('profileFormat');
+  // The file's profile, with each profile flag given in place of its field.
+  const profilePath = given('profile') ? opts.profile : file?.profile?.path;
+  if (profilePath === undefined && (given('systemMap') || given('profileRate') || given('profileFormat'))) {
+    throw new Error('--system-map, --profile-rate and --profile-format only apply to a profile: add --profile <file>');
+  }
   const profile =
-    profileGiven && opts.profile !== undefined
-      ? {
-          path: opts.profile,
-          ...(opts.systemMap ? { systemMap: opts.systemMap } : {}),
-          ...(opts.profileRate ? { rateHz: opts.profileRate } : {}),
-          ...(opts.profileFormat ? { format: opts.profileFormat } : {}),
-        }
-      : file?.profile;
+    profilePath === undefined
+      ? undefined
+      : {
+          ...(file?.profile ?? {}),
+          path: profilePath,
+          ...(given('systemMap') && opts.systemMap ? { systemMap: opts.systemMap } : {}),
+          ...(given('profileRate') && opts.profileRate ? { rateHz: opts.profileRate } : {}),
+          ...(given('profileFormat') && opts.profileFormat ? { format: opts.profileFormat } : {}),
+        };
   const config: VmConfig = {
     ...(file ?? {}),
     kernel,
@@ -226,10 +231,6 @@ async function run(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
   const log = createLogger(opts.logLevel);
   if (opts.expectExit && opts.expect === undefined) {
     process.stderr.write('tsvmm: --expect-exit ends the VM when the --expect pattern appears: add --expect <regex>\n');
-    return EXIT_USAGE;
-  }
-  if (opts.profile === undefined && (opts.systemMap !== undefined || opts.profileRate !== undefined || opts.profileFormat !== undefined)) {
-    process.stderr.write('tsvmm: --system-map, --profile-rate and --profile-format only apply to a profile: add --profile <file>\n');
     return EXIT_USAGE;
   }
   let config: VmConfig;

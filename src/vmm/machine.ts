@@ -76,6 +76,8 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private stopping: VmOutcome | undefined;
   private readonly done: Promise<VmOutcome>;
   private resolveDone!: (o: VmOutcome) => void;
+  /** Waits with a signal still pending: see {@link wait}. */
+  private readonly waiters = new Set<(o: VmOutcome) => void>();
   private started = false;
   private panicSeen = false;
   /** Set from pause() until resume(); `clock` is the kvmclock KVM_GET_CLOCK gave (undefined: none, or still pausing). */
@@ -219,12 +221,18 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     const aborted = () => new DOMException('vm.wait() aborted', 'AbortError');
     if (signal.aborted) return Promise.reject(Object.assign(aborted(), { cause: signal.reason }));
     return new Promise((resolve, reject) => {
-      const onAbort = () => reject(Object.assign(aborted(), { cause: signal.reason }));
-      signal.addEventListener('abort', onAbort, { once: true });
-      void this.done.then((o) => {
+      // Held in a set the end empties, not in a then() on `done`: an aborted
+      // wait leaves nothing behind while the VM runs on.
+      const waiter = (o: VmOutcome) => {
         signal.removeEventListener('abort', onAbort);
         resolve(o);
-      });
+      };
+      const onAbort = () => {
+        this.waiters.delete(waiter);
+        reject(Object.assign(aborted(), { cause: signal.reason }));
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
+      this.waiters.add(waiter);
     });
   }
 
@@ -461,5 +469,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     step('close /dev/kvm', () => this.kvm.close());
     step("emit 'exit'", () => this.emit('exit', result));
     this.resolveDone(result);
+    for (const w of this.waiters) w(result);
+    this.waiters.clear();
   }
 }

@@ -38,6 +38,8 @@ describe.skipIf(noKvm !== undefined)(`VM teardown${noKvm ? ` (skipped: ${noKvm})
     ac.abort(new Error('enough waiting'));
     await expect(waiting).rejects.toMatchObject({ name: 'AbortError', cause: { message: 'enough waiting' } });
     expect(vm.state).toBe('running');
+    // The aborted wait left nothing behind on the running VM.
+    expect((vm as unknown as { waiters: Set<unknown> }).waiters.size).toBe(0);
     const outcome = await vm.stop('test over');
     expect(outcome.kind).toBe('stopped');
     expect(lines.join('')).toMatch(/"step":"close virtio devices".*vm teardown step failed|vm teardown step failed.*"step":"close virtio devices"/);

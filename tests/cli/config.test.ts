@@ -45,6 +45,24 @@ describe('tsvmm config --print', () => {
     });
   });
 
+  it("merges profile flags into the file's profile field by field", async () => {
+    const file = configFile('profiled.json', { kernel: 'k/bzImage', profile: { path: 'p.txt', rateHz: 50, systemMap: 'k/System.map' } });
+    let r = await runCli(['config', '--print', '--config', file, '--profile-format', 'json']);
+    expect(r.code, r.stderr).toBe(0);
+    expect((JSON.parse(r.stdout) as { profile: unknown }).profile).toEqual({
+      path: join(dir.path, 'p.txt'),
+      rateHz: 50, // kept from the file
+      systemMap: join(dir.path, 'k/System.map'),
+      format: 'json', // the flag
+    });
+    r = await runCli(['config', '--print', '--config', file, '--profile', '/tmp/other.txt', '--profile-rate', '200']);
+    expect((JSON.parse(r.stdout) as { profile: unknown }).profile).toEqual({ path: '/tmp/other.txt', rateHz: 200, systemMap: join(dir.path, 'k/System.map') });
+    // Without a profile in the file or on the command line, a profile flag alone is a usage error.
+    r = await runCli(['config', '--print', '--config', configFile('plain.json', { kernel: 'k' }), '--profile-rate', '200']);
+    expect(r.code).toBe(2);
+    expect(oneLine(r.stderr)).toMatch(/only apply to a profile: add --profile <file>/);
+  });
+
   it('without a file is the command line alone', async () => {
     const r = await runCli(['config', '--kernel', '/boot/bzImage', '--memory', '1G']);
     expect(r.code, r.stderr).toBe(0);
