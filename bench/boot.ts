@@ -2,7 +2,7 @@
  * Boot time to the test initramfs's /init, through the library as a user
  * would boot: createVm, console 'data' events, vm.wait().
  *
- * Three ways in to the same fixture kernel (tests/helpers/fixtures.ts):
+ * Three ways in to the same fixture kernel (fixtures/index.ts):
  * - host: the gzip bzImage, decompressed by tsvmm on the host (bootMode 'host');
  * - classic: the same bzImage run through the kernel's own decompressor (bootMode 'guest');
  * - elf: the uncompressed vmlinux, entered at its PVH entry point;

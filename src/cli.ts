@@ -274,7 +274,7 @@ const FLAG_HINTS: ReadonlyArray<[RegExp, string]> = [
   [/^ERR_TSVMM_PROFILE_SYSTEM_MAP_/, '--system-map <path>'],
   [/^ERR_TSVMM_PROFILE_BAD_RATE$/, '--profile-rate <hz>'],
   [/^ERR_TSVMM_PROFILE_OUTPUT_UNWRITABLE$/, '--profile <file>'],
-  [/^ERR_TSVMM_SANDBOX$/, '--no-sandbox'],
+  [/^ERR_TSVMM_SANDBOX_UNCONFINABLE$/, '--no-sandbox'],
 ];
 
 /** `tsvmm: <message>`, with the flag to change when the error's code has one. */

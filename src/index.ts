@@ -60,7 +60,7 @@ export { QueueError, type QueueErrorKind } from './virtio/queue.js';
 export { BlkError, type BlkErrorCode } from './virtio/blk/errors.js';
 export { NetError, type NetErrorCode } from './virtio/net/errors.js';
 export { ApiSocketError } from './tools/api.js';
-export { SandboxError, type SandboxConfig, type SandboxStatus } from './kvm/sandbox.js';
+export { SandboxError, type SandboxErrorKind, type SandboxConfig, type SandboxStatus } from './kvm/sandbox.js';
 export type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
 export { EXIT_CODES, EXIT_EXPECT_UNMET, EXIT_TIMEOUT, type VmOutcome, type OutcomeKind } from './vmm/outcome.js';
 export { ConfigFileError, parseVmConfig, readVmConfigFile, vmConfigSchema, type FileVmConfig } from './config-file.js';

@@ -4,7 +4,8 @@
  * configuration.
  */
 import { VirtualMachine } from './vmm/machine.js';
-import { readInput, type MachineConfig } from './vmm/config.js';
+import { readInput, validateConfig, type MachineConfig } from './vmm/config.js';
+import { StartupClock } from './vmm/builder.js';
 import { silentLogger } from './base/log.js';
 import { Profiler, type ProfileConfig } from './tools/profiler.js';
 
@@ -16,11 +17,16 @@ export interface VmConfig extends MachineConfig {
 
 /** Builds a VM (nothing runs until `start()`). Bad input rejects with a one-line error. */
 export async function createVm(config: VmConfig): Promise<VirtualMachine> {
-  const { profile, ...machine } = config;
-  if (!profile) return VirtualMachine.create(machine);
+  const { profile } = config;
+  // The machine keeps the whole configuration (vm.config, the control socket's GET /vm) and ignores `profile`.
+  if (!profile) return VirtualMachine.create(config);
+  const startup = new StartupClock();
   const log = config.logger ?? silentLogger;
-  // The kernel first, so that a bad path is reported as such, not as a missing System.map.
+  // The same order of errors as without a profile: the configuration, the
+  // kernel (a bad path is reported as such, not as a missing System.map),
+  // then the profile's own inputs. Its reading counts as the inputs phase.
+  validateConfig(config);
   const kernel = await readInput('kernel', config.kernel);
   const profiler = await Profiler.prepare(profile, config.kernel, log.child({ part: 'profiler' }));
-  return VirtualMachine.create({ ...machine, kernel, observers: [...(machine.observers ?? []), profiler] });
+  return VirtualMachine.create(config, { kernel, observers: [profiler], startup });
 }

@@ -9,7 +9,7 @@
  * resolution; every measured interval here lasts seconds. The fixture's
  * busybox `date` has no `%N`, which is why uptime is used.
  *
- * Two ways to drive a guest: {@link GuestSession} (tests/helpers/guest.ts,
+ * Two ways to drive a guest: {@link GuestSession} (fixtures/guest.ts,
  * the library in this process), and {@link CliGuest} here, the same
  * `run(cmd)` over a `tsvmm run` child process's stdin/stdout (needed when
  * the VMM must run inside a network namespace).

@@ -375,7 +375,7 @@ function loadAddon(): NativeAddon {
     return nodeGypBuild(PACKAGE_ROOT) as NativeAddon;
   } catch (err) {
     throw new Error(
-      `tsvmm native addon not found (no build in ${join(PACKAGE_ROOT, 'build/Release')} and no prebuild for ${process.platform}-${process.arch}); run \`npm install\` in ${PACKAGE_ROOT} to build it`,
+      `tsvmm native addon did not load (${(err as Error).message.split('\n')[0]}): a source build goes in ${join(PACKAGE_ROOT, 'build/Release')}, a prebuild for ${process.platform}-${process.arch} in prebuilds/; run \`npm install\` in ${PACKAGE_ROOT} to build it`,
       { cause: err },
     );
   }

@@ -27,7 +27,7 @@ import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Logger } from 'pino';
 import type { NativeAddon } from './native.js';
-import { TsvmmError } from '../base/errors.js';
+import { TsvmmKindError } from '../base/errors.js';
 
 /** Landlock file-system rights (include/uapi/linux/landlock.h), with the ABI that added each. */
 export const LANDLOCK_FS = {
@@ -101,9 +101,16 @@ export interface SandboxStatus {
   vcpuThreads: { filtered: true; syscalls: string[] } | { filtered: false; reason: string };
 }
 
-export class SandboxError extends TsvmmError {
-  constructor(message: string, options?: { cause?: unknown }) {
-    super('ERR_TSVMM_SANDBOX', message, options);
+/**
+ * What went wrong with the sandbox: 'unconfinable' (the kernel refused
+ * Landlock), 'bad-allow' (a path to allow does not exist), 'confined-earlier'
+ * (an earlier VM's sandbox keeps this one from creating a file).
+ */
+export type SandboxErrorKind = 'unconfinable' | 'bad-allow' | 'confined-earlier';
+
+export class SandboxError extends TsvmmKindError<SandboxErrorKind> {
+  constructor(kind: SandboxErrorKind, message: string, options?: { cause?: unknown }) {
+    super('SANDBOX_', kind, message, options);
   }
 }
 
@@ -137,6 +144,7 @@ export function sandboxRules(abi: number, opts: { outputs: readonly string[]; al
       isDir = statSync(r.path).isDirectory();
     } catch (err) {
       throw new SandboxError(
+        'bad-allow',
         `cannot allow ${r.path} in the sandbox: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}; give a path that exists`,
         { cause: err },
       );
@@ -165,6 +173,7 @@ export function confineProcess(addon: NativeAddon, opts: { outputs: readonly str
         closeSync(openSync(out, 'a'));
       } catch (err) {
         throw new SandboxError(
+          'confined-earlier',
           `cannot create ${out} in a process an earlier VM's sandbox confined: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}; allow its directory in the first sandboxed VM's sandbox.allow`,
           { cause: err },
         );
@@ -195,7 +204,7 @@ export function confineProcess(addon: NativeAddon, opts: { outputs: readonly str
       rules.map((r) => [r.path, r.access]),
     );
   } catch (err) {
-    throw new SandboxError(`cannot confine the process with Landlock: ${(err as Error).message}; run with the sandbox off (sandbox: false) on this host`, {
+    throw new SandboxError('unconfinable', `cannot confine the process with Landlock: ${(err as Error).message}; run with the sandbox off (sandbox: false) on this host`, {
       cause: err,
     });
   }

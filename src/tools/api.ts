@@ -22,6 +22,7 @@ import { connect, type Socket } from 'node:net';
 import { dirname, join } from 'node:path';
 import { TsvmmError } from '../base/errors.js';
 import { VmStateError, type VirtualMachine } from '../vmm/machine.js';
+import type { VmConfig } from '../vm.js';
 
 /** How long close() lets unfinished requests run before it cuts them. */
 const CLOSE_GRACE_MS = 2000;
@@ -183,10 +184,17 @@ function send(res: ServerResponse, status: number, body: unknown): void {
   res.end(text);
 }
 
+/** The VM's configuration as JSON can carry it: no logger or observers, and bytes given for a kernel or initrd named by their size. */
+export function plainConfig(c: VirtualMachine['config']): Record<string, unknown> {
+  const { logger: _logger, observers: _observers, ...rest } = c as VmConfig;
+  const bytes = (v: string | Uint8Array | undefined) => (v === undefined || typeof v === 'string' ? v : `(${v.length} bytes)`);
+  return { ...rest, kernel: bytes(rest.kernel), ...(rest.initrd !== undefined ? { initrd: bytes(rest.initrd) } : {}) };
+}
+
 async function handle(vm: VirtualMachine, req: IncomingMessage, res: ServerResponse, startedAt: string): Promise<void> {
   const url = new URL(req.url ?? '/', 'http://tsvmm');
   const route = `${req.method} ${url.pathname}`;
-  const { logger: _logger, ...config } = vm.config;
+  const config = plainConfig(vm.config);
   try {
     switch (route) {
       case 'GET /vm':

@@ -35,7 +35,7 @@ import { AcpiPm } from '../devices/acpi-pm.js';
 import { PvPanic } from '../devices/pvpanic.js';
 import { ConsoleDevice } from '../virtio/console/device.js';
 import { ConsoleStream, ConsoleWatcher, type ConsoleEvent } from './console.js';
-import { defaultCmdline, readInput, validateConfig, type MachineConfig } from './config.js';
+import { defaultCmdline, readInput, validateConfig, type MachineConfig, type VmObserver } from './config.js';
 import { LegacyDevices, MmioDevices, PciDevices } from './device-manager.js';
 import { VirtioDevices } from './virtio-devices.js';
 
@@ -49,6 +49,16 @@ export interface GuestEvents {
   console: [event: ConsoleEvent, line: string];
   /** The guest showed it drives a device path: from then on, its console text ends nothing. */
   uses: [path: 'acpi' | 'pvpanic'];
+}
+
+/** What a caller of the builder already has: the kernel's bytes, observers it made, the clock it started. */
+export interface PreparedInputs {
+  /** The kernel, read from `config.kernel` already. */
+  readonly kernel?: Uint8Array;
+  /** Observers besides `config.observers`. */
+  readonly observers?: readonly VmObserver[];
+  /** The start-up clock, started before the caller's own preparation. */
+  readonly startup?: StartupClock;
 }
 
 /** Everything the builder made: what a {@link VirtualMachine} runs. */
@@ -75,6 +85,8 @@ export interface MachineParts {
   readonly vcpus: Vcpu[];
   readonly coalesced: CoalescedRing | undefined;
   readonly startup: StartupClock;
+  /** `config.observers` and those the caller prepared. */
+  readonly observers: readonly VmObserver[];
 }
 
 /**
@@ -131,13 +143,14 @@ function round3(ms: number): number {
  * error (VmConfigError, KvmError, BootError, or a device's error) and
  * releases whatever was made.
  */
-export async function buildMachine(config: MachineConfig): Promise<MachineParts> {
-  const clock = new StartupClock();
+export async function buildMachine(config: MachineConfig, prepared: PreparedInputs = {}): Promise<MachineParts> {
+  const clock = prepared.startup ?? new StartupClock();
   const log = config.logger ?? silentLogger;
   const { memory, cpus, console: consoleKind } = validateConfig(config);
+  const observers = [...(config.observers ?? []), ...(prepared.observers ?? [])];
 
   // Inputs first: a bad path fails before KVM is touched.
-  const kernelBytes = await readInput('kernel', config.kernel);
+  const kernelBytes = prepared.kernel ?? (await readInput('kernel', config.kernel));
   const initrdBytes = config.initrd !== undefined ? await readInput('initrd', config.initrd) : undefined;
   // Decompressing the kernel and inflating the initramfs run on other
   // threads while the VM and its devices are built; loadLinux waits.
@@ -148,6 +161,7 @@ export async function buildMachine(config: MachineConfig): Promise<MachineParts>
   const kvm = Kvm.open(config.kvmDevice);
   let vm: VmFd | undefined;
   const managers: Array<{ close(): unknown }> = [];
+  const vcpus: Vcpu[] = [];
   try {
     const host = probe(kvm, config, log);
     const fallbackOn = host.emulationGaps.length > 0;
@@ -167,7 +181,7 @@ export async function buildMachine(config: MachineConfig): Promise<MachineParts>
     const mmioDevices = new MmioDevices(mmio, irq, log);
     managers.push(legacy, mmioDevices);
 
-    const { consoleStream, serial, hvc } = consoleDevices(legacy, config, consoleKind, events, log);
+    const { consoleStream, serial, hvc } = consoleDevices(legacy, config, consoleKind, observers, events, log);
     const pit = legacyDevices(legacy, config, events, log);
     const acpiOn = config.acpi !== false;
     if (acpiOn) acpiDevices(legacy, events, log);
@@ -214,7 +228,7 @@ export async function buildMachine(config: MachineConfig): Promise<MachineParts>
     writeMpTable(mem, cpus);
     clock.mark('kernel');
 
-    const vcpus = createVcpus(kvm, vm, cpus, boot);
+    createVcpus(kvm, vm, cpus, boot, vcpus);
     clock.mark('vcpus');
     log.info({ kind: boot.kind, entry: `0x${boot.entry.toString(16)}`, cmdline, memory, cpus }, 'kernel loaded');
     const coalesced = config.coalescedIo !== false ? setUpCoalescedPio(kvm, vm, vcpus[0]!, log) : undefined;
@@ -241,11 +255,21 @@ export async function buildMachine(config: MachineConfig): Promise<MachineParts>
       vcpus,
       coalesced,
       startup: clock,
+      observers,
     };
   } catch (err) {
-    for (const m of managers.reverse()) m.close();
-    vm?.close();
-    kvm.close();
+    // Everything made so far, each close on its own: the first error is the one to report.
+    const release = (what: string, close: () => unknown) => {
+      try {
+        close();
+      } catch (closeErr) {
+        log.error({ err: closeErr, step: what }, 'releasing a VM that could not be built failed');
+      }
+    };
+    for (const m of managers.reverse()) release('devices', () => m.close());
+    for (const v of vcpus) release(`vCPU ${v.id}`, () => v.close());
+    if (vm) release('the VM', () => vm?.close());
+    release('/dev/kvm', () => kvm.close());
     throw err;
   }
 }
@@ -299,10 +323,10 @@ function consoleDevices(
   legacy: LegacyDevices,
   config: MachineConfig,
   consoleKind: 'serial' | 'virtio',
+  observers: readonly VmObserver[],
   events: EventEmitter<GuestEvents>,
   log: Logger,
 ): { consoleStream: ConsoleStream; serial: Serial16550; hvc: ConsoleDevice | undefined } {
-  const observers = config.observers ?? [];
   let hvc: ConsoleDevice | undefined;
   const consoleStream = new ConsoleStream(
     (bytes) => (hvc ? hvc.enqueueInput(bytes) : serial.enqueueInput(bytes)),
@@ -407,12 +431,12 @@ function writeAcpi(mem: GuestMemory, cpus: number, virtio: VirtioDevices): numbe
   ).rsdpAddress;
 }
 
-/** The vCPUs, with CPUID, MSRs, FPU and LAPIC set; vCPU 0 at the kernel's entry. */
-function createVcpus(kvm: Kvm, vm: VmFd, cpus: number, boot: BootInfo): Vcpu[] {
+/** The vCPUs, with CPUID, MSRs, FPU and LAPIC set; vCPU 0 at the kernel's entry. Each joins `vcpus` as soon as it exists. */
+function createVcpus(kvm: Kvm, vm: VmFd, cpus: number, boot: BootInfo, vcpus: Vcpu[]): void {
   const supported = parseCpuid(kvm.addon.getSupportedCpuid(kvm.fd), kvm.addon.layout);
-  const vcpus: Vcpu[] = [];
   for (let id = 0; id < cpus; id++) {
     const vcpu = new Vcpu(vm, id);
+    vcpus.push(vcpu);
     vcpu.setCpuid(cpuidForVcpu(supported, id, cpus));
     vcpu.setBootMsrs();
     vcpu.setFpuDefaults();
@@ -421,9 +445,7 @@ function createVcpus(kvm: Kvm, vm: VmFd, cpus: number, boot: BootInfo): Vcpu[] {
       vcpu.setSregs(boot.cpu.sregs);
       vcpu.setRegs(boot.cpu.regs);
     }
-    vcpus.push(vcpu);
   }
-  return vcpus;
 }
 
 /**

@@ -22,7 +22,7 @@ import { type ConsoleStream, type ConsoleEvent, panicMessage } from './console.j
 import { runOnConsole, type RunOptions, type RunResult } from './shell.js';
 import { outcome, type VmOutcome } from './outcome.js';
 import type { MachineConfig } from './config.js';
-import { buildMachine, StartupClock, type MachineParts, type StartupTimes } from './builder.js';
+import { buildMachine, StartupClock, type MachineParts, type PreparedInputs, type StartupTimes } from './builder.js';
 
 export type { StartupTimes };
 import type { VirtioDevices } from './virtio-devices.js';
@@ -78,6 +78,8 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private resolveDone!: (o: VmOutcome) => void;
   /** Waits with a signal still pending: see {@link wait}. */
   private readonly waiters = new Set<(o: VmOutcome) => void>();
+  /** The outcome, once teardown is over and wait() has resolved. */
+  private ended: VmOutcome | undefined;
   private started = false;
   private panicSeen = false;
   /** Set from pause() until resume(); `clock` is the kvmclock KVM_GET_CLOCK gave (undefined: none, or still pausing). */
@@ -135,11 +137,12 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
    * creates memory, devices and vCPUs, and loads the kernel (see
    * src/vmm/builder.ts). Nothing runs until {@link start}. Bad input throws
    * a one-line error (VmConfigError, KvmError, BootError, or a device's
-   * error). The library's `createVm` also attaches the tools a VmConfig
-   * asks for (the profiler).
+   * error). `profile` is not the machine's: the library's `createVm`
+   * attaches the tools a VmConfig asks for (the profiler), through
+   * `prepared`.
    */
-  static async create(config: MachineConfig): Promise<VirtualMachine> {
-    return new VirtualMachine(await buildMachine(config));
+  static async create(config: MachineConfig, prepared?: PreparedInputs): Promise<VirtualMachine> {
+    return new VirtualMachine(await buildMachine(config, prepared));
   }
 
   /** exitPath 'loop' puts a single vCPU on the event loop's thread; an SMP guest always has threads. */
@@ -185,7 +188,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       });
     });
     if (this.coalesced) this.pollCoalesced();
-    for (const o of this.config.observers ?? []) {
+    for (const o of this.parts.observers) {
       o.start?.(this.vcpus);
       // 'exit' is emitted after every vCPU stopped and before wait() resolves.
       if (o.finish) this.once('exit', (result) => o.finish?.(result));
@@ -203,7 +206,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
 
   private confine(onLoop: boolean): SandboxStatus {
     const opts = typeof this.config.sandbox === 'object' ? this.config.sandbox : {};
-    const files = confineProcess(this.kvm.addon, { outputs: (this.config.observers ?? []).flatMap((o) => o.outputs ?? []), allow: opts.allow }, this.log);
+    const files = confineProcess(this.kvm.addon, { outputs: (this.parts.observers).flatMap((o) => o.outputs ?? []), allow: opts.allow }, this.log);
     const vcpuThreads: SandboxStatus['vcpuThreads'] = onLoop
       ? { filtered: false, reason: "exitPath 'loop' runs KVM_RUN on the main thread, which seccomp cannot narrow" }
       : { filtered: true, syscalls: ['ioctl (KVM_RUN, KVM_GET_REGS on its vCPU)', ...VCPU_THREAD_SYSCALLS] };
@@ -220,6 +223,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     if (!signal) return this.done;
     const aborted = () => new DOMException('vm.wait() aborted', 'AbortError');
     if (signal.aborted) return Promise.reject(Object.assign(aborted(), { cause: signal.reason }));
+    if (this.ended) return this.done;
     return new Promise((resolve, reject) => {
       // Held in a set the end empties, not in a then() on `done`: an aborted
       // wait leaves nothing behind while the VM runs on.
@@ -468,6 +472,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     step('close the VM', () => this.vm.close());
     step('close /dev/kvm', () => this.kvm.close());
     step("emit 'exit'", () => this.emit('exit', result));
+    this.ended = result;
     this.resolveDone(result);
     for (const w of this.waiters) w(result);
     this.waiters.clear();

@@ -157,7 +157,10 @@ export class VirtioDevices {
   private readonly polls: number[] = [];
   private closed = false;
 
-  private constructor(private readonly addon: NativeAddon) {}
+  private constructor(
+    private readonly addon: NativeAddon,
+    private readonly log: Logger,
+  ) {}
 
   /** A new eventfd that close() releases. */
   eventfd(): number {
@@ -168,7 +171,7 @@ export class VirtioDevices {
 
   static async create(opts: VirtioDevicesOptions): Promise<VirtioDevices> {
     const addon = opts.vm.addon;
-    const mgr = new VirtioDevices(addon);
+    const mgr = new VirtioDevices(addon, opts.log);
     const kvm = opts.vm.kvm;
     const useIrqfd = kvm.hasCap('KVM_CAP_IRQFD');
     const useIoeventfd = kvm.hasCap('KVM_CAP_IOEVENTFD');
@@ -317,12 +320,23 @@ export class VirtioDevices {
     await Promise.all(this.attached.map((a) => (a.kind === 'blk' ? (a.device as BlkDevice).drain() : undefined)));
   }
 
-  /** Releases fds, watches and images. The counters stay readable: stats() after the VM ended. */
+  /**
+   * Releases watches, devices (images, TAPs) and fds, each on its own: one
+   * that fails is logged and the rest still close. The counters stay
+   * readable: stats() after the VM ended.
+   */
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    for (const p of this.polls.splice(0)) this.addon.pollClose(p);
-    for (const d of this.devicesToClose) d.close();
-    for (const fd of this.fds.splice(0)) this.addon.close(fd);
+    const release = (what: string, close: () => void) => {
+      try {
+        close();
+      } catch (err) {
+        this.log.error({ err, step: what }, 'virtio close failed');
+      }
+    };
+    for (const p of this.polls.splice(0)) release('fd watch', () => this.addon.pollClose(p));
+    for (const d of this.devicesToClose) release('device', () => d.close());
+    for (const fd of this.fds.splice(0)) release('eventfd', () => this.addon.close(fd));
   }
 }

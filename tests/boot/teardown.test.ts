@@ -42,6 +42,8 @@ describe.skipIf(noKvm !== undefined)(`VM teardown${noKvm ? ` (skipped: ${noKvm})
     expect((vm as unknown as { waiters: Set<unknown> }).waiters.size).toBe(0);
     const outcome = await vm.stop('test over');
     expect(outcome.kind).toBe('stopped');
+    // A wait with a signal after the end resolves at once.
+    await expect(vm.wait({ signal: new AbortController().signal })).resolves.toMatchObject({ kind: 'stopped' });
     expect(lines.join('')).toMatch(/"step":"close virtio devices".*vm teardown step failed|vm teardown step failed.*"step":"close virtio devices"/);
     expect(lines.join('')).toContain('close failed on purpose');
     // Every fd the VM had (/dev/kvm, the VM, its vCPU, eventfds) is closed all the same.

@@ -71,6 +71,7 @@ import {
   VirtioPciTransport,
 } from '../../src/virtio/pci.js';
 import type { VirtioTransport } from '../../src/virtio/transport.js';
+import { VIRTIO_MMIO_SIZE } from '../../src/arch/layout.js';
 
 /** A small, fast, seedable PRNG (mulberry32). */
 export class Rng {
@@ -463,9 +464,9 @@ class ModelDriver {
     const op = rng.below(20);
     if (op < 12) hostileMemoryWrite(rng, mem, ring, q, plausible);
     else if (op < 16) this.w32(MMIO_QUEUE_NOTIFY, rng.chance(0.95) ? q : rng.u32());
-    else if (op === 16) this.transport.write(rng.below(0x200), new Uint8Array(rng.pick([1, 2, 4, 8])).fill(rng.u32() & 0xff));
+    else if (op === 16) this.transport.write(rng.below(VIRTIO_MMIO_SIZE), new Uint8Array(rng.pick([1, 2, 4, 8])).fill(rng.u32() & 0xff));
     else if (op === 17) this.w32(rng.below(0x80) & ~3, rng.interesting(rng.below(16)));
-    else if (op === 18) this.transport.read(rng.below(0x200), new Uint8Array(rng.pick([1, 2, 4, 8])));
+    else if (op === 18) this.transport.read(rng.below(VIRTIO_MMIO_SIZE), new Uint8Array(rng.pick([1, 2, 4, 8])));
     else if (rng.chance(0.3)) this.w32(MMIO_STATUS, 0);
     else if (rng.chance(0.2)) this.initialize();
     else this.w32(MMIO_QUEUE_SEL, q), this.w32(MMIO_QUEUE_READY, 0);

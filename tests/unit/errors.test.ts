@@ -13,7 +13,7 @@ const samples: Record<string, () => Error> = {
   VmConfigError: () => new tsvmm.VmConfigError('bad-memory', 'x'),
   VmStateError: () => new tsvmm.VmStateError('x'),
   ConsoleWaitError: () => new tsvmm.ConsoleWaitError('ERR_TSVMM_WAIT_TIMEOUT', 'x', '/x/', ''),
-  SandboxError: () => new tsvmm.SandboxError('x'),
+  SandboxError: () => new tsvmm.SandboxError('unconfinable', 'x'),
   ConfigFileError: () => new tsvmm.ConfigFileError('x'),
   KvmError: () => new tsvmm.KvmError('no-kvm', 'x'),
   BootError: () => new tsvmm.BootError('not-a-kernel', 'x'),

@@ -75,8 +75,11 @@ let zstdDecoder: Promise<ZSTDDecoder | Error> | undefined;
  * still boots xz kernels, through the in-guest decompressor.
  */
 function loadXzDecoder(): Promise<XzDecoder | Error> {
-  xzDecoder ??= import('node-liblzma').then(
-    (m): XzDecoder | Error => m,
+  // node-liblzma is an optional dependency: named through a variable, so
+  // that the TypeScript also builds where it is not installed.
+  const optional: string = 'node-liblzma';
+  xzDecoder ??= import(optional).then(
+    (m: XzDecoder): XzDecoder | Error => m,
     (err: unknown): XzDecoder | Error => (err instanceof Error ? err : new Error(String(err))),
   );
   return xzDecoder;
