@@ -204,9 +204,13 @@ export function confineProcess(addon: NativeAddon, opts: { outputs: readonly str
       rules.map((r) => [r.path, r.access]),
     );
   } catch (err) {
-    throw new SandboxError('unconfinable', `cannot confine the process with Landlock: ${(err as Error).message}; run with the sandbox off (sandbox: false) on this host`, {
-      cause: err,
-    });
+    throw new SandboxError(
+      'unconfinable',
+      `cannot confine the process with Landlock: ${(err as Error).message}; run with the sandbox off (sandbox: false) on this host`,
+      {
+        cause: err,
+      },
+    );
   }
   const allowed = rules.map((r) => r.path);
   const unconfinedThreads = result.skipped;

@@ -206,7 +206,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
 
   private confine(onLoop: boolean): SandboxStatus {
     const opts = typeof this.config.sandbox === 'object' ? this.config.sandbox : {};
-    const files = confineProcess(this.kvm.addon, { outputs: (this.parts.observers).flatMap((o) => o.outputs ?? []), allow: opts.allow }, this.log);
+    const files = confineProcess(this.kvm.addon, { outputs: this.parts.observers.flatMap((o) => o.outputs ?? []), allow: opts.allow }, this.log);
     const vcpuThreads: SandboxStatus['vcpuThreads'] = onLoop
       ? { filtered: false, reason: "exitPath 'loop' runs KVM_RUN on the main thread, which seccomp cannot narrow" }
       : { filtered: true, syscalls: ['ioctl (KVM_RUN, KVM_GET_REGS on its vCPU)', ...VCPU_THREAD_SYSCALLS] };

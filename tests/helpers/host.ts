@@ -109,7 +109,9 @@ export function retryEmulatorFault<A extends unknown[], T>(body: (...args: A) =>
           console.warn(`[${host}] attempt ${attempt} of ${EMULATOR_FAULT_ATTEMPTS} failed too, and ${where} again (${fault}): failing the test`);
           throw err;
         }
-        console.warn(`[${host}] running the test again (attempt ${attempt + 1} of ${EMULATOR_FAULT_ATTEMPTS}): ${where} (${fault}); attempt ${attempt} failed with: ${first}`);
+        console.warn(
+          `[${host}] running the test again (attempt ${attempt + 1} of ${EMULATOR_FAULT_ATTEMPTS}): ${where} (${fault}); attempt ${attempt} failed with: ${first}`,
+        );
       }
     }
   };

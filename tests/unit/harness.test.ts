@@ -183,7 +183,13 @@ describe('the control socket', () => {
     const { plainConfig } = await import('../../src/tools/api.js');
     const timer = setTimeout(() => undefined, 1000); // an observer's state JSON cannot hold (a Timeout is circular)
     const observer = { timer, outputs: ['p.txt'] };
-    const c = plainConfig({ kernel: new Uint8Array(4096), initrd: '/boot/initrd.gz', memory: '64M', observers: [observer], profile: { path: 'p.txt' } } as never);
+    const c = plainConfig({
+      kernel: new Uint8Array(4096),
+      initrd: '/boot/initrd.gz',
+      memory: '64M',
+      observers: [observer],
+      profile: { path: 'p.txt' },
+    } as never);
     clearTimeout(timer);
     expect(JSON.parse(JSON.stringify(c))).toEqual({ kernel: '(4096 bytes)', initrd: '/boot/initrd.gz', memory: '64M', profile: { path: 'p.txt' } });
   });
