@@ -17,6 +17,22 @@ export function createLogger(level: LogLevel = 'warn'): Logger {
 /** A logger that drops everything: the default for device models under test. */
 export const silentLogger: Logger = pino({ level: 'silent' });
 
+/**
+ * Runs one step of a teardown: an error it throws is logged under `step`
+ * with `message` and returned, never thrown, so the steps after it still
+ * run.
+ */
+export function runLogged(log: Logger, message: string, step: string, f: () => unknown): Error | undefined {
+  try {
+    f();
+    return undefined;
+  } catch (err) {
+    const e = err instanceof Error ? err : new Error(String(err));
+    log.error({ err: e, step }, message);
+    return e;
+  }
+}
+
 /** How many events of one kind a {@link GuestEventLog} logs before it only counts them. */
 export const GUEST_EVENT_LOG_LIMIT = 10;
 

@@ -9,7 +9,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type { Logger } from '../base/log.js';
-import { silentLogger } from '../base/log.js';
+import { runLogged, silentLogger } from '../base/log.js';
 import { Bus } from '../base/bus.js';
 import type { IrqLine } from '../base/irq.js';
 import { GuestMemory } from '../base/memory.js';
@@ -259,13 +259,7 @@ export async function buildMachine(config: MachineConfig, prepared: PreparedInpu
     };
   } catch (err) {
     // Everything made so far, each close on its own: the first error is the one to report.
-    const release = (what: string, close: () => unknown) => {
-      try {
-        close();
-      } catch (closeErr) {
-        log.error({ err: closeErr, step: what }, 'releasing a VM that could not be built failed');
-      }
-    };
+    const release = (what: string, close: () => unknown) => runLogged(log, 'releasing a VM that could not be built failed', what, close);
     for (const m of managers.reverse()) release('devices', () => m.close());
     for (const v of vcpus) release(`vCPU ${v.id}`, () => v.close());
     if (vm) release('the VM', () => vm?.close());

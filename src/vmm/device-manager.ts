@@ -14,7 +14,7 @@
  */
 import type { Bus, BusDevice } from '../base/bus.js';
 import type { IrqLine } from '../base/irq.js';
-import { silentLogger, type Logger } from '../base/log.js';
+import { runLogged, silentLogger, type Logger } from '../base/log.js';
 import * as layout from '../arch/layout.js';
 import type { PciDevice } from '../devices/pci/device.js';
 import { PciAllocator } from '../devices/pci/device.js';
@@ -58,13 +58,8 @@ export class DeviceManager {
     this.closed = true;
     const failures: Error[] = [];
     for (const { name, close } of this.closers.splice(0).reverse()) {
-      try {
-        close();
-      } catch (err) {
-        const e = err instanceof Error ? err : new Error(String(err));
-        this.log.error({ err: e, dev: name }, 'device close failed');
-        failures.push(e);
-      }
+      const err = runLogged(this.log, 'device close failed', name, close);
+      if (err) failures.push(err);
     }
     return failures;
   }

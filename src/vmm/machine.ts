@@ -4,7 +4,7 @@
  * what the guest does into an outcome, and tears everything down in order.
  */
 import { EventEmitter } from 'node:events';
-import type { Logger } from '../base/log.js';
+import { runLogged, type Logger } from '../base/log.js';
 import type { Bus } from '../base/bus.js';
 import type { GuestMemory } from '../base/memory.js';
 import { TsvmmError } from '../base/errors.js';
@@ -450,13 +450,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
    */
   private async teardown(result: VmOutcome): Promise<void> {
     const failed = (what: string, err: unknown) => this.log.error({ err, step: what }, 'vm teardown step failed');
-    const step = (what: string, f: () => void): void => {
-      try {
-        f();
-      } catch (err) {
-        failed(what, err);
-      }
-    };
+    const step = (what: string, f: () => void) => runLogged(this.log, 'vm teardown step failed', what, f);
     await Promise.all(this.vcpus.map((v) => v.stop())).catch((err: unknown) => failed('stop vCPUs', err));
     await this.virtio.drain().catch((err: unknown) => failed('drain device I/O', err));
     // From here on synchronous, so 'exit' listeners run before anything

@@ -12,7 +12,7 @@
  * guest programmed. Each falls back to the plain path (an exit,
  * KVM_IRQ_LINE, KVM_SIGNAL_MSI) where KVM lacks it.
  */
-import type { Logger } from '../base/log.js';
+import { runLogged, type Logger } from '../base/log.js';
 import type { IrqLine } from '../base/irq.js';
 import type { MsiMessage, MsiSink } from '../devices/pci/msix.js';
 import type { NativeAddon } from '../kvm/native.js';
@@ -328,13 +328,7 @@ export class VirtioDevices {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    const release = (what: string, close: () => void) => {
-      try {
-        close();
-      } catch (err) {
-        this.log.error({ err, step: what }, 'virtio close failed');
-      }
-    };
+    const release = (what: string, close: () => void) => runLogged(this.log, 'virtio close failed', what, close);
     for (const p of this.polls.splice(0)) release('fd watch', () => this.addon.pollClose(p));
     for (const d of this.devicesToClose) release('device', () => d.close());
     for (const fd of this.fds.splice(0)) release('eventfd', () => this.addon.close(fd));
