@@ -118,6 +118,8 @@ export class ConsoleStream extends Duplex {
   droppedOutput = 0;
   /** The VM ended (finish()). */
   private vmEnded = false;
+  /** How it ended, as finish() was told. */
+  private endReason: string | undefined;
   /** The newest output (latin1: one character per byte), from offset {@link transcriptStart}. */
   private transcript = '';
   private transcriptStart = 0;
@@ -180,12 +182,14 @@ export class ConsoleStream extends Duplex {
   /**
    * Ends the readable side after the last output. Input written from now
    * on goes nowhere: a write held for the guest completes, so no writer
-   * waits for a VM that ended.
+   * waits for a VM that ended. `reason` (how the VM ended) goes into the
+   * error of every wait that the end fails.
    */
-  finish(): void {
+  finish(reason?: string): void {
     this.flush();
     this.push(null);
     this.vmEnded = true;
+    this.endReason = reason;
     for (const w of [...this.waiters]) w();
     const held = this.heldWrite;
     this.heldWrite = undefined;
@@ -261,7 +265,7 @@ export class ConsoleStream extends Duplex {
           this.cursor = Math.max(this.cursor, end);
           resolve({ text: m[0], groups: [...m], named: m.groups ? { ...m.groups } : undefined, index, end });
         } else if (this.vmEnded) {
-          fail('ERR_TSVMM_WAIT_VM_ENDED', 'the VM ended');
+          fail('ERR_TSVMM_WAIT_VM_ENDED', this.endReason ? `the VM ended (${this.endReason})` : 'the VM ended');
         }
       };
       const onAbort = (): void => fail('ERR_TSVMM_WAIT_ABORTED', 'aborted', options.signal?.reason);

@@ -11,8 +11,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { BOOT_TIMEOUT_MS, PROMPT, GuestSession, testCmdline } from '../helpers/guest.js';
-import { hardwareVirtUnavailable } from '../helpers/host.js';
+import { PROMPT, GuestSession, testCmdline } from '../helpers/guest.js';
+import { hardwareVirtUnavailable, RETRY_TIMEOUT_MS, retryEmulatorFault } from '../helpers/host.js';
 
 const noHardware = hardwareVirtUnavailable();
 const md5 = (b: Uint8Array) => createHash('md5').update(b).digest('hex');
@@ -23,7 +23,7 @@ describe.skipIf(noHardware !== undefined)(`stock kernels${noHardware ? ` (skippe
 
   it(
     'boots the unpatched test kernel to the shell, runs a command and reboots (exit 0)',
-    async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const guest = await GuestSession.boot({ kernel: fx.stockBzImage, initrd: fx.initramfs, cmdline: testCmdline() });
       await guest.waitFor(/TSVMM-INIT-OK/);
@@ -37,13 +37,13 @@ describe.skipIf(noHardware !== undefined)(`stock kernels${noHardware ? ` (skippe
       const outcome = await guest.finish('reboot -f');
       expect(outcome.kind).toBe('reboot');
       expect(outcome.exitCode).toBe(0);
-    },
-    BOOT_TIMEOUT_MS,
+    }),
+    RETRY_TIMEOUT_MS,
   );
 
   it(
     "boots Debian's distribution kernel: virtio modules from the initramfs, disks over PCI and ACPI virtio-mmio, 2 CPUs from the MADT, poweroff through ACPI",
-    async () => {
+    retryEmulatorFault(async () => {
       const fx = fixtures();
       const pciData = randomBytes(4 << 20);
       const mmioData = randomBytes(2 << 20);
@@ -113,7 +113,7 @@ describe.skipIf(noHardware !== undefined)(`stock kernels${noHardware ? ` (skippe
           .subarray(7 * 512, 7 * 512 + 16)
           .toString(),
       ).toBe('tsvmm-mmio-write');
-    },
-    BOOT_TIMEOUT_MS,
+    }),
+    RETRY_TIMEOUT_MS,
   );
 });

@@ -34,6 +34,13 @@ function tsvmm(...args: string[]): { code: number | null; stdout: string; stderr
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
+/** `tsvmm info NAME` as an object; a failure shows what tsvmm said on stderr. */
+function info(name: string): Record<string, unknown> & { state: string } {
+  const r = tsvmm('info', name);
+  expect(r.code, `tsvmm info ${name}: ${r.stderr}`).toBe(0);
+  return JSON.parse(r.stdout) as Record<string, unknown> & { state: string };
+}
+
 function canSwitchUser(): boolean {
   if (process.getuid?.() !== 0) return false;
   try {
@@ -99,9 +106,7 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
           [names[0]!, '128M'],
           [names[1]!, '32M'],
         ] as const) {
-          const info = tsvmm('info', n);
-          expect(info.code, info.stderr).toBe(0);
-          const body = JSON.parse(info.stdout) as {
+          const body = info(n) as unknown as {
             name: string;
             state: string;
             config: { memory: string };
@@ -114,7 +119,7 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
 
         // Pause: the ticker stops; resume: it goes on.
         expect(tsvmm('pause', names[0]!).stdout.trim()).toBe(`${names[0]}: paused`);
-        expect(JSON.parse(tsvmm('info', names[0]!).stdout).state).toBe('paused');
+        expect(info(names[0]!).state).toBe('paused');
         await sleep(1500); // output the guest made before the pause has arrived
         const atPause = outs[0]!().length;
         await sleep(2000);
@@ -171,7 +176,7 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
       expect(started.code, started.stderr).toBe(0);
       expect(started.stdout.trim()).toBe(name);
       try {
-        expect(JSON.parse(tsvmm('info', name).stdout).state).toBe('running');
+        expect(info(name).state).toBe('running');
         // Typed before the shell is up, the line waits in the guest's tty.
         const attached = await runCli(['console', name], {
           drive: (child, out) => {
@@ -185,7 +190,7 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
         expect(attached.code, attached.stderr).toBe(0);
         expect(attached.stdout).toContain('@@ATTACHED 42');
         expect(attached.stderr).toContain('detached; the VM runs on');
-        expect(JSON.parse(tsvmm('info', name).stdout).state).toBe('running');
+        expect(info(name).state).toBe('running');
         expect(tsvmm('stop', name).stdout.trim()).toBe(`${name}: ended, exit code 130 (stopped through the control socket)`);
       } finally {
         tsvmm('stop', name);

@@ -68,9 +68,14 @@ describe('console waitFor', () => {
     const seen = c.waitFor('bye');
     const missed = c.waitFor('never');
     c.guestOutput(Buffer.from('bye\n')); // still batched when the VM ends
-    c.finish();
+    c.finish('guest triple fault (the CPU reset itself)');
     expect((await seen).text).toBe('bye');
-    expect((await rejection(missed)).code).toBe('ERR_TSVMM_WAIT_VM_ENDED');
+    const err = await rejection(missed);
+    expect(err.code).toBe('ERR_TSVMM_WAIT_VM_ENDED');
+    // How the VM ended is in the message.
+    expect(err.message).toMatch(
+      /^the VM ended \(guest triple fault \(the CPU reset itself\)\) waiting for "never" on the guest console; its last lines:\nbye$/,
+    );
     expect((await rejection(c.waitFor('again'))).code).toBe('ERR_TSVMM_WAIT_VM_ENDED');
     expect((await c.waitFor('bye', { from: 0 })).index).toBe(0);
   });
