@@ -10,7 +10,8 @@ import { dirname, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { createLogger, LOG_LEVELS, type Logger, type LogLevel } from './base/log.js';
 import type { VirtualMachine } from './vmm/machine.js';
-import { DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize } from './vmm/config.js';
+import { DEFAULT_CMDLINE, MAX_CPUS, parseMemorySize, type ConsoleKind } from './vmm/config.js';
+import type { SerialTarget } from './vmm/serial-target.js';
 import { createVm, type VmConfig } from './vm.js';
 import { EXIT_CODES, EXIT_EXPECT_UNMET, EXIT_TIMEOUT, EXIT_USAGE, type VmOutcome } from './vmm/outcome.js';
 import type { DiskConfig, NetConfig } from './vmm/virtio-devices.js';
@@ -29,8 +30,8 @@ interface RunOptions {
   kernel?: string;
   initrd?: string;
   cmdline?: string;
-  console: 'serial' | 'virtio';
-  serial: 'console' | 'off';
+  console: ConsoleKind;
+  serial?: SerialTarget;
   memory: string;
   cpus: number;
   disk: DiskConfig[];
@@ -95,6 +96,14 @@ function memoryArg(value: string): string {
     throw new InvalidArgumentError((err as Error).message);
   }
   return value;
+}
+
+/** `--serial`: console, off, file=<path>, socket=<path>. */
+function serialArg(value: string): SerialTarget {
+  if (value === 'console' || value === 'off') return value;
+  const m = /^(file|socket)=(.+)$/.exec(value);
+  if (!m) throw new InvalidArgumentError(`"${value}" is not a place for the UART: give console, off, file=<path> or socket=<path>`);
+  return m[1] === 'file' ? { file: resolve(m[2]!) } : { socket: resolve(m[2]!) };
 }
 
 function collect<T>(parse: (v: string) => T) {
@@ -275,6 +284,7 @@ const FLAG_HINTS: ReadonlyArray<[RegExp, string]> = [
   [/^ERR_TSVMM_PROFILE_BAD_RATE$/, '--profile-rate <hz>'],
   [/^ERR_TSVMM_PROFILE_OUTPUT_UNWRITABLE$/, '--profile <file>'],
   [/^ERR_TSVMM_SANDBOX_UNCONFINABLE$/, '--no-sandbox'],
+  [/^ERR_TSVMM_SERIAL_/, '--serial <where>'],
 ];
 
 /** `tsvmm: <message>`, with the flag to change when the error's code has one. */
@@ -501,14 +511,17 @@ function addVmOptions(cmd: Command): Command {
     .option('-i, --initrd <path>', 'initramfs to pass to the kernel')
     .option('-c, --cmdline <text>', `kernel command line (default: "${DEFAULT_CMDLINE}", with console=hvc0 for --console virtio)`)
     .addOption(
-      new Option('--console <device>', 'the guest console on stdin/stdout: serial (ttyS0, the 16550 UART) or virtio (hvc0, virtio-console: no exit per byte)')
-        .choices(['serial', 'virtio'])
+      new Option(
+        '--console <device>',
+        'the guest console on stdin/stdout: serial (ttyS0, the 16550 UART), virtio (hvc0, virtio-console: no exit per byte) or off (none; the UART goes where --serial says)',
+      )
+        .choices(['serial', 'virtio', 'off'])
         .default('serial'),
     )
-    .addOption(
-      new Option('--serial <where>', 'with --console virtio, the UART output (early boot messages): console (joined to stdout) or off')
-        .choices(['console', 'off'])
-        .default('console'),
+    .option(
+      '--serial <where>',
+      'where the UART goes when it is not the console: console (joined to stdout; the default with --console virtio), off (the default with --console off), file=<path>, or socket=<path> (a Unix socket, both ways)',
+      serialArg,
     )
     .option('-m, --memory <size>', 'guest RAM, e.g. 256M or 1G', memoryArg, '256M')
     .option('--cpus <n>', `vCPUs, 1 to ${MAX_CPUS}`, intArg, 1)

@@ -65,8 +65,8 @@ export const vmConfigSchema = z.strictObject({
   transport: transport.optional(),
   acpi: z.boolean().optional(),
   initrdInflate: z.boolean().optional(),
-  console: z.enum(['serial', 'virtio']).optional(),
-  serial: z.enum(['console', 'off']).optional(),
+  console: z.enum(['serial', 'virtio', 'off']).optional(),
+  serial: z.union([z.enum(['console', 'off']), z.strictObject({ file: z.string().min(1) }), z.strictObject({ socket: z.string().min(1) })]).optional(),
   name: z.string().min(1).optional(),
   kvmDevice: z.string().min(1).optional(),
   profile: z
@@ -113,6 +113,7 @@ export function parseVmConfig(value: unknown, source: string, baseDir?: string):
     ...c,
     ...(c.kernel !== undefined ? { kernel: at(c.kernel) } : {}),
     ...(c.initrd !== undefined ? { initrd: at(c.initrd) } : {}),
+    ...(typeof c.serial === 'object' ? { serial: 'file' in c.serial ? { file: at(c.serial.file) } : { socket: at(c.serial.socket) } } : {}),
     ...(c.disks ? { disks: c.disks.map((d) => ({ ...d, path: at(d.path) })) } : {}),
     ...(c.profile ? { profile: { ...c.profile, path: at(c.profile.path), ...(c.profile.systemMap ? { systemMap: at(c.profile.systemMap) } : {}) } } : {}),
     ...(typeof c.sandbox === 'object' && c.sandbox.allow ? { sandbox: { allow: c.sandbox.allow.map((a) => ({ ...a, path: at(a.path) })) } } : {}),

@@ -48,6 +48,7 @@ export {
   type WaitForOptions,
 } from './vmm/console.js';
 export type { RunOptions, RunResult } from './vmm/shell.js';
+export { SerialTargetError, type SerialTarget, type SerialTargetErrorKind } from './vmm/serial-target.js';
 export { TsvmmError, TsvmmKindError } from './base/errors.js';
 export { BusError } from './base/bus.js';
 export { GuestMemoryError } from './base/memory.js';

@@ -16,11 +16,12 @@
  * Errors: 400 (the VM's state does not allow it: {"error","code"}), 404,
  * 405.
  */
-import { chmodSync, existsSync, lstatSync, mkdirSync, unlinkSync } from 'node:fs';
+import { chmodSync, lstatSync, mkdirSync, unlinkSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { dirname, join } from 'node:path';
 import { TsvmmError } from '../base/errors.js';
+import { claimSocketPath, listenPrivate } from '../base/unix-socket.js';
 import { VmStateError, type VirtualMachine } from '../vmm/machine.js';
 import type { VmConfig } from '../vm.js';
 
@@ -73,11 +74,9 @@ export class ApiServer {
         `${dir} must be a directory of this user's with mode 0700 (it is ${d.isSymbolicLink() ? 'a symbolic link' : `owned by uid ${d.uid}, mode ${(d.mode & 0o777).toString(8)}`}): remove it, or give --api-socket another path`,
       );
     }
-    if (existsSync(path)) {
-      if (!lstatSync(path).isSocket()) throw new ApiSocketError(`${path} exists and is not a socket: choose another --api-socket path`);
-      if (await answers(path)) throw new ApiSocketError(`a VM already serves ${path}: give this one another --name or --api-socket`);
-      unlinkSync(path); // left by a VMM that died
-    }
+    const claimed = await claimSocketPath(path);
+    if (claimed === 'not-a-socket') throw new ApiSocketError(`${path} exists and is not a socket: choose another --api-socket path`);
+    if (claimed === 'in-use') throw new ApiSocketError(`a VM already serves ${path}: give this one another --name or --api-socket`);
     const started = new Date().toISOString();
     const attached = new Set<Socket>();
     const server = createServer((req, res) => {
@@ -92,19 +91,10 @@ export class ApiServer {
       const uid = options.peerUid(socket);
       if (me !== undefined && uid !== me) socket.destroy();
     });
-    const umask = process.umask(0o177); // the socket is born 0600
     try {
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
-        server.listen(path, () => {
-          server.off('error', reject);
-          resolve();
-        });
-      });
+      await listenPrivate(server, path);
     } catch (err) {
       throw new ApiSocketError(`cannot listen on ${path} (${(err as NodeJS.ErrnoException).code})`, { cause: err });
-    } finally {
-      process.umask(umask);
     }
     chmodSync(path, 0o600);
     server.unref();
@@ -128,18 +118,6 @@ export class ApiServer {
       // already gone
     }
   }
-}
-
-/** Whether something answers on the socket at `path`. */
-function answers(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect(path);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
 }
 
 /** Output an attached client has not taken beyond which it is dropped: a stuck client must not grow the VMM. */

@@ -35,7 +35,8 @@ import { AcpiPm } from '../devices/acpi-pm.js';
 import { PvPanic } from '../devices/pvpanic.js';
 import { ConsoleDevice } from '../virtio/console/device.js';
 import { ConsoleStream, ConsoleWatcher, type ConsoleEvent } from './console.js';
-import { defaultCmdline, readInput, validateConfig, type MachineConfig, type VmObserver } from './config.js';
+import { defaultCmdline, readInput, validateConfig, type ConsoleKind, type MachineConfig, type VmObserver } from './config.js';
+import { describeSerialTarget, openSerialTarget, type SerialSink, type SerialTarget } from './serial-target.js';
 import { LegacyDevices, MmioDevices, PciDevices } from './device-manager.js';
 import { VirtioDevices } from './virtio-devices.js';
 
@@ -146,7 +147,7 @@ function round3(ms: number): number {
 export async function buildMachine(config: MachineConfig, prepared: PreparedInputs = {}): Promise<MachineParts> {
   const clock = prepared.startup ?? new StartupClock();
   const log = config.logger ?? silentLogger;
-  const { memory, cpus, console: consoleKind } = validateConfig(config);
+  const { memory, cpus, console: consoleKind, serial: serialTarget } = validateConfig(config);
   const observers = [...(config.observers ?? []), ...(prepared.observers ?? [])];
 
   // Inputs first: a bad path fails before KVM is touched.
@@ -181,7 +182,7 @@ export async function buildMachine(config: MachineConfig, prepared: PreparedInpu
     const mmioDevices = new MmioDevices(mmio, irq, log);
     managers.push(legacy, mmioDevices);
 
-    const { consoleStream, serial, hvc } = consoleDevices(legacy, config, consoleKind, observers, events, log);
+    const { consoleStream, serial, hvc } = await consoleDevices(legacy, consoleKind, serialTarget, observers, events, log);
     const pit = legacyDevices(legacy, config, events, log);
     const acpiOn = config.acpi !== false;
     if (acpiOn) acpiDevices(legacy, events, log);
@@ -308,23 +309,25 @@ function setHaltPoll(kvm: Kvm, vm: VmFd, ns: number, log: Logger): void {
 }
 
 /**
- * The console: the UART (always there: early boot messages), and
- * virtio-console when it is the console. The stream's input goes to
- * whichever is the console. One watcher per output source, so their lines
- * never interleave.
+ * The console and the UART: the UART is always there (early boot
+ * messages); it is the console, or its output goes where `serialTarget`
+ * says. virtio-console is made when it is the console. The stream's input
+ * goes to whichever is the console (nowhere with console 'off'). One
+ * watcher per output source, so their lines never interleave.
  */
-function consoleDevices(
+async function consoleDevices(
   legacy: LegacyDevices,
-  config: MachineConfig,
-  consoleKind: 'serial' | 'virtio',
+  consoleKind: ConsoleKind,
+  serialTarget: SerialTarget,
   observers: readonly VmObserver[],
   events: EventEmitter<GuestEvents>,
   log: Logger,
-): { consoleStream: ConsoleStream; serial: Serial16550; hvc: ConsoleDevice | undefined } {
+): Promise<{ consoleStream: ConsoleStream; serial: Serial16550; hvc: ConsoleDevice | undefined }> {
   let hvc: ConsoleDevice | undefined;
+  const serialIsConsole = consoleKind === 'serial';
   const consoleStream = new ConsoleStream(
-    (bytes) => (hvc ? hvc.enqueueInput(bytes) : serial.enqueueInput(bytes)),
-    () => (hvc ? hvc.pendingInput : serial.pendingInput),
+    (bytes) => (hvc ? hvc.enqueueInput(bytes) : serialIsConsole ? serial.enqueueInput(bytes) : undefined),
+    () => (hvc ? hvc.pendingInput : serialIsConsole ? serial.pendingInput : 0),
   );
   const watch = () =>
     new ConsoleWatcher(
@@ -334,20 +337,30 @@ function consoleDevices(
       },
     );
   const serialWatcher = watch();
-  const serialToConsole = consoleKind === 'serial' || config.serial !== 'off';
+  let sink: SerialSink | undefined;
   const serial = legacy.add(
     { name: 'com1', base: layout.COM1_PORT, size: UART_REGISTER_COUNT, gsi: layout.COM1_IRQ },
     (irq) =>
       new Serial16550({
         irq: irq!,
         output: (bytes) => {
-          if (serialToConsole) consoleStream.guestOutput(bytes);
+          if (serialTarget === 'console') consoleStream.guestOutput(bytes);
+          else sink?.write(bytes);
           serialWatcher.feed(bytes);
         },
-        onInputTaken: () => consoleStream.inputTaken(),
+        onInputTaken: () => (serialIsConsole ? consoleStream.inputTaken() : sink?.inputTaken()),
         logger: log.child({ dev: 'serial' }),
       }),
   );
+  if (typeof serialTarget === 'object') {
+    const opened = await openSerialTarget(
+      serialTarget,
+      { send: (bytes) => serial.enqueueInput(bytes), pending: () => serial.pendingInput },
+      log.child({ dev: 'serial' }),
+    );
+    sink = opened;
+    legacy.onClose(`com1 ${describeSerialTarget(serialTarget)}`, () => opened.close());
+  }
   if (consoleKind === 'virtio') {
     const hvcWatcher = watch();
     hvc = new ConsoleDevice({

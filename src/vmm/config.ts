@@ -9,14 +9,15 @@ import { TsvmmError } from '../base/errors.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import type { SandboxConfig } from '../kvm/sandbox.js';
 import type { VmOutcome } from './outcome.js';
+import { describeSerialTarget, type SerialTarget } from './serial-target.js';
 import { PAGE_SIZE } from '../arch/layout.js';
 import type { DiskConfig, NetConfig, VirtioTransportKind } from './virtio-devices.js';
 
 /** The default kernel command line: a microVM with its console on COM1. */
 export const DEFAULT_CMDLINE = 'console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd';
 
-/** The guest console: the 16550 UART (ttyS0) or virtio-console (hvc0). */
-export type ConsoleKind = 'serial' | 'virtio';
+/** The guest console: the 16550 UART (ttyS0), virtio-console (hvc0), or none. */
+export type ConsoleKind = 'serial' | 'virtio' | 'off';
 
 /** The default command line for a console: DEFAULT_CMDLINE with its console= for that device. */
 export function defaultCmdline(console: ConsoleKind = 'serial'): string {
@@ -113,18 +114,23 @@ export interface MachineConfig {
   initrdInflate?: boolean;
   /**
    * Which device is the guest's console (`vm.console`): 'serial' (default,
-   * the UART, ttyS0: two exits per byte) or 'virtio' (virtio-console,
-   * hvc0, on the default transport: one notification per buffer). The
-   * default command line follows (console=hvc0); a command line given is
-   * used as is.
+   * the UART, ttyS0: two exits per byte), 'virtio' (virtio-console, hvc0,
+   * on the default transport: one notification per buffer), or 'off' (no
+   * console: `vm.console` carries nothing, and the UART goes where
+   * `serial` says). The default command line follows (console=hvc0 for
+   * 'virtio'); a command line given is used as is.
    */
   console?: ConsoleKind;
   /**
-   * With `console: 'virtio'`, what becomes of the UART's output (early boot
-   * messages with earlyprintk=serial, or console=ttyS0 given too):
-   * 'console' (default) joins it to `vm.console`; 'off' discards it.
+   * Where the UART goes when it is not the console (early boot messages
+   * with earlyprintk=serial, console=ttyS0 given too, a getty on ttyS0):
+   * 'console' joins its output to `vm.console` (the default with `console:
+   * 'virtio'`); 'off' discards it (the default with `console: 'off'`);
+   * `{ file }` writes it to a file; `{ socket }` serves it on a Unix
+   * socket, both ways (src/vmm/serial-target.ts). With `console: 'serial'`
+   * the UART is the console and this must be 'console' or absent.
    */
-  serial?: 'console' | 'off';
+  serial?: SerialTarget;
   /** A name for logs and for deriving stable MAC addresses. Default "tsvmm". */
   name?: string;
   logger?: Logger;
@@ -216,6 +222,7 @@ export interface ValidatedConfig {
   readonly memory: number;
   readonly cpus: number;
   readonly console: ConsoleKind;
+  readonly serial: SerialTarget;
 }
 
 /** Checks the fields the builder needs as numbers and kinds; throws a {@link VmConfigError}. */
@@ -237,6 +244,37 @@ export function validateConfig(config: MachineConfig): ValidatedConfig {
     throw new VmConfigError('bad-option', `haltPollNs must be a whole number of nanoseconds from 0 to ${MAX_HALT_POLL_NS} (got ${String(config.haltPollNs)})`);
   }
   const console = config.console ?? 'serial';
-  if (console !== 'serial' && console !== 'virtio') throw new VmConfigError('bad-option', `console must be 'serial' or 'virtio' (got ${String(console)})`);
-  return { memory: Math.ceil(memSize / PAGE_SIZE) * PAGE_SIZE, cpus, console };
+  if (console !== 'serial' && console !== 'virtio' && console !== 'off') {
+    throw new VmConfigError('bad-option', `console must be 'serial', 'virtio' or 'off' (got ${String(console)})`);
+  }
+  return { memory: Math.ceil(memSize / PAGE_SIZE) * PAGE_SIZE, cpus, console, serial: validSerial(console, config.serial) };
+}
+
+/** The serial target for `console`, or a VmConfigError that says what is wrong. */
+function validSerial(console: ConsoleKind, serial: SerialTarget | undefined): SerialTarget {
+  const isPath = (v: unknown) => typeof v === 'string' && v !== '';
+  const target = serial as { file?: unknown; socket?: unknown } | undefined;
+  const ok =
+    serial === undefined ||
+    serial === 'console' ||
+    serial === 'off' ||
+    (typeof target === 'object' && target !== null && Object.keys(target).length === 1 && (isPath(target.file) || isPath(target.socket)));
+  if (!ok) throw new VmConfigError('bad-option', `serial must be 'console', 'off', { file: path } or { socket: path } (got ${JSON.stringify(serial)})`);
+  if (console === 'serial') {
+    if (serial !== undefined && serial !== 'console')
+      throw new VmConfigError(
+        'bad-option',
+        `the UART is the console (console 'serial'): serial must be 'console', not ${describeSerialTarget(serial)}; choose console 'virtio' or 'off' to send it elsewhere`,
+      );
+    return 'console';
+  }
+  if (console === 'off') {
+    if (serial === 'console')
+      throw new VmConfigError(
+        'bad-option',
+        "there is no console (console 'off') to join the UART to: give serial 'off', a file or a socket, or console 'serial'",
+      );
+    return serial ?? 'off';
+  }
+  return serial ?? 'console';
 }

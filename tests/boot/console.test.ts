@@ -5,9 +5,13 @@
  * the UART carries none of it (the byte-per-exit path that makes a verbose
  * boot slow).
  */
-import { describe, expect, it } from 'vitest';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { consolesSeen, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 import { RETRY_TIMEOUT_MS, retryEmulatorFault } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
@@ -62,6 +66,94 @@ describe.skipIf(noKvm !== undefined)(`virtio console${noKvm ? ` (skipped: ${noKv
       expect(hvc.rxBytes).toBeGreaterThan(0);
       // Nothing went through the UART.
       expect(stats.devices.serial.bytesOut).toBe(0);
+    }),
+    RETRY_TIMEOUT_MS,
+  );
+
+  const dir = mkdtempSync(join(tmpdir(), 'tsvmm-serial-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it(
+    '--serial file=: with the virtio console, the UART (console=ttyS0 too) goes to the file, from the first kernel message, and not to stdout',
+    retryEmulatorFault(async () => {
+      const fx = fixtures();
+      const file = join(dir, 'ttyS0.log');
+      const r = await runCli([
+        'run',
+        '--kernel',
+        fx.bzImage,
+        '--initrd',
+        fx.initramfs,
+        '--memory',
+        '128M',
+        '--console',
+        'virtio',
+        '--serial',
+        `file=${file}`,
+        '--cmdline',
+        testCmdline('tsvmm.mode=poweroff').replace('console=ttyS0', 'console=ttyS0 console=hvc0'),
+      ]);
+      expect(r.code, r.stderr).toBe(0);
+      const serial = readFileSync(file, 'latin1');
+      consolesSeen.push(() => serial);
+      // The UART had the kernel's messages from the start; stdout (hvc0) only from its driver on.
+      expect(serial).toMatch(/^Linux version /m);
+      expect(serial).toContain('Run /init as init process');
+      expect(r.stdout).toContain('TSVMM-INIT-OK');
+      expect(r.stdout).not.toMatch(/^Linux version /m);
+    }),
+    RETRY_TIMEOUT_MS,
+  );
+
+  it(
+    "--console off --serial socket=: a client of the socket gets the guest's output from when it connects and the shell on ttyS0, and types into it; stdout stays empty",
+    retryEmulatorFault(async () => {
+      const fx = fixtures();
+      const path = join(dir, 'ttyS0.sock');
+      let seen = '';
+      const r = await runCli(
+        [
+          'run',
+          '--kernel',
+          fx.bzImage,
+          '--initrd',
+          fx.initramfs,
+          '--memory',
+          '128M',
+          '--console',
+          'off',
+          '--serial',
+          `socket=${path}`,
+          '--cmdline',
+          testCmdline('tsvmm.mode=shell'),
+        ],
+        {
+          drive: (child) => {
+            void (async () => {
+              const got = () => seen;
+              await until(() => (existsSync(path) ? 'up' : ''), /up/);
+              // Only its owner may connect: a client types into the guest.
+              expect(statSync(path).mode & 0o777).toBe(0o600);
+              const client = connect(path);
+              client.on('data', (d: Buffer) => (seen += d.toString('latin1')));
+              await until(got, PROMPT);
+              client.write('echo "answer-$((6 * 7)) on $(cat /sys/class/tty/console/active)"\n');
+              await until(got, /answer-42 on ttyS0/);
+              client.write('poweroff -f\n');
+            })().catch((err) => {
+              seen += `\n[test] ${String(err)}`;
+              child.kill('SIGTERM');
+            });
+          },
+        },
+      );
+      consolesSeen.push(() => seen);
+      expect(r.code, `${r.stderr}\n${seen.slice(-2000)}`).toBe(0);
+      expect(seen).toContain('TSVMM-INIT-OK');
+      expect(seen).toMatch(/answer-42 on ttyS0/);
+      expect(r.stdout).toBe('');
+      // The socket is gone with the VM.
+      expect(existsSync(path)).toBe(false);
     }),
     RETRY_TIMEOUT_MS,
   );

@@ -116,4 +116,22 @@ describe('tsvmm run: bad input', () => {
     expect(tap.stderr.trim().split('\n')).toHaveLength(1);
     expect(tap.stderr).toMatch(/tap/i);
   });
+
+  it('refuses a serial target that cannot be: a bad spec, the UART elsewhere while it is the console, and a file it cannot create', async () => {
+    const fx = fixtures();
+    const spec = await runCli(['run', '--kernel', fx.bzImage, '--serial', 'tty']);
+    expect(spec.code).toBe(2);
+    expect(spec.stderr).toMatch(/"tty" is not a place for the UART: give console, off, file=<path> or socket=<path>/);
+    const clash = await runCli(['run', '--kernel', fx.bzImage, '--serial', 'off']);
+    expect(clash.code).toBe(1);
+    expect(oneLine(clash.stderr)).toMatch(
+      /^tsvmm: the UART is the console \(console 'serial'\): serial must be 'console', not off; choose console 'virtio' or 'off' to send it elsewhere$/,
+    );
+    const file = await runCli(['run', '--kernel', fx.bzImage, '--console', 'virtio', '--serial', `file=${join(dir.path, 'no-dir', 'ttyS0.log')}`]);
+    expect(file.code).toBe(1);
+    expect(oneLine(file.stderr)).toMatch(
+      /^tsvmm: cannot write the serial output file .*ttyS0\.log \(ENOENT\): give serial a file in a writable directory \(--serial <where>\)$/,
+    );
+    expect(file.stdout).toBe('');
+  });
 });

@@ -29,6 +29,7 @@ const samples: Record<string, () => Error> = {
   BlkError: () => new tsvmm.BlkError('LOCKED', 'x'),
   NetError: () => new tsvmm.NetError('NO_TUN', 'x'),
   ApiSocketError: () => new tsvmm.ApiSocketError('x'),
+  SerialTargetError: () => new tsvmm.SerialTargetError('in-use', 'x'),
 };
 
 describe('errors', () => {

@@ -1,0 +1,175 @@
+/**
+ * Where the UART (ttyS0) goes when it is not the guest's console, in the
+ * spirit of cloud-hypervisor's `--serial`: discarded, written to a file,
+ * or served on a Unix socket whose clients read its output and type into
+ * it. The console (`console: 'virtio'` or `'off'`) is then hvc0 or nothing,
+ * and the UART carries early boot messages, a second getty, or a kernel
+ * debugger.
+ *
+ * A file is created (or truncated) mode 0644 and written in batches; what
+ * the guest printed is all there once the VM has ended. A socket is
+ * created mode 0600 (only its owner may connect: a client types into the
+ * guest), a stale socket left by a VMM that died is replaced, and every
+ * client gets the output from the moment it connects; what any client
+ * writes goes to the UART's receive FIFO.
+ */
+import { closeSync, openSync, unlinkSync, writeSync } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
+import { TsvmmKindError } from '../base/errors.js';
+import type { Logger } from '../base/log.js';
+import { claimSocketPath, listenPrivate } from '../base/unix-socket.js';
+import { CONSOLE_INPUT_LIMIT } from './console.js';
+
+/** `'console'`: joined to `vm.console`; `'off'`: discarded; a file; a Unix socket. */
+export type SerialTarget = 'console' | 'off' | { file: string } | { socket: string };
+
+/** Output bytes gathered before a write to the file. */
+const FILE_BATCH_BYTES = 4096;
+/** The longest a byte waits in the batch. */
+const FILE_FLUSH_MS = 20;
+
+export type SerialTargetErrorKind = 'cannot-open' | 'in-use' | 'not-a-socket';
+
+/** A serial file or socket that cannot be set up. */
+export class SerialTargetError extends TsvmmKindError<SerialTargetErrorKind> {
+  constructor(kind: SerialTargetErrorKind, message: string, options?: { cause?: unknown }) {
+    super('SERIAL_', kind, message, options);
+  }
+}
+
+/** The UART's output goes in; close() flushes and releases the file or socket. */
+export interface SerialSink {
+  write(bytes: Uint8Array): void;
+  /** The guest took input from the UART: clients held back may send again. */
+  inputTaken(): void;
+  close(): void;
+  /** Clients connected now (a socket; 0 for a file). */
+  readonly clients: number;
+}
+
+/** A readable description: `file /x`, `socket /y`. */
+export function describeSerialTarget(target: SerialTarget): string {
+  if (typeof target === 'string') return target;
+  return 'file' in target ? `file ${target.file}` : `socket ${target.socket}`;
+}
+
+/** The UART's receive side, for what a socket's clients type. */
+export interface SerialInput {
+  /** Queues bytes for the guest. */
+  send(bytes: Uint8Array): void;
+  /** Bytes queued that the guest has not taken yet. */
+  pending(): number;
+}
+
+/** Opens `target` (a file or socket: the other choices need no sink). */
+export async function openSerialTarget(target: { file: string } | { socket: string }, input: SerialInput, log: Logger): Promise<SerialSink> {
+  return 'file' in target ? fileSink(target.file) : await socketSink(target.socket, input, log);
+}
+
+function fileSink(path: string): SerialSink {
+  let fd: number;
+  try {
+    fd = openSync(path, 'w', 0o644);
+  } catch (err) {
+    throw new SerialTargetError(
+      'cannot-open',
+      `cannot write the serial output file ${path} (${(err as NodeJS.ErrnoException).code}): give serial a file in a writable directory`,
+      {
+        cause: err,
+      },
+    );
+  }
+  const batch = Buffer.allocUnsafe(FILE_BATCH_BYTES);
+  let used = 0;
+  let timer: NodeJS.Timeout | undefined;
+  let open = true;
+  const flush = (): void => {
+    if (timer) clearTimeout(timer);
+    timer = undefined;
+    let off = 0;
+    while (off < used) off += writeSync(fd, batch, off, used - off);
+    used = 0;
+  };
+  return {
+    clients: 0,
+    inputTaken() {},
+    write(bytes) {
+      if (!open) return;
+      let off = 0;
+      while (off < bytes.length) {
+        const n = Math.min(bytes.length - off, FILE_BATCH_BYTES - used);
+        batch.set(bytes.subarray(off, off + n), used);
+        used += n;
+        off += n;
+        if (used === FILE_BATCH_BYTES) flush();
+      }
+      if (used > 0 && !timer) {
+        timer = setTimeout(flush, FILE_FLUSH_MS);
+        timer.unref();
+      }
+    },
+    close() {
+      if (!open) return;
+      open = false;
+      try {
+        flush();
+      } finally {
+        closeSync(fd);
+      }
+    },
+  };
+}
+
+async function socketSink(path: string, input: SerialInput, log: Logger): Promise<SerialSink> {
+  const claimed = await claimSocketPath(path);
+  if (claimed === 'not-a-socket') throw new SerialTargetError('not-a-socket', `${path} exists and is not a socket: give serial another socket path`);
+  if (claimed === 'in-use') throw new SerialTargetError('in-use', `something already listens on ${path}: give serial another socket path`);
+  const clients = new Set<Socket>();
+  const server: Server = createServer((socket) => {
+    clients.add(socket);
+    log.info({ clients: clients.size }, 'serial socket: client connected');
+    socket.on('data', (d: Buffer) => {
+      input.send(d);
+      // A client that types faster than the guest reads waits (as the console's writers do).
+      if (input.pending() >= CONSOLE_INPUT_LIMIT) for (const c of clients) c.pause();
+    });
+    socket.on('error', () => socket.destroy());
+    socket.once('close', () => clients.delete(socket));
+  });
+  try {
+    await listenPrivate(server, path);
+  } catch (err) {
+    throw new SerialTargetError(
+      'cannot-open',
+      `cannot listen on ${path} for the serial port (${(err as NodeJS.ErrnoException).code}): give serial a socket path in a writable directory`,
+      {
+        cause: err,
+      },
+    );
+  }
+  server.unref();
+  let open = true;
+  return {
+    get clients() {
+      return clients.size;
+    },
+    inputTaken() {
+      if (input.pending() < CONSOLE_INPUT_LIMIT) for (const c of clients) if (c.isPaused()) c.resume();
+    },
+    write(bytes) {
+      // A client that does not read loses output, as one that is not connected does: the guest never waits for it.
+      for (const c of clients) if (c.writableLength < 1 << 20) c.write(Buffer.from(bytes));
+    },
+    close() {
+      if (!open) return;
+      open = false;
+      for (const c of clients) c.end();
+      server.close();
+      try {
+        unlinkSync(path);
+      } catch {
+        // already gone
+      }
+    },
+  };
+}
