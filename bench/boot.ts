@@ -26,14 +26,15 @@ import { median, round, secondsSince } from './lib/stats.js';
 
 const MEMORY = '128M';
 
-type BootCase = 'host' | 'classic' | 'elf' | 'hvc';
-const CASES: readonly BootCase[] = ['host', 'classic', 'elf', 'hvc'];
+type BootCase = 'host' | 'classic' | 'elf' | 'hvc' | 'irqline';
+const CASES: readonly BootCase[] = ['host', 'classic', 'elf', 'hvc', 'irqline'];
 
 const LABELS: Record<BootCase, string> = {
   host: 'bzImage, host-decompressed',
   classic: 'bzImage, classic (in-guest decompressor)',
   elf: 'ELF vmlinux (PVH entry)',
   hvc: 'bzImage, host-decompressed, virtio console',
+  irqline: 'bzImage, host-decompressed, UART and PIT on KVM_IRQ_LINE (legacyIrqfd: false)',
 };
 
 interface BootRun {
@@ -54,19 +55,22 @@ interface BootRun {
   outcome: string;
   outcomeMessage: string;
   exits: Record<string, number>;
+  irqsInjected: number;
   emulationFallback: Record<string, number>;
   loadAverageBefore: number[];
   loadAverageAfter: number[];
   consoleTail: string;
 }
 
-function kernelFor(c: BootCase): { kernel: string; bootMode: BootMode; console?: 'virtio' } {
+function kernelFor(c: BootCase): { kernel: string; bootMode: BootMode; console?: 'virtio'; legacyIrqfd?: false } {
   const fx = fixtures();
   switch (c) {
     case 'host':
       return { kernel: fx.bzImage, bootMode: 'host' };
     case 'hvc':
       return { kernel: fx.bzImage, bootMode: 'host', console: 'virtio' };
+    case 'irqline':
+      return { kernel: fx.bzImage, bootMode: 'host', legacyIrqfd: false };
     case 'classic':
       return { kernel: fx.bzImage, bootMode: 'guest' };
     case 'elf':
@@ -75,7 +79,7 @@ function kernelFor(c: BootCase): { kernel: string; bootMode: BootMode; console?:
 }
 
 async function bootOnce(c: BootCase, run: number, cmdline: string, timeoutS: number): Promise<BootRun> {
-  const { kernel, bootMode, console } = kernelFor(c);
+  const { kernel, bootMode, console, legacyIrqfd } = kernelFor(c);
   const loadAverageBefore = os.loadavg().map((x) => round(x, 2));
   const t0 = process.hrtime.bigint();
   const vm = await createVm({
@@ -86,6 +90,7 @@ async function bootOnce(c: BootCase, run: number, cmdline: string, timeoutS: num
     bootMode,
     name: `bench-${c}`,
     ...(console ? { console } : {}),
+    ...(legacyIrqfd === false ? { legacyIrqfd } : {}),
   });
   const createS = secondsSince(t0);
 
@@ -104,6 +109,7 @@ async function bootOnce(c: BootCase, run: number, cmdline: string, timeoutS: num
     outcome: timed.outcome.kind,
     outcomeMessage: timed.outcome.message,
     exits: stats.exits,
+    irqsInjected: stats.irqsInjected,
     emulationFallback: stats.emulationFallback,
     loadAverageBefore,
     loadAverageAfter: os.loadavg().map((x) => round(x, 2)),
@@ -189,6 +195,7 @@ export const boot: Benchmark = {
         note: failures(c) ?? `host load (1 min) ${loads}`,
       });
       rows.push({ label: `${LABELS[c]}: start -> VM end`, value: med(c, (b) => b.endS), unit: 's', samples: samples(c, (b) => b.endS) });
+      rows.push({ label: `${LABELS[c]}: IRQs injected`, value: med(c, (b) => b.irqsInjected), unit: 'irqs', samples: samples(c, (b) => b.irqsInjected) });
     }
     const ratio = (a: BootCase, b: BootCase, label: string) => {
       if (!cases.includes(a) || !cases.includes(b)) return;
@@ -204,6 +211,7 @@ export const boot: Benchmark = {
     ratio('classic', 'host', 'classic / host');
     ratio('elf', 'host', 'elf / host');
     ratio('hvc', 'host', 'virtio console / serial console');
+    ratio('host', 'irqline', 'legacy IRQs through irqfd / KVM_IRQ_LINE');
 
     return {
       rows,

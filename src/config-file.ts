@@ -78,6 +78,7 @@ export const vmConfigSchema = z.strictObject({
     })
     .optional(),
   coalescedIo: z.boolean().optional(),
+  legacyIrqfd: z.boolean().optional(),
   sandbox: z
     .union([z.boolean(), z.strictObject({ allow: z.array(z.strictObject({ path: z.string().min(1), access: z.enum(['read', 'write']) })).optional() })])
     .optional(),

@@ -14,6 +14,7 @@ import { Bus } from '../base/bus.js';
 import type { IrqLine } from '../base/irq.js';
 import { GuestMemory } from '../base/memory.js';
 import { Kvm, VmFd } from '../kvm/kvm.js';
+import { IrqfdLine, KvmIrqLine } from '../kvm/irq-lines.js';
 import { Vcpu } from '../kvm/vcpu.js';
 import { CoalescedRing } from '../kvm/coalesced.js';
 import { probeHost, type HostProbe } from '../kvm/probe.js';
@@ -175,10 +176,24 @@ export async function buildMachine(config: MachineConfig, prepared: PreparedInpu
     const irqCounter = { irqs: 0 };
     const vmFd = vm;
     const irq = (gsi: number): IrqLine => new KvmIrqLine(vmFd, gsi, irqCounter);
+    // The legacy devices' lines (the UART, the PIT) through irqfds where
+    // KVM has them: one eventfd write per edge instead of two ioctls.
+    const legacyIrqfd = kvm.hasCap('KVM_CAP_IRQFD') && config.legacyIrqfd !== false;
+    const legacyFds: number[] = [];
+    const legacyIrq = (gsi: number): IrqLine => {
+      if (!legacyIrqfd) return irq(gsi);
+      const fd = kvm.addon.eventfd(0);
+      legacyFds.push(fd);
+      kvm.addon.irqfd(vmFd.fd, fd, gsi, 0);
+      return new IrqfdLine(kvm.addon, fd, irqCounter);
+    };
     const events = new EventEmitter<GuestEvents>();
     const pio = new Bus('pio');
     const mmio = new Bus('mmio');
-    const legacy = new LegacyDevices(pio, irq, log);
+    const legacy = new LegacyDevices(pio, legacyIrq, log);
+    legacy.onClose('legacy irqfds', () => {
+      for (const fd of legacyFds.splice(0)) kvm.addon.close(fd);
+    }); // the first registered, so the last closed
     const mmioDevices = new MmioDevices(mmio, irq, log);
     managers.push(legacy, mmioDevices);
 
@@ -491,23 +506,5 @@ function disableGuestPmu(kvm: Kvm, vm: VmFd, log: Logger): void {
     kvm.addon.enableCap(vm.fd, c.KVM_CAP_PMU_CAPABILITY!, c.KVM_PMU_CAP_DISABLE!);
   } catch (err) {
     log.debug({ err }, 'KVM_CAP_PMU_CAPABILITY refused; the guest keeps its PMU');
-  }
-}
-
-/** An IRQ line driven through KVM_IRQ_LINE on the in-kernel irqchip. */
-class KvmIrqLine implements IrqLine {
-  constructor(
-    private readonly vm: VmFd,
-    readonly gsi: number,
-    private readonly counter: { irqs: number },
-  ) {}
-  setLevel(high: boolean): void {
-    if (high) this.counter.irqs++;
-    this.vm.irqLine(this.gsi, high);
-  }
-  trigger(): void {
-    this.counter.irqs++;
-    this.vm.irqLine(this.gsi, true);
-    this.vm.irqLine(this.gsi, false);
   }
 }

@@ -131,6 +131,12 @@ export interface MachineConfig {
    * the UART is the console and this must be 'console' or absent.
    */
   serial?: SerialTarget;
+  /**
+   * The UART's and the PIT's interrupts through irqfds (default true, where
+   * KVM has KVM_CAP_IRQFD): one eventfd write per edge, where KVM_IRQ_LINE
+   * takes two ioctls. false drives them with KVM_IRQ_LINE (to compare).
+   */
+  legacyIrqfd?: boolean;
   /** A name for logs and for deriving stable MAC addresses. Default "tsvmm". */
   name?: string;
   logger?: Logger;

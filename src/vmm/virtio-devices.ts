@@ -16,6 +16,7 @@ import { runLogged, type Logger } from '../base/log.js';
 import type { IrqLine } from '../base/irq.js';
 import type { MsiMessage, MsiSink } from '../devices/pci/msix.js';
 import type { NativeAddon } from '../kvm/native.js';
+import { IrqfdLine } from '../kvm/irq-lines.js';
 import { createBlkDevice, parseDiskOption, type BlkDevice } from '../virtio/blk/index.js';
 import { createNetDevice, parseNetOption, type NetDevice } from '../virtio/net/index.js';
 import type { ConsoleDevice } from '../virtio/console/device.js';
@@ -72,23 +73,6 @@ export interface VirtioDevicesOptions {
   seed: string;
   log: Logger;
   counter: { irqs: number };
-}
-
-/** An edge on a GSI through an irqfd: one eventfd write, no ioctl. */
-class IrqfdLine implements IrqLine {
-  constructor(
-    private readonly addon: NativeAddon,
-    readonly fd: number,
-    private readonly fallback: IrqLine,
-    private readonly counter: { irqs: number },
-  ) {}
-  setLevel(high: boolean): void {
-    this.fallback.setLevel(high);
-  }
-  trigger(): void {
-    this.counter.irqs++;
-    this.addon.eventfdWrite(this.fd, 1);
-  }
 }
 
 /**
@@ -226,7 +210,7 @@ export class VirtioDevices {
       if (useIrqfd) {
         const efd = this.eventfd();
         this.addon.irqfd(opts.vm.fd, efd, slot.irq, 0);
-        irq = new IrqfdLine(this.addon, efd, plain!, opts.counter);
+        irq = new IrqfdLine(this.addon, efd, opts.counter, plain!);
       }
       return new MmioTransport(device, { memory: opts.mem, irq, logger });
     });
