@@ -251,6 +251,11 @@ async function run(opts: RunOptions, sourceOf: SourceOf): Promise<number> {
     process.stderr.write(errorLine(err));
     return err instanceof ConfigFileError ? EXIT_CODES.error : EXIT_USAGE;
   }
+  if (config.console === 'off' && (opts.expect !== undefined || opts.consoleLog !== undefined)) {
+    const flag = opts.expect !== undefined ? '--expect' : '--console-log';
+    process.stderr.write(`tsvmm: ${flag} reads the guest console, and --console off gives it none: choose --console serial or virtio\n`);
+    return EXIT_USAGE;
+  }
   // Opened before anything runs: the sandbox allows no new files once the VM starts.
   let consoleLog: number | undefined;
   if (opts.consoleLog !== undefined) {

@@ -63,10 +63,10 @@ export interface SerialInput {
 
 /** Opens `target` (a file or socket: the other choices need no sink). */
 export async function openSerialTarget(target: { file: string } | { socket: string }, input: SerialInput, log: Logger): Promise<SerialSink> {
-  return 'file' in target ? fileSink(target.file) : await socketSink(target.socket, input, log);
+  return 'file' in target ? fileSink(target.file, log) : await socketSink(target.socket, input, log);
 }
 
-function fileSink(path: string): SerialSink {
+function fileSink(path: string, log: Logger): SerialSink {
   let fd: number;
   try {
     fd = openSync(path, 'w', 0o644);
@@ -83,11 +83,18 @@ function fileSink(path: string): SerialSink {
   let used = 0;
   let timer: NodeJS.Timeout | undefined;
   let open = true;
+  let failed = false;
   const flush = (): void => {
     if (timer) clearTimeout(timer);
     timer = undefined;
-    let off = 0;
-    while (off < used) off += writeSync(fd, batch, off, used - off);
+    // A file that cannot take more (a full disk) loses the rest, said once; the guest never sees it.
+    try {
+      let off = 0;
+      while (!failed && off < used) off += writeSync(fd, batch, off, used - off);
+    } catch (err) {
+      failed = true;
+      log.warn({ err, path }, 'cannot write the serial output file: the rest of the output is dropped');
+    }
     used = 0;
   };
   return {
@@ -147,6 +154,7 @@ async function socketSink(path: string, input: SerialInput, log: Logger): Promis
       },
     );
   }
+  server.on('error', (err) => log.warn({ err, path }, 'serial socket error'));
   server.unref();
   let open = true;
   return {

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { consolesSeen, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { consolesSeen, GuestSession, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
 import { RETRY_TIMEOUT_MS, retryEmulatorFault } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
@@ -154,6 +154,33 @@ describe.skipIf(noKvm !== undefined)(`virtio console${noKvm ? ` (skipped: ${noKv
       expect(r.stdout).toBe('');
       // The socket is gone with the VM.
       expect(existsSync(path)).toBe(false);
+    }),
+    RETRY_TIMEOUT_MS,
+  );
+
+  it.each(['thread', 'loop'] as const)(
+    'answers what is typed while the guest prints without a pause (exit path %s): input is not starved by output',
+    retryEmulatorFault(async (exitPath: 'thread' | 'loop') => {
+      const fx = fixtures();
+      const guest = await GuestSession.boot({ kernel: fx.bzImage, initrd: fx.initramfs, cmdline: testCmdline(), exitPath });
+      await guest.waitFor(/TSVMM-INIT-OK/);
+      await guest.waitFor(PROMPT);
+      // A writer that never stops, on the serial console the shell reads.
+      await guest.run('(while :; do echo flood-0123456789abcdefghijklmnopqrstuvwxyz; done) & echo $! > /tmp/flood');
+      const before = guest.vm.console.outputLength;
+      await guest.vm.console.waitFor(/(flood-0123456789abcdefghijklmnopqrstuvwxyz\r?\n){50}/, { from: before, timeout: 600_000 });
+      const flooding = guest.vm.console.outputLength;
+      // Typed into the flood: each command is answered, with its status.
+      for (let i = 1; i <= 3; i++) {
+        const r = await guest.run(`echo "answer-$((${i} * 42))"`);
+        expect(r.status).toBe(0);
+        expect(r.output).toContain(`answer-${i * 42}`);
+      }
+      // The guest kept printing all the while.
+      expect(guest.vm.console.text(flooding).split('flood-0123456789abcdefghijklmnopqrstuvwxyz').length).toBeGreaterThan(100);
+      await guest.run('kill $(cat /tmp/flood)');
+      const outcome = await guest.finish('reboot -f');
+      expect(outcome.kind).toBe('reboot');
     }),
     RETRY_TIMEOUT_MS,
   );

@@ -133,5 +133,8 @@ describe('tsvmm run: bad input', () => {
       /^tsvmm: cannot write the serial output file .*ttyS0\.log \(ENOENT\): give serial a file in a writable directory \(--serial <where>\)$/,
     );
     expect(file.stdout).toBe('');
+    const expectOff = await runCli(['run', '--kernel', fx.bzImage, '--console', 'off', '--expect', 'x']);
+    expect(expectOff.code).toBe(2);
+    expect(oneLine(expectOff.stderr)).toBe('tsvmm: --expect reads the guest console, and --console off gives it none: choose --console serial or virtio');
   });
 });
