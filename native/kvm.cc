@@ -338,6 +338,11 @@ Napi::Value CheckExtension(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CHECK_EXTENSION, ArgInt(info, 1), "KVM_CHECK_EXTENSION"));
 }
 
+// KVM_GET_TSC_KHZ on a VM fd (KVM_CAP_VM_TSC_CONTROL) or a vCPU fd: the guest's TSC frequency.
+Napi::Value GetTscKhz(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ"));
+}
+
 Napi::Value CreateVm(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), Own(info.Env(), IoctlVal(info.Env(), ArgInt(info, 0), KVM_CREATE_VM, 0, "KVM_CREATE_VM")));
 }
@@ -1904,6 +1909,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   F("close", Close)
   F("getApiVersion", GetApiVersion)
   F("checkExtension", CheckExtension)
+  F("getTscKhz", GetTscKhz)
   F("createVm", CreateVm)
   F("getVcpuMmapSize", GetVcpuMmapSize)
   F("getSupportedCpuid", GetSupportedCpuid)

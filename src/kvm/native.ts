@@ -178,6 +178,8 @@ export interface NativeAddon {
   /** KVM system ioctls (on the /dev/kvm fd). */
   getApiVersion(kvmFd: number): number;
   checkExtension(fd: number, cap: number): number;
+  /** KVM_GET_TSC_KHZ on a VM fd (with KVM_CAP_VM_TSC_CONTROL) or a vCPU fd. */
+  getTscKhz(fd: number): number;
   createVm(kvmFd: number): number;
   getVcpuMmapSize(kvmFd: number): number;
   /** KVM_GET_SUPPORTED_CPUID: a struct kvm_cpuid2 with its entries. */

@@ -225,7 +225,7 @@ export async function buildMachine(config: MachineConfig, prepared: PreparedInpu
     // --- command line and kernel ---
     const parts = [config.cmdline ?? defaultCmdline(consoleKind), ...virtio.cmdlineFragments];
     if (fallbackOn) parts.push(EMULATED_HOST_CMDLINE);
-    if (fallbackOn && cpus > 1) parts.push(EMULATED_HOST_SMP_CMDLINE);
+    if (fallbackOn && cpus > 1) parts.push(EMULATED_HOST_SMP_CMDLINE, ...tscFrequency(kvm, vm, log));
     const cmdline = parts.filter((p) => p.length > 0).join(' ');
     let initrd = initrdBytes;
     if (initrdReady) {
@@ -388,6 +388,23 @@ async function consoleDevices(
     });
   }
   return { consoleStream, serial, hvc };
+}
+
+/**
+ * `nopv` leaves the guest without kvmclock, and on these hosts it cannot
+ * calibrate its TSC either (no PIT reference there: "Marking TSC unstable
+ * due to could not calculate TSC khz"). It then keeps time by jiffies,
+ * with a periodic tick that cost an idle guest a third of a host core per
+ * vCPU (bench/README.md). Its TSC frequency from KVM ends that.
+ */
+function tscFrequency(kvm: Kvm, vm: VmFd, log: Logger): string[] {
+  try {
+    const khz = kvm.addon.getTscKhz(vm.fd);
+    return khz > 0 ? [`tsc_early_khz=${khz}`] : [];
+  } catch (err) {
+    log.debug({ err }, 'KVM_GET_TSC_KHZ on the VM refused: the guest calibrates its TSC itself');
+    return [];
+  }
 }
 
 /** The PC's other port I/O devices: PIT and port 0x61, i8042, CMOS, the POST port, absent UARTs. */
