@@ -257,9 +257,13 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
    * (the console's last lines in it) on `timeout`, `signal`, or the VM's
    * end. The guest must run a shell on its console: see src/vmm/shell.ts
    * for the contract. Wait for the shell's prompt first
-   * (`vm.console.waitFor(...)`); typed input is buffered until then.
+   * (`vm.console.waitFor(...)`); typed input is buffered until then. A VM
+   * built with `console: 'off'` has no console to run it on: a TypeError.
    */
   run(command: string, options?: RunOptions): Promise<RunResult> {
+    if (this.config.console === 'off') {
+      return Promise.reject(new TypeError("vm.run: this VM has no console (console 'off'); give it console 'serial' or 'virtio'"));
+    }
     return runOnConsole(this.console, command, options);
   }
 

@@ -12,6 +12,7 @@ import { ConsoleWaitError, createVm, type VirtualMachine } from '../../src/index
 import { fixtures } from '../../fixtures/index.js';
 import { BOOT_TIMEOUT_MS, PROMPT, consolesSeen, endingsSeen, kvmUnavailable, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
+import { buildPrintAndHaltKernel } from '../../src/testing/index.js';
 
 const noKvm = kvmUnavailable();
 const count = (dir: string) => readdirSync(dir).length;
@@ -23,6 +24,11 @@ async function settle(f: () => number, want: number): Promise<number> {
 }
 
 describe.skipIf(noKvm !== undefined)(`boot-test harness${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
+  it("refuses vm.run on a VM built with console 'off', at once", async () => {
+    await using vm = await createVm({ kernel: buildPrintAndHaltKernel('@@NO CONSOLE\n'), memory: '32M', console: 'off' });
+    await expect(vm.run('true')).rejects.toThrow(/^vm\.run: this VM has no console \(console 'off'\); give it console 'serial' or 'virtio'$/);
+  });
+
   it(
     'waits for the shell, runs commands, times out and aborts with the console in the error, and await using releases the VM',
     retryEmulatorFault(async () => {
