@@ -332,9 +332,13 @@ async function runVm(opts: RunOptions, config: VmConfig, log: Logger, consoleLog
   }
 
   let signalCode: number | undefined;
-  const disconnect = connectConsole(vm, () => {
-    void vm.stop('quit from the console (Ctrl-A x)');
-  });
+  // With no console, the terminal stays the terminal: not raw, not read (Ctrl-C is SIGINT).
+  const disconnect =
+    config.console === 'off'
+      ? () => {}
+      : connectConsole(vm, () => {
+          void vm.stop('quit from the console (Ctrl-A x)');
+        });
   // The log gets every byte, whatever stdout's back-pressure; it stops before its fd closes.
   const untapLog = consoleLog === undefined ? undefined : vm.console.tap((chunk) => writeAll(consoleLog, chunk));
   // --expect: the pattern, looked for in all the output; --timeout: a deadline for the whole run.

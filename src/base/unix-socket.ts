@@ -3,46 +3,64 @@
  * claimed from a process that died, and a socket only its owner can
  * connect to.
  */
-import { existsSync, lstatSync, unlinkSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, unlinkSync } from 'node:fs';
 import { connect, type Server } from 'node:net';
+import { isMainThread } from 'node:worker_threads';
+
+/** What {@link claimSocketPath} found: free now, or why the path cannot be taken (`cannot`: the errno). */
+export type SocketClaim = 'free' | 'not-a-socket' | 'in-use' | { cannot: string };
 
 /**
- * Makes `path` free for a new socket: a socket nobody answers on (left by
- * a process that died) is removed. Says 'not-a-socket' or 'in-use' when
- * the path cannot be taken.
+ * Makes `path` free for a new socket: a socket that refuses connections
+ * (left by a process that died) is removed. Says 'not-a-socket', 'in-use'
+ * (something answers there), or `{ cannot }` when the socket could not be
+ * tried (another user's: EACCES) or removed.
  */
-export async function claimSocketPath(path: string): Promise<'free' | 'not-a-socket' | 'in-use'> {
+export async function claimSocketPath(path: string): Promise<SocketClaim> {
   if (!existsSync(path)) return 'free';
   if (!lstatSync(path).isSocket()) return 'not-a-socket';
-  if (await answers(path)) return 'in-use';
-  unlinkSync(path);
+  const tried = await tryConnect(path);
+  if (tried === 'answers') return 'in-use';
+  if (tried !== 'ECONNREFUSED') return { cannot: tried };
+  try {
+    unlinkSync(path);
+  } catch (err) {
+    return { cannot: (err as NodeJS.ErrnoException).code ?? String(err) };
+  }
   return 'free';
 }
 
-/** `server` listening on `path`, a socket born mode 0600 (connecting needs write permission on it). Rejects with the listen error. */
+/**
+ * `server` listening on `path`, a socket of mode 0600 (connecting needs
+ * write permission on it). The socket is bound with umask 0177 where the
+ * process may set its umask (the main thread: the bind happens inside
+ * listen(), so the umask is back at once), and made 0600 in any case.
+ * Rejects with the listen error.
+ */
 export async function listenPrivate(server: Server, path: string): Promise<void> {
-  const umask = process.umask(0o177);
-  try {
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    const umask = isMainThread ? process.umask(0o177) : undefined;
+    try {
       server.listen(path, () => {
         server.off('error', reject);
         resolve();
       });
-    });
-  } finally {
-    process.umask(umask);
-  }
+    } finally {
+      if (umask !== undefined) process.umask(umask);
+    }
+  });
+  chmodSync(path, 0o600);
 }
 
-/** Whether something answers on the socket at `path`. */
-function answers(path: string): Promise<boolean> {
+/** 'answers', or the errno of the failed connect. */
+function tryConnect(path: string): Promise<'answers' | string> {
   return new Promise((resolve) => {
     const s = connect(path);
     s.once('connect', () => {
       s.destroy();
-      resolve(true);
+      resolve('answers');
     });
-    s.once('error', () => resolve(false));
+    s.once('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? String(err)));
   });
 }

@@ -16,7 +16,7 @@
  * Errors: 400 (the VM's state does not allow it: {"error","code"}), 404,
  * 405.
  */
-import { chmodSync, lstatSync, mkdirSync, unlinkSync } from 'node:fs';
+import { lstatSync, mkdirSync, unlinkSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { dirname, join } from 'node:path';
@@ -77,6 +77,7 @@ export class ApiServer {
     const claimed = await claimSocketPath(path);
     if (claimed === 'not-a-socket') throw new ApiSocketError(`${path} exists and is not a socket: choose another --api-socket path`);
     if (claimed === 'in-use') throw new ApiSocketError(`a VM already serves ${path}: give this one another --name or --api-socket`);
+    if (claimed !== 'free') throw new ApiSocketError(`cannot take over the socket ${path} (${claimed.cannot}): remove it, or give --api-socket another path`);
     const started = new Date().toISOString();
     const attached = new Set<Socket>();
     const server = createServer((req, res) => {
@@ -96,7 +97,6 @@ export class ApiServer {
     } catch (err) {
       throw new ApiSocketError(`cannot listen on ${path} (${(err as NodeJS.ErrnoException).code})`, { cause: err });
     }
-    chmodSync(path, 0o600);
     server.unref();
     return new ApiServer(server, path, attached);
   }

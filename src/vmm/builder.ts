@@ -402,7 +402,7 @@ function tscFrequency(kvm: Kvm, vm: VmFd, log: Logger): string[] {
     const khz = kvm.addon.getTscKhz(vm.fd);
     return khz > 0 ? [`tsc_early_khz=${khz}`] : [];
   } catch (err) {
-    log.debug({ err }, 'KVM_GET_TSC_KHZ on the VM refused: the guest calibrates its TSC itself');
+    log.warn({ err }, 'KVM_GET_TSC_KHZ on the VM refused: the guest cannot tell its TSC frequency, keeps time by jiffies, and an idle guest costs host CPU');
     return [];
   }
 }

@@ -3,7 +3,6 @@
  * configuration. It runs the vCPUs, hands each exit to the buses, turns
  * what the guest does into an outcome, and tears everything down in order.
  */
-import { dirname, resolve } from 'node:path';
 import { EventEmitter } from 'node:events';
 import { runLogged, type Logger } from '../base/log.js';
 import type { Bus } from '../base/bus.js';
@@ -207,11 +206,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
 
   private confine(onLoop: boolean): SandboxStatus {
     const opts = typeof this.config.sandbox === 'object' ? this.config.sandbox : {};
-    // A serial socket is removed at the end: its directory stays writable.
-    const serial = this.config.serial;
-    const serialDir = typeof serial === 'object' && 'socket' in serial ? [{ path: dirname(resolve(serial.socket)), access: 'write' as const }] : [];
-    const allow = [...(opts.allow ?? []), ...serialDir];
-    const files = confineProcess(this.kvm.addon, { outputs: this.parts.observers.flatMap((o) => o.outputs ?? []), allow }, this.log);
+    const files = confineProcess(this.kvm.addon, { outputs: this.parts.observers.flatMap((o) => o.outputs ?? []), allow: opts.allow }, this.log);
     const vcpuThreads: SandboxStatus['vcpuThreads'] = onLoop
       ? { filtered: false, reason: "exitPath 'loop' runs KVM_RUN on the main thread, which seccomp cannot narrow" }
       : { filtered: true, syscalls: ['ioctl (KVM_RUN, KVM_GET_REGS on its vCPU)', ...VCPU_THREAD_SYSCALLS] };

@@ -23,10 +23,10 @@ import { CONSOLE_INPUT_LIMIT } from './console.js';
 /** `'console'`: joined to `vm.console`; `'off'`: discarded; a file; a Unix socket. */
 export type SerialTarget = 'console' | 'off' | { file: string } | { socket: string };
 
-/** Output bytes gathered before a write to the file. */
-const FILE_BATCH_BYTES = 4096;
+/** Output bytes gathered before a write to the file or the socket's clients. */
+const BATCH_BYTES = 4096;
 /** The longest a byte waits in the batch. */
-const FILE_FLUSH_MS = 20;
+const FLUSH_MS = 20;
 
 export type SerialTargetErrorKind = 'cannot-open' | 'in-use' | 'not-a-socket';
 
@@ -66,6 +66,43 @@ export async function openSerialTarget(target: { file: string } | { socket: stri
   return 'file' in target ? fileSink(target.file, log) : await socketSink(target.socket, input, log);
 }
 
+/**
+ * Gathers the UART's output (one call per byte) into batches for `emit`:
+ * a batch leaves when {@link BATCH_BYTES} have gathered or
+ * {@link FLUSH_MS} after its first byte, and at close.
+ */
+class Batcher {
+  private readonly batch = Buffer.allocUnsafe(BATCH_BYTES);
+  private used = 0;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly emit: (bytes: Buffer) => void) {}
+
+  add(bytes: Uint8Array): void {
+    let off = 0;
+    while (off < bytes.length) {
+      const n = Math.min(bytes.length - off, BATCH_BYTES - this.used);
+      this.batch.set(bytes.subarray(off, off + n), this.used);
+      this.used += n;
+      off += n;
+      if (this.used === BATCH_BYTES) this.flush();
+    }
+    if (this.used > 0 && !this.timer) {
+      this.timer = setTimeout(() => this.flush(), FLUSH_MS);
+      this.timer.unref();
+    }
+  }
+
+  flush(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+    if (this.used === 0) return;
+    const out = this.batch.subarray(0, this.used);
+    this.used = 0;
+    this.emit(out);
+  }
+}
+
 function fileSink(path: string, log: Logger): SerialSink {
   let fd: number;
   try {
@@ -74,52 +111,32 @@ function fileSink(path: string, log: Logger): SerialSink {
     throw new SerialTargetError(
       'cannot-open',
       `cannot write the serial output file ${path} (${(err as NodeJS.ErrnoException).code}): give serial a file in a writable directory`,
-      {
-        cause: err,
-      },
+      { cause: err },
     );
   }
-  const batch = Buffer.allocUnsafe(FILE_BATCH_BYTES);
-  let used = 0;
-  let timer: NodeJS.Timeout | undefined;
   let open = true;
   let failed = false;
-  const flush = (): void => {
-    if (timer) clearTimeout(timer);
-    timer = undefined;
+  const batcher = new Batcher((bytes) => {
     // A file that cannot take more (a full disk) loses the rest, said once; the guest never sees it.
     try {
       let off = 0;
-      while (!failed && off < used) off += writeSync(fd, batch, off, used - off);
+      while (!failed && off < bytes.length) off += writeSync(fd, bytes, off, bytes.length - off);
     } catch (err) {
       failed = true;
       log.warn({ err, path }, 'cannot write the serial output file: the rest of the output is dropped');
     }
-    used = 0;
-  };
+  });
   return {
     clients: 0,
     inputTaken() {},
     write(bytes) {
-      if (!open) return;
-      let off = 0;
-      while (off < bytes.length) {
-        const n = Math.min(bytes.length - off, FILE_BATCH_BYTES - used);
-        batch.set(bytes.subarray(off, off + n), used);
-        used += n;
-        off += n;
-        if (used === FILE_BATCH_BYTES) flush();
-      }
-      if (used > 0 && !timer) {
-        timer = setTimeout(flush, FILE_FLUSH_MS);
-        timer.unref();
-      }
+      if (open) batcher.add(bytes);
     },
     close() {
       if (!open) return;
       open = false;
       try {
-        flush();
+        batcher.flush();
       } finally {
         closeSync(fd);
       }
@@ -127,15 +144,29 @@ function fileSink(path: string, log: Logger): SerialSink {
   };
 }
 
+/** Output a client has not taken beyond which it gets no more: a client that stops reading must not grow the VMM. */
+const CLIENT_BACKLOG_LIMIT = 1024 * 1024;
+/** How long a client that does not take the last output keeps its connection after the end. */
+const CLOSE_GRACE_MS = 2000;
+
 async function socketSink(path: string, input: SerialInput, log: Logger): Promise<SerialSink> {
   const claimed = await claimSocketPath(path);
   if (claimed === 'not-a-socket') throw new SerialTargetError('not-a-socket', `${path} exists and is not a socket: give serial another socket path`);
   if (claimed === 'in-use') throw new SerialTargetError('in-use', `something already listens on ${path}: give serial another socket path`);
+  if (claimed !== 'free') {
+    throw new SerialTargetError('cannot-open', `cannot take over the socket ${path} (${claimed.cannot}): remove it, or give serial another socket path`);
+  }
+  let open = true;
   const clients = new Set<Socket>();
   const server: Server = createServer((socket) => {
+    if (!open) {
+      socket.destroy();
+      return;
+    }
     clients.add(socket);
     log.info({ clients: clients.size }, 'serial socket: client connected');
     socket.on('data', (d: Buffer) => {
+      if (!open) return; // the UART is gone
       input.send(d);
       // A client that types faster than the guest reads waits (as the console's writers do).
       if (input.pending() >= CONSOLE_INPUT_LIMIT) for (const c of clients) c.pause();
@@ -149,14 +180,15 @@ async function socketSink(path: string, input: SerialInput, log: Logger): Promis
     throw new SerialTargetError(
       'cannot-open',
       `cannot listen on ${path} for the serial port (${(err as NodeJS.ErrnoException).code}): give serial a socket path in a writable directory`,
-      {
-        cause: err,
-      },
+      { cause: err },
     );
   }
   server.on('error', (err) => log.warn({ err, path }, 'serial socket error'));
   server.unref();
-  let open = true;
+  // A client that does not read loses output, as one that is not connected does: the guest never waits for it.
+  const batcher = new Batcher((bytes) => {
+    for (const c of clients) if (c.writableLength < CLIENT_BACKLOG_LIMIT) c.write(Buffer.from(bytes));
+  });
   return {
     get clients() {
       return clients.size;
@@ -165,18 +197,25 @@ async function socketSink(path: string, input: SerialInput, log: Logger): Promis
       if (input.pending() < CONSOLE_INPUT_LIMIT) for (const c of clients) if (c.isPaused()) c.resume();
     },
     write(bytes) {
-      // A client that does not read loses output, as one that is not connected does: the guest never waits for it.
-      for (const c of clients) if (c.writableLength < 1 << 20) c.write(Buffer.from(bytes));
+      if (open) batcher.add(bytes);
     },
     close() {
       if (!open) return;
+      batcher.flush();
       open = false;
-      for (const c of clients) c.end();
+      // Each client gets the last output, then nothing more: what it types from now on goes nowhere.
+      for (const c of clients) {
+        c.removeAllListeners('data');
+        c.end(() => c.destroy());
+        c.unref(); // a client that never reads must not hold the process
+        setTimeout(() => c.destroy(), CLOSE_GRACE_MS).unref();
+      }
       server.close();
+      // Under tsvmm's sandbox the process may not remove files any more: the socket then stays, and the next claim replaces it.
       try {
         unlinkSync(path);
-      } catch {
-        // already gone
+      } catch (err) {
+        log.debug({ err, path }, 'serial socket not removed');
       }
     },
   };

@@ -99,6 +99,7 @@ describe('serial on a Unix socket', () => {
     const sink = await openSerialTarget({ socket: path }, { send: (b) => typed.push(Buffer.from(b).toString()), pending: () => 0 }, silentLogger);
     expect(statSync(path).mode & 0o777).toBe(0o600);
     sink.write(Buffer.from('before anyone\n'));
+    await new Promise((r) => setTimeout(r, 100)); // its batch leaves, to nobody
     const a = await connected(path);
     const b = await connected(path);
     await until(() => sink.clients === 2, 'two clients');
@@ -116,6 +117,42 @@ describe('serial on a Unix socket', () => {
     expect(existsSync(path)).toBe(false);
     a.destroy();
     b.destroy();
+  });
+
+  it('sends output printed a byte at a time in batches, whole and in order, the last of it at close', async () => {
+    const path = join(dir, 'batch.sock');
+    const sink = await openSerialTarget({ socket: path }, { send: () => {}, pending: () => 0 }, silentLogger);
+    const c = await connected(path);
+    await until(() => sink.clients === 1, 'the client');
+    const chunks: Buffer[] = [];
+    c.on('data', (d: Buffer) => chunks.push(d));
+    const ended = new Promise((r) => c.once('end', r));
+    const expected = Buffer.alloc(10_000);
+    for (let i = 0; i < expected.length; i++) {
+      expected[i] = i & 0xff;
+      sink.write(expected.subarray(i, i + 1));
+    }
+    sink.close(); // flushes what is still batched
+    await ended;
+    expect(Buffer.concat(chunks).equals(expected)).toBe(true);
+    expect(chunks.length).toBeLessThan(20); // not a write per byte
+    c.destroy();
+  });
+
+  it('after close, takes nothing more from a client: what it types does not reach the UART', async () => {
+    const path = join(dir, 'after.sock');
+    const typed: string[] = [];
+    const sink = await openSerialTarget({ socket: path }, { send: (b) => typed.push(Buffer.from(b).toString()), pending: () => 0 }, silentLogger);
+    const c = await connected(path);
+    c.on('error', () => {});
+    await until(() => sink.clients === 1, 'the client');
+    c.write('before\n');
+    await until(() => typed.join('') === 'before\n', 'the input before the close');
+    sink.close();
+    c.write('after\n');
+    await new Promise((r) => setTimeout(r, 100));
+    expect(typed.join('')).toBe('before\n');
+    c.destroy();
   });
 
   it('holds a client back while the guest has not taken its input, and lets it go on once it has', async () => {
