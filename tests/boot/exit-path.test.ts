@@ -93,9 +93,13 @@ describe.skipIf(noKvm !== undefined)(`a vCPU on the event loop${noKvm ? ` (skipp
   });
 
   it('stops on the host’s request while the guest spins, and samples it between bursts', async () => {
-    const guest = spinningGuest(() => {});
+    let wrote!: () => void;
+    const firstExit = new Promise<void>((r) => (wrote = r));
+    const guest = spinningGuest(() => wrote());
     const ring = new BigUint64Array(8);
     guest.vcpu.setSampleBuffer(ring);
+    // Past its port write, the guest spins on the jmp (a fixed 50 ms was not enough in the emulated AMD-V host).
+    await withGuard(firstExit, 'the port write');
     await new Promise((r) => setTimeout(r, 50));
     guest.vcpu.sample();
     // The sample is the spinning jmp at 0x1004 (CODE_ADDR 0x1000 + 4).
