@@ -4,6 +4,7 @@
  */
 import { Duplex } from 'node:stream';
 import { TsvmmError } from '../base/errors.js';
+import { ByteBatcher } from '../base/batcher.js';
 
 /**
  * How long guest output may wait to be batched. Not setImmediate: a vCPU
@@ -109,9 +110,7 @@ function lastLines(text: string, n = CONSOLE_TAIL_LINES): string {
  * have gathered or {@link CONSOLE_FLUSH_MS} after the first byte.
  */
 export class ConsoleStream extends Duplex {
-  private batch = Buffer.allocUnsafe(CONSOLE_BATCH_BYTES);
-  private batched = 0;
-  private timer: NodeJS.Timeout | undefined;
+  private readonly batcher = new ByteBatcher(CONSOLE_BATCH_BYTES, CONSOLE_FLUSH_MS, (chunk) => this.emitOutput(Buffer.from(chunk)));
   /** The callback of a write held until the guest reads below the limit. */
   private heldWrite: (() => void) | undefined;
   /** Guest output bytes dropped because the reader was {@link CONSOLE_OUTPUT_LIMIT} behind. */
@@ -150,24 +149,15 @@ export class ConsoleStream extends Duplex {
 
   /** Called by the serial device for each byte the guest transmits. */
   guestOutput(bytes: Uint8Array): void {
-    let at = 0;
-    while (at < bytes.length) {
-      const n = Math.min(bytes.length - at, CONSOLE_BATCH_BYTES - this.batched);
-      this.batch.set(bytes.subarray(at, at + n), this.batched);
-      this.batched += n;
-      at += n;
-      if (this.batched === CONSOLE_BATCH_BYTES) this.flush();
-    }
-    if (this.batched > 0 && this.timer === undefined) this.timer = setTimeout(() => this.flush(), CONSOLE_FLUSH_MS);
+    this.batcher.add(bytes);
   }
 
   /** Pushes buffered guest output now. */
   flush(): void {
-    if (this.timer !== undefined) clearTimeout(this.timer);
-    this.timer = undefined;
-    if (this.batched === 0) return;
-    const chunk = Buffer.from(this.batch.subarray(0, this.batched));
-    this.batched = 0;
+    this.batcher.flush();
+  }
+
+  private emitOutput(chunk: Buffer): void {
     this.record(chunk);
     // Readable back-pressure is not applied to the guest (a UART has no
     // flow control that would not stall it); output waits for the reader

@@ -17,6 +17,7 @@ import { closeSync, openSync, unlinkSync, writeSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { TsvmmKindError } from '../base/errors.js';
 import type { Logger } from '../base/log.js';
+import { ByteBatcher } from '../base/batcher.js';
 import { claimSocketPath, listenPrivate } from '../base/unix-socket.js';
 import { CONSOLE_INPUT_LIMIT } from './console.js';
 
@@ -66,43 +67,6 @@ export async function openSerialTarget(target: { file: string } | { socket: stri
   return 'file' in target ? fileSink(target.file, log) : await socketSink(target.socket, input, log);
 }
 
-/**
- * Gathers the UART's output (one call per byte) into batches for `emit`:
- * a batch leaves when {@link BATCH_BYTES} have gathered or
- * {@link FLUSH_MS} after its first byte, and at close.
- */
-class Batcher {
-  private readonly batch = Buffer.allocUnsafe(BATCH_BYTES);
-  private used = 0;
-  private timer: NodeJS.Timeout | undefined;
-
-  constructor(private readonly emit: (bytes: Buffer) => void) {}
-
-  add(bytes: Uint8Array): void {
-    let off = 0;
-    while (off < bytes.length) {
-      const n = Math.min(bytes.length - off, BATCH_BYTES - this.used);
-      this.batch.set(bytes.subarray(off, off + n), this.used);
-      this.used += n;
-      off += n;
-      if (this.used === BATCH_BYTES) this.flush();
-    }
-    if (this.used > 0 && !this.timer) {
-      this.timer = setTimeout(() => this.flush(), FLUSH_MS);
-      this.timer.unref();
-    }
-  }
-
-  flush(): void {
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = undefined;
-    if (this.used === 0) return;
-    const out = this.batch.subarray(0, this.used);
-    this.used = 0;
-    this.emit(out);
-  }
-}
-
 function fileSink(path: string, log: Logger): SerialSink {
   let fd: number;
   try {
@@ -116,16 +80,21 @@ function fileSink(path: string, log: Logger): SerialSink {
   }
   let open = true;
   let failed = false;
-  const batcher = new Batcher((bytes) => {
-    // A file that cannot take more (a full disk) loses the rest, said once; the guest never sees it.
-    try {
-      let off = 0;
-      while (!failed && off < bytes.length) off += writeSync(fd, bytes, off, bytes.length - off);
-    } catch (err) {
-      failed = true;
-      log.warn({ err, path }, 'cannot write the serial output file: the rest of the output is dropped');
-    }
-  });
+  const batcher = new ByteBatcher(
+    BATCH_BYTES,
+    FLUSH_MS,
+    (bytes) => {
+      // A file that cannot take more (a full disk) loses the rest, said once; the guest never sees it.
+      try {
+        let off = 0;
+        while (!failed && off < bytes.length) off += writeSync(fd, bytes, off, bytes.length - off);
+      } catch (err) {
+        failed = true;
+        log.warn({ err, path }, 'cannot write the serial output file: the rest of the output is dropped');
+      }
+    },
+    false,
+  );
   return {
     clients: 0,
     inputTaken() {},
@@ -186,9 +155,15 @@ async function socketSink(path: string, input: SerialInput, log: Logger): Promis
   server.on('error', (err) => log.warn({ err, path }, 'serial socket error'));
   server.unref();
   // A client that does not read loses output, as one that is not connected does: the guest never waits for it.
-  const batcher = new Batcher((bytes) => {
-    for (const c of clients) if (c.writableLength < CLIENT_BACKLOG_LIMIT) c.write(Buffer.from(bytes));
-  });
+  const batcher = new ByteBatcher(
+    BATCH_BYTES,
+    FLUSH_MS,
+    (bytes) => {
+      const chunk = Buffer.from(bytes); // one copy for every client
+      for (const c of clients) if (c.writableLength < CLIENT_BACKLOG_LIMIT) c.write(chunk);
+    },
+    false,
+  );
   return {
     get clients() {
       return clients.size;
