@@ -19,6 +19,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
@@ -655,7 +656,21 @@ struct VcpuThread {
 
   std::mutex mu;
   std::condition_variable cv;
-  bool replied = false;
+  // Set under mu, read without it by a thread spinning for the answer
+  // (release by the main thread, acquire by the vCPU thread).
+  std::atomic<bool> replied{false};
+  // The direct hand-off (see CallReport): kIdle, kMainWaiting (the main
+  // thread is polling for this vCPU's next report), kDirectPending (the vCPU
+  // thread left its report for the polling main thread instead of queueing
+  // it on the thread-safe function).
+  std::atomic<int> handoff{0};
+  // The main thread's poll for the next report, adapted like KVM's
+  // halt-polling (main thread only): it grows (10 us, doubling, up to
+  // HandoffSpinNs) while reports come soon after the last answer, and drops
+  // to 0 when a poll ends without one, so a guest that exits rarely costs no
+  // polling at all.
+  int64_t pollNs = 0;
+  int64_t lastReplyNs = 0;
   // The environment is going away: no answer will come (under mu).
   bool abandoned = false;
   int action = kContinue;
@@ -769,18 +784,146 @@ bool RaisePendingException(napi_env env) {
   return true;
 }
 
-// Runs on the main thread for each report.
-void CallReport(Napi::Env env, Napi::Function cb, VcpuThread* v) {
-  int action = kStop;
-  // A handler that threw is a bug (the TypeScript handler catches its own
-  // errors): this vCPU stops, and the error surfaces as uncaught.
-  if (env != nullptr && cb != nullptr && !CallReportCallback(env, cb, v->report, v->err, &action)) action = kStop;
+// The hand-off's spin: a vCPU thread that has handed an exit to the main
+// thread first polls for the answer for up to this long before it sleeps on
+// its condition variable, so that the common answer (a device handler takes
+// a few microseconds) costs no futex wake-up and no reschedule of the vCPU
+// thread. Like KVM's halt-polling, it is bounded, and it is only done where
+// it cannot take a core from the thread it waits for: while the process's
+// vCPU threads and the main thread together fit in the online CPUs. Tuning:
+// TSVMM_HANDOFF_SPIN_US (0 turns it off).
+std::atomic<int> gThreadedVcpus{0};
+
+int64_t HandoffSpinNs() {
+  static const int64_t ns = [] {
+    const char* e = getenv("TSVMM_HANDOFF_SPIN_US");
+    if (e != nullptr && *e != '\0') return static_cast<int64_t>(strtoul(e, nullptr, 10)) * 1000;
+    return static_cast<int64_t>(50) * 1000;
+  }();
+  return ns;
+}
+
+int OnlineCpus() {
+  static const int n = [] {
+    long c = sysconf(_SC_NPROCESSORS_ONLN);
+    return c > 0 ? static_cast<int>(c) : 1;
+  }();
+  return n;
+}
+
+int64_t MonotonicNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+bool SpinAllowed() { return HandoffSpinNs() > 0 && gThreadedVcpus.load(std::memory_order_relaxed) + 1 <= OnlineCpus(); }
+
+// True once the answer came within the spin (no sleep needed).
+bool SpinForReply(VcpuThread* v) {
+  int64_t limit = HandoffSpinNs();
+  if (!SpinAllowed()) return false;
+  int64_t deadline = MonotonicNs() + limit;
+  for (;;) {
+    for (int i = 0; i < 64; i++) {
+      if (v->replied.load(std::memory_order_acquire)) return true;
+      __builtin_ia32_pause();
+    }
+    if (v->stopRequested.load(std::memory_order_relaxed) || MonotonicNs() >= deadline) return false;
+  }
+}
+
+constexpr int kIdle = 0, kMainWaiting = 1, kDirectPending = 2;
+
+// How long the main thread keeps taking one vCPU's reports directly before
+// it returns to the event loop, which it also does as soon as the loop has
+// I/O ready (checked every kLoopCheckNs).
+constexpr int64_t kDirectBurstNs = 1000000;
+constexpr int64_t kLoopCheckNs = 100000;
+
+void Reply(VcpuThread* v, int action) {
   {
     std::lock_guard<std::mutex> lock(v->mu);
     v->action = action;
-    v->replied = true;
+    v->replied.store(true, std::memory_order_release);
   }
   v->cv.notify_one();
+}
+
+// Whether the event loop has I/O waiting: its backend (epoll) fd is readable.
+bool LoopHasIo(napi_env env) {
+  uv_loop_t* loop = nullptr;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) return true;
+  pollfd p = {uv_backend_fd(loop), POLLIN, 0};
+  return poll(&p, 1, 0) != 0;
+}
+
+// Polls (bounded) for this vCPU's next report: true when the vCPU thread
+// left one (state kDirectPending, now taken), false when the wait ended
+// without one (state back to kIdle: the next report goes through the
+// thread-safe function).
+bool AwaitDirectReport(VcpuThread* v, int64_t deadline) {
+  v->handoff.store(kMainWaiting, std::memory_order_seq_cst);
+  for (;;) {
+    for (int i = 0; i < 64; i++) {
+      if (v->handoff.load(std::memory_order_acquire) == kDirectPending) {
+        v->handoff.store(kIdle, std::memory_order_relaxed);
+        return true;
+      }
+      __builtin_ia32_pause();
+    }
+    if (MonotonicNs() >= deadline) break;
+  }
+  int expected = kMainWaiting;
+  if (v->handoff.compare_exchange_strong(expected, kIdle, std::memory_order_acq_rel)) return false;
+  v->handoff.store(kIdle, std::memory_order_relaxed);  // it came just now
+  return true;
+}
+
+// Runs on the main thread for each report the thread-safe function brings.
+// Where spinning is allowed (SpinAllowed), the main thread then stays a
+// moment for the vCPU's next report and takes it directly, with no wake-up
+// of either thread: the vCPU thread's next exit typically follows within a
+// few microseconds. It returns to the event loop after the spin without a
+// report, after kDirectBurstNs, or as soon as the loop has I/O ready.
+void CallReport(Napi::Env env, Napi::Function cb, VcpuThread* v) {
+  int action = kStop;
+  // Read before the answer: once answered, the vCPU thread writes the next.
+  int report = v->report, err = v->err;
+  // A handler that threw is a bug (the TypeScript handler catches its own
+  // errors): this vCPU stops, and the error surfaces as uncaught.
+  bool called = env != nullptr && cb != nullptr && CallReportCallback(env, cb, report, err, &action);
+  if (!called) action = kStop;
+  Reply(v, action);
+  if (!called || action == kStop || report != kExit || !SpinAllowed()) return;
+  int64_t now = MonotonicNs();
+  int64_t maxPoll = HandoffSpinNs();
+  // This report came through the thread-safe function: poll next time if it
+  // came soon enough after the last answer that a poll would have caught it.
+  if (v->lastReplyNs != 0 && now - v->lastReplyNs < maxPoll) v->pollNs = v->pollNs == 0 ? std::min<int64_t>(10000, maxPoll) : std::min(v->pollNs * 2, maxPoll);
+  v->lastReplyNs = now;
+  if (v->pollNs == 0) return;
+  int64_t burstEnd = now + kDirectBurstNs, nextCheck = now + kLoopCheckNs;
+  for (;;) {
+    if (!AwaitDirectReport(v, std::min(now + v->pollNs, burstEnd))) {
+      if (now + v->pollNs < burstEnd) v->pollNs = 0;  // a real miss, not the burst's end
+      v->lastReplyNs = MonotonicNs();
+      return;
+    }
+    // Read after the hand-off's acquire: the vCPU thread wrote them before.
+    report = v->report;
+    err = v->err;
+    called = CallReportCallback(env, cb, report, err, &action);
+    if (!called) action = kStop;
+    Reply(v, action);
+    now = MonotonicNs();
+    v->lastReplyNs = now;
+    if (!called || action == kStop || report != kExit || now >= burstEnd) return;
+    if (now >= nextCheck) {
+      if (LoopHasIo(env)) return;
+      nextCheck = now + kLoopCheckNs;
+    }
+  }
 }
 
 // Hands one report to the main thread and waits for its answer.
@@ -792,16 +935,22 @@ int ReportAndWait(VcpuThread* v, int report, int err) {
     if (v->abandoned) return kStop;
     v->report = report;
     v->err = err;
-    v->replied = false;
+    v->replied.store(false, std::memory_order_relaxed);
   }
-  if (v->tsfn.BlockingCall(v, CallReport) != napi_ok) return kStop;
+  // The main thread may be polling for this report (CallReport); else it
+  // goes through the thread-safe function, which wakes the main thread.
+  int expected = kMainWaiting;
+  if (!v->handoff.compare_exchange_strong(expected, kDirectPending, std::memory_order_acq_rel) && v->tsfn.BlockingCall(v, CallReport) != napi_ok)
+    return kStop;
+  SpinForReply(v);
   std::unique_lock<std::mutex> lock(v->mu);
-  v->cv.wait(lock, [v] { return v->replied || v->abandoned; });
-  return v->replied ? v->action : kStop;
+  v->cv.wait(lock, [v] { return v->replied.load(std::memory_order_relaxed) || v->abandoned; });
+  return v->replied.load(std::memory_order_relaxed) ? v->action : kStop;
 }
 
 void VcpuLoop(VcpuThread* v) {
   v->tid = pthread_self();
+  gThreadedVcpus.fetch_add(1, std::memory_order_relaxed);
   // Only the kick signal (and the sandbox's confinement signal, and faults)
   // reach this thread: signals sent to the process (SIGINT, SIGTERM, ...)
   // are taken by the main thread, whose handlers are JavaScript's.
@@ -859,6 +1008,7 @@ void VcpuLoop(VcpuThread* v) {
     int ignored;
     if (env != nullptr && cb != nullptr) CallReportCallback(env, cb, kStopped, 0, &ignored);
   });
+  gThreadedVcpus.fetch_sub(1, std::memory_order_relaxed);
   v->tsfn.Release();
 }
 
