@@ -1072,6 +1072,10 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
     tsvmm::InstallSigsysHandler();
   }
   InstallKickHandler();
+  // Read once here, on the main thread: sysconf opens a file under /sys,
+  // which a vCPU thread's seccomp filter forbids.
+  (void)OnlineCpus();
+  (void)HandoffSpinNs();
 
   EnvState* state = StateOf(env);
   kvm_run* own = MapRunForAddon(env, fd);
