@@ -31,6 +31,12 @@ const HOST_IP = '10.0.2.1';
 const GUEST_IP = '10.0.2.15';
 const UP_PORT = 5001;
 const DOWN_PORT = 5002;
+/**
+ * A hang guard for each step after the boot, not a speed check: a step
+ * takes under 30 s on both hosts. A step that hangs fails the test with
+ * its name well before the boot's guard.
+ */
+const STEP_TIMEOUT_MS = 5 * 60 * 1000;
 
 function ns(...cmd: string[]): string {
   return execFileSync('ip', ['netns', 'exec', NS, ...cmd], { encoding: 'utf8' });
@@ -128,31 +134,44 @@ describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (
       const sink = await startSink();
       let upResult = '';
       let guestUpSum = '';
+      let driverError: string | undefined;
       const r = await runCli(['run', '--kernel', kernel, '--initrd', initrd, '--memory', memory, '--net', 'tap=tap0', '--stats', '--cmdline', testCmdline()], {
         wrap: ['ip', 'netns', 'exec', NS],
         drive: (child, out) => {
           const type = (line: string) => child.stdin.write(`${line}\n`);
+          let step = 'boot';
+          const within = <T>(what: string, p: Promise<T>): Promise<T> => {
+            step = what;
+            let timer: NodeJS.Timeout | undefined;
+            const guard = new Promise<never>((_, reject) => {
+              timer = setTimeout(() => reject(new Error(`timed out after ${STEP_TIMEOUT_MS} ms; output so far:\n${out().slice(-2000)}`)), STEP_TIMEOUT_MS);
+            });
+            return Promise.race([p, guard]).finally(() => clearTimeout(timer));
+          };
           void (async () => {
             await until(out, marker);
             await until(out, PROMPT);
             type(`ip addr add ${GUEST_IP}/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address && ping -c 3 ${HOST_IP}; echo "@@PI""NG $?"`);
-            await until(out, /@@PING \d/);
+            await within('ping', until(out, /@@PING \d/));
             type(`dd if=/dev/urandom of=/tmp/up bs=64k count=${size >> 16} 2>/dev/null; md5sum /tmp/up; nc ${HOST_IP} ${UP_PORT} < /tmp/up; echo "@@U""P $?"`);
-            await until(out, /@@UP \d/);
+            await within('the guest sending', until(out, /@@UP \d/));
             guestUpSum = /([0-9a-f]{32})\s+\/tmp\/up/.exec(out())?.[1] ?? '';
-            upResult = await sink.result;
+            upResult = await within("the host sink's result", sink.result);
             type(`nc -l -p ${DOWN_PORT} > /tmp/down & sleep 1; echo "@@LI""STEN"`);
-            await until(out, /@@LISTEN/);
-            await sendToGuest(down);
+            await within('the guest listening', until(out, /@@LISTEN/));
+            await within('the host sending', sendToGuest(down));
             type(`wait; md5sum /tmp/down; echo "@@DO""WN $?"`);
-            await until(out, /@@DOWN \d/);
+            await within('the guest receiving', until(out, /@@DOWN \d/));
+            step = 'reboot';
             type('reboot -f');
           })().catch((err: Error) => {
-            process.stderr.write(`net test driver: ${err.message}\n`);
+            driverError = `${step}: ${err.message}`;
+            process.stderr.write(`net test driver: ${driverError}\n`);
             child.kill('SIGTERM');
           });
         },
       });
+      expect(driverError, 'the test driver').toBeUndefined();
       expect(r.stdout).toMatch(/@@PING 0/);
       expect(r.stdout).toMatch(/3 packets transmitted, 3 packets received/);
       // A stable, locally administered MAC derived from the VM and TAP names.

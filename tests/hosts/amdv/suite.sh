@@ -71,7 +71,12 @@ for f in "${files[@]}"; do
     *) unfinished+=("$f") ;;
   esac
 done
-((${#failed[@]})) && log "failed in L1: ${failed[*]}"
+if ((${#failed[@]})); then
+  log "failed in L1: ${failed[*]}"
+  # Each failed test's first error line (recorder.ts): the end of a long
+  # log is the part a CI report keeps.
+  for f in "${failed[@]}"; do tail -n +2 "$record/${f//\//__}.state"; done
+fi
 ((${#unfinished[@]})) && log "did not end in L1: ${unfinished[*]}"
 if ((rc == 0)) && ((${#failed[@]} + ${#unfinished[@]})); then rc=1; fi
 ((rc == 0)) && log "all ${#files[@]} boot and CLI test files ended well in L1 (L1 booted $boots time(s))"
