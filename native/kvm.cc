@@ -28,6 +28,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -243,6 +244,13 @@ struct EnvState {
   int closing = 0;
   // The cleanup hook while it waits for those close callbacks.
   napi_async_cleanup_hook_handle hookWaiting = nullptr;
+  // vCPUs on threads, running (started, their thread not yet ended).
+  std::atomic<int> threadedVcpus{0};
+  // The direct hand-off's time this turn of the event loop (CallReport):
+  // the turn is known by the loop's time (uv_now), which libuv updates as
+  // each turn begins to poll.
+  uint64_t directTurnMs = UINT64_MAX;
+  int64_t directSpentNs = 0;
 };
 
 EnvState* StateOf(napi_env env) {
@@ -784,60 +792,65 @@ bool RaisePendingException(napi_env env) {
   return true;
 }
 
-// The hand-off's spin: a vCPU thread that has handed an exit to the main
-// thread first polls for the answer for up to this long before it sleeps on
-// its condition variable, so that the common answer (a device handler takes
-// a few microseconds) costs no futex wake-up and no reschedule of the vCPU
-// thread. Like KVM's halt-polling, it is bounded, and it is only done where
-// it cannot take a core from the thread it waits for: while the process's
-// vCPU threads and the main thread together fit in the online CPUs. Tuning:
-// TSVMM_HANDOFF_SPIN_US (0 turns it off).
-std::atomic<int> gThreadedVcpus{0};
+// The hand-off's polling. A vCPU thread that has handed an exit to the main
+// thread first polls for the answer before it sleeps on its condition
+// variable, and the main thread, once it has answered, polls for the same
+// vCPU's next exit and takes it directly (CallReport): the common answer (a
+// device handler takes a few microseconds) and the common next exit (a few
+// microseconds later) then cost no futex wake-up and no reschedule of
+// either thread. Like KVM's halt-polling it is bounded (HandoffSpinNs), and
+// it is only done where it cannot take a core from the thread it waits for:
+// while every thread that may poll (each vCPU thread, and the JavaScript
+// thread of each environment that runs one) has a CPU of the process's own
+// (its affinity). Tuning: TSVMM_HANDOFF_SPIN_US (0 turns it off).
+std::atomic<int> gPollers{0};
 
+constexpr int64_t kDefaultHandoffSpinUs = 50, kMaxHandoffSpinUs = 1000;
+
+// TSVMM_HANDOFF_SPIN_US in nanoseconds, or -1 when it is not a whole number
+// of microseconds from 0 to kMaxHandoffSpinUs (StartVcpu refuses to start).
 int64_t HandoffSpinNs() {
-  static const int64_t ns = [] {
+  static const int64_t ns = []() -> int64_t {
     const char* e = getenv("TSVMM_HANDOFF_SPIN_US");
-    if (e != nullptr && *e != '\0') return static_cast<int64_t>(strtoul(e, nullptr, 10)) * 1000;
-    return static_cast<int64_t>(50) * 1000;
+    if (e == nullptr || *e == '\0') return kDefaultHandoffSpinUs * 1000;
+    int64_t us = 0;
+    for (const char* p = e; *p != '\0'; p++) {
+      if (*p < '0' || *p > '9') return -1;
+      us = us * 10 + (*p - '0');
+      if (us > kMaxHandoffSpinUs) return -1;
+    }
+    return us * 1000;
   }();
   return ns;
 }
 
-int OnlineCpus() {
-  static const int n = [] {
-    long c = sysconf(_SC_NPROCESSORS_ONLN);
-    return c > 0 ? static_cast<int>(c) : 1;
-  }();
+// The CPUs this process may run on (its affinity mask).
+int AvailableCpus() {
+  static const int n = static_cast<int>(std::max(1u, uv_available_parallelism()));
   return n;
 }
 
-int64_t MonotonicNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
+bool SpinAllowed() { return HandoffSpinNs() > 0 && gPollers.load(std::memory_order_relaxed) <= AvailableCpus(); }
 
-bool SpinAllowed() { return HandoffSpinNs() > 0 && gThreadedVcpus.load(std::memory_order_relaxed) + 1 <= OnlineCpus(); }
-
-// True once the answer came within the spin (no sleep needed).
-bool SpinForReply(VcpuThread* v) {
-  int64_t limit = HandoffSpinNs();
-  if (!SpinAllowed()) return false;
-  int64_t deadline = MonotonicNs() + limit;
+// Polls done() until it holds (true) or until uv_hrtime() reaches deadline
+// (false, unless it held at the last look): 64 pause instructions between
+// two reads of the clock.
+template <typename Done>
+bool SpinUntil(uint64_t deadline, Done done) {
   for (;;) {
     for (int i = 0; i < 64; i++) {
-      if (v->replied.load(std::memory_order_acquire)) return true;
+      if (done()) return true;
       __builtin_ia32_pause();
     }
-    if (v->stopRequested.load(std::memory_order_relaxed) || MonotonicNs() >= deadline) return false;
+    if (uv_hrtime() >= deadline) return done();
   }
 }
 
 constexpr int kIdle = 0, kMainWaiting = 1, kDirectPending = 2;
 
-// How long the main thread keeps taking one vCPU's reports directly before
-// it returns to the event loop, which it also does as soon as the loop has
-// I/O ready (checked every kLoopCheckNs).
+// How long, per turn of the event loop, the main thread may keep taking
+// reports directly before the loop gets its thread back, which it also gets
+// as soon as it wants a turn (checked every kLoopCheckNs).
 constexpr int64_t kDirectBurstNs = 1000000;
 constexpr int64_t kLoopCheckNs = 100000;
 
@@ -850,43 +863,124 @@ void Reply(VcpuThread* v, int action) {
   v->cv.notify_one();
 }
 
-// Whether the event loop has I/O waiting: its backend (epoll) fd is readable.
-bool LoopHasIo(napi_env env) {
-  uv_loop_t* loop = nullptr;
-  if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) return true;
+// Whether handles started since the loop last polled wait for it to add
+// their fds to its epoll set (libuv does that only when it polls): until
+// then nothing can see them become ready.
+bool LoopHasNewWatchers(uv_loop_t* loop) {
+  void* next;
+  memcpy(&next, &loop->watcher_queue, sizeof next);
+  return next != static_cast<void*>(&loop->watcher_queue);
+}
+
+// What both kinds of burst that hold the loop's thread (LoopBurst, and the
+// direct hand-off in CallReport) ask after each exit: whether the loop must
+// have its thread back now, because of new fds to watch or work it must do
+// at once (an immediate, a pending callback, a handle closing: its timeout
+// is 0). Otherwise *timeoutMs is the loop's timeout (-1: none).
+bool LoopNeedsTurn(uv_loop_t* loop, int* timeoutMs) {
+  if (LoopHasNewWatchers(loop)) return true;
+  *timeoutMs = uv_backend_timeout(loop);
+  return *timeoutMs == 0;
+}
+
+// The direct hand-off's check: that, or a timer due by now, or an fd ready
+// in the loop's backend (epoll) fd. (A loop vCPU's burst leaves the last two
+// to its watcher thread.)
+bool LoopWantsTurn(uv_loop_t* loop, uint64_t nowNs) {
+  int timeout;
+  if (LoopNeedsTurn(loop, &timeout)) return true;
+  if (timeout > 0 && static_cast<uint64_t>(uv_now(loop)) + timeout <= nowNs / 1000000) return true;
   pollfd p = {uv_backend_fd(loop), POLLIN, 0};
   return poll(&p, 1, 0) != 0;
 }
 
-// Polls (bounded) for this vCPU's next report: true when the vCPU thread
-// left one (state kDirectPending, now taken), false when the wait ended
-// without one (state back to kIdle: the next report goes through the
-// thread-safe function).
-bool AwaitDirectReport(VcpuThread* v, int64_t deadline) {
-  v->handoff.store(kMainWaiting, std::memory_order_seq_cst);
-  for (;;) {
-    for (int i = 0; i < 64; i++) {
-      if (v->handoff.load(std::memory_order_acquire) == kDirectPending) {
-        v->handoff.store(kIdle, std::memory_order_relaxed);
-        return true;
-      }
-      __builtin_ia32_pause();
-    }
-    if (MonotonicNs() >= deadline) break;
+// Polls (until deadline) for this vCPU's next report, with the hand-off in
+// kMainWaiting: true when the vCPU thread left one (kDirectPending, now
+// taken), false when the wait ended without one (back to kIdle: the next
+// report goes through the thread-safe function). Either way the hand-off is
+// kIdle after it.
+bool TakeDirectReport(VcpuThread* v, uint64_t deadline) {
+  if (!SpinUntil(deadline, [v] { return v->handoff.load(std::memory_order_acquire) == kDirectPending; })) {
+    int expected = kMainWaiting;
+    if (v->handoff.compare_exchange_strong(expected, kIdle, std::memory_order_acq_rel)) return false;
+    // It came just now (the failed exchange read kDirectPending, with acquire).
   }
-  int expected = kMainWaiting;
-  if (v->handoff.compare_exchange_strong(expected, kIdle, std::memory_order_acq_rel)) return false;
-  v->handoff.store(kIdle, std::memory_order_relaxed);  // it came just now
+  v->handoff.store(kIdle, std::memory_order_relaxed);
   return true;
 }
 
+// cb(report, err) in a handle scope of its own (a direct burst makes many
+// calls within one dispatch of the thread-safe function).
+bool CallReportInScope(napi_env env, napi_value cb, int report, int err, int* action) {
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return false;
+  bool called = CallReportCallback(env, cb, report, err, action);
+  napi_close_handle_scope(env, scope);
+  return called;
+}
+
+// How long the main thread may poll for v's next report once it has
+// answered the one that arrived at arrivedNs (0: not at all). The poll
+// adapts like KVM's halt-polling: it grows (10 us, doubling, up to
+// HandoffSpinNs) while reports come through the thread-safe function soon
+// enough after the last answer that a poll would have caught them, and a
+// poll that ends without a report sets it back to 0 (DirectBurst). It is
+// never longer than what is left of this turn's kDirectBurstNs.
+int64_t PollBudget(VcpuThread* v, uv_loop_t* loop, uint64_t arrivedNs) {
+  if (!SpinAllowed()) return 0;
+  int64_t maxPoll = HandoffSpinNs();
+  if (v->lastReplyNs != 0 && static_cast<int64_t>(arrivedNs - v->lastReplyNs) < maxPoll)
+    v->pollNs = v->pollNs == 0 ? std::min<int64_t>(10000, maxPoll) : std::min(v->pollNs * 2, maxPoll);
+  if (v->pollNs == 0 || v->stopRequested.load(std::memory_order_relaxed) || v->pauseRequested.load(std::memory_order_relaxed)) return 0;
+  EnvState* s = v->state;
+  uint64_t turn = uv_now(loop);
+  if (s->directTurnMs != turn) {
+    s->directTurnMs = turn;
+    s->directSpentNs = 0;
+  }
+  return std::max<int64_t>(0, kDirectBurstNs - s->directSpentNs);
+}
+
+// The main thread, having claimed v's hand-off (kMainWaiting) and answered,
+// takes v's reports directly for up to budgetNs: until a poll of v->pollNs
+// ends without one, a report that is not an exit or is answered Stop, a
+// stop or pause request, or the loop wants a turn.
+void DirectBurst(napi_env env, napi_value cb, VcpuThread* v, uv_loop_t* loop, int64_t budgetNs) {
+  uint64_t start = uv_hrtime(), end = start + budgetNs, nextCheck = start + kLoopCheckNs;
+  for (uint64_t now = start;;) {
+    uint64_t pollEnd = std::min(now + v->pollNs, end);
+    if (!TakeDirectReport(v, pollEnd)) {
+      if (pollEnd < end) v->pollNs = 0;  // a real miss, not the budget's end
+      v->lastReplyNs = uv_hrtime();
+      break;
+    }
+    // Read after the hand-off's acquire: the vCPU thread wrote them before.
+    int report = v->report, err = v->err, action = kStop;
+    bool called = CallReportInScope(env, cb, report, err, &action);
+    if (!called) action = kStop;
+    now = uv_hrtime();
+    bool more = called && action != kStop && report == kExit && now < end && !v->stopRequested.load(std::memory_order_relaxed) &&
+                !v->pauseRequested.load(std::memory_order_relaxed);
+    if (more && now >= nextCheck) {
+      more = !LoopWantsTurn(loop, now);
+      nextCheck = now + kLoopCheckNs;
+    }
+    if (more) v->handoff.store(kMainWaiting, std::memory_order_seq_cst);
+    Reply(v, action);
+    v->lastReplyNs = now;
+    if (!more) break;
+  }
+  v->state->directSpentNs += static_cast<int64_t>(uv_hrtime() - start);
+}
+
 // Runs on the main thread for each report the thread-safe function brings.
-// Where spinning is allowed (SpinAllowed), the main thread then stays a
-// moment for the vCPU's next report and takes it directly, with no wake-up
-// of either thread: the vCPU thread's next exit typically follows within a
-// few microseconds. It returns to the event loop after the spin without a
-// report, after kDirectBurstNs, or as soon as the loop has I/O ready.
+// Where polling is allowed (PollBudget), the main thread claims the
+// hand-off before it answers and then stays a moment for the vCPU's next
+// report, which the vCPU thread leaves there instead of queueing it on the
+// thread-safe function: its next exit typically follows within a few
+// microseconds (DirectBurst).
 void CallReport(Napi::Env env, Napi::Function cb, VcpuThread* v) {
+  uint64_t arrived = uv_hrtime();
   int action = kStop;
   // Read before the answer: once answered, the vCPU thread writes the next.
   int report = v->report, err = v->err;
@@ -894,36 +988,18 @@ void CallReport(Napi::Env env, Napi::Function cb, VcpuThread* v) {
   // errors): this vCPU stops, and the error surfaces as uncaught.
   bool called = env != nullptr && cb != nullptr && CallReportCallback(env, cb, report, err, &action);
   if (!called) action = kStop;
-  Reply(v, action);
-  if (!called || action == kStop || report != kExit || !SpinAllowed()) return;
-  int64_t now = MonotonicNs();
-  int64_t maxPoll = HandoffSpinNs();
-  // This report came through the thread-safe function: poll next time if it
-  // came soon enough after the last answer that a poll would have caught it.
-  if (v->lastReplyNs != 0 && now - v->lastReplyNs < maxPoll) v->pollNs = v->pollNs == 0 ? std::min<int64_t>(10000, maxPoll) : std::min(v->pollNs * 2, maxPoll);
-  v->lastReplyNs = now;
-  if (v->pollNs == 0) return;
-  int64_t burstEnd = now + kDirectBurstNs, nextCheck = now + kLoopCheckNs;
-  for (;;) {
-    if (!AwaitDirectReport(v, std::min(now + v->pollNs, burstEnd))) {
-      if (now + v->pollNs < burstEnd) v->pollNs = 0;  // a real miss, not the burst's end
-      v->lastReplyNs = MonotonicNs();
-      return;
-    }
-    // Read after the hand-off's acquire: the vCPU thread wrote them before.
-    report = v->report;
-    err = v->err;
-    called = CallReportCallback(env, cb, report, err, &action);
-    if (!called) action = kStop;
+  uv_loop_t* loop = nullptr;
+  int64_t budget = 0;
+  if (called && action != kStop && report == kExit && napi_get_uv_event_loop(env, &loop) == napi_ok && loop != nullptr)
+    budget = PollBudget(v, loop, arrived);
+  if (budget == 0) {
     Reply(v, action);
-    now = MonotonicNs();
-    v->lastReplyNs = now;
-    if (!called || action == kStop || report != kExit || now >= burstEnd) return;
-    if (now >= nextCheck) {
-      if (LoopHasIo(env)) return;
-      nextCheck = now + kLoopCheckNs;
-    }
+    v->lastReplyNs = uv_hrtime();
+    return;
   }
+  v->handoff.store(kMainWaiting, std::memory_order_seq_cst);
+  Reply(v, action);
+  DirectBurst(env, cb, v, loop, budget);
 }
 
 // Hands one report to the main thread and waits for its answer.
@@ -942,7 +1018,9 @@ int ReportAndWait(VcpuThread* v, int report, int err) {
   int expected = kMainWaiting;
   if (!v->handoff.compare_exchange_strong(expected, kDirectPending, std::memory_order_acq_rel) && v->tsfn.BlockingCall(v, CallReport) != napi_ok)
     return kStop;
-  SpinForReply(v);
+  // The answer usually comes within microseconds: poll for it before sleeping.
+  if (SpinAllowed())
+    SpinUntil(uv_hrtime() + HandoffSpinNs(), [v] { return v->replied.load(std::memory_order_acquire) || v->stopRequested.load(std::memory_order_relaxed); });
   std::unique_lock<std::mutex> lock(v->mu);
   v->cv.wait(lock, [v] { return v->replied.load(std::memory_order_relaxed) || v->abandoned; });
   return v->replied.load(std::memory_order_relaxed) ? v->action : kStop;
@@ -950,7 +1028,6 @@ int ReportAndWait(VcpuThread* v, int report, int err) {
 
 void VcpuLoop(VcpuThread* v) {
   v->tid = pthread_self();
-  gThreadedVcpus.fetch_add(1, std::memory_order_relaxed);
   // Only the kick signal (and the sandbox's confinement signal, and faults)
   // reach this thread: signals sent to the process (SIGINT, SIGTERM, ...)
   // are taken by the main thread, whose handlers are JavaScript's.
@@ -1008,7 +1085,9 @@ void VcpuLoop(VcpuThread* v) {
     int ignored;
     if (env != nullptr && cb != nullptr) CallReportCallback(env, cb, kStopped, 0, &ignored);
   });
-  gThreadedVcpus.fetch_sub(1, std::memory_order_relaxed);
+  // This thread, and its environment's JavaScript thread with its last one,
+  // no longer poll (counted in StartVcpu).
+  gPollers.fetch_sub(v->state->threadedVcpus.fetch_sub(1, std::memory_order_relaxed) == 1 ? 2 : 1, std::memory_order_relaxed);
   v->tsfn.Release();
 }
 
@@ -1072,10 +1151,12 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
     tsvmm::InstallSigsysHandler();
   }
   InstallKickHandler();
-  // Read once here, on the main thread: sysconf opens a file under /sys,
-  // which a vCPU thread's seccomp filter forbids.
-  (void)OnlineCpus();
-  (void)HandoffSpinNs();
+  // Read here, on the main thread, before any vCPU thread (whose seccomp
+  // filter may forbid what reading them takes) does.
+  if (HandoffSpinNs() < 0)
+    ThrowType(env, "TSVMM_HANDOFF_SPIN_US must be a whole number of microseconds from 0 to " + std::to_string(kMaxHandoffSpinUs) +
+                       " (0 turns the exit hand-off's polling off), not '" + getenv("TSVMM_HANDOFF_SPIN_US") + "'");
+  (void)AvailableCpus();
 
   EnvState* state = StateOf(env);
   kvm_run* own = MapRunForAddon(env, fd);
@@ -1103,6 +1184,9 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
       },
       static_cast<void*>(nullptr));
   state->vcpus[v->id] = v;
+  // The new thread may poll, and so may this environment's JavaScript
+  // thread once it runs one (VcpuLoop counts them out).
+  gPollers.fetch_add(state->threadedVcpus.fetch_add(1, std::memory_order_relaxed) == 0 ? 2 : 1, std::memory_order_relaxed);
   v->thread = std::thread(VcpuLoop, v);
   return Napi::Number::New(env, v->id);
 }
@@ -1288,15 +1372,6 @@ void MoveDeadline(LoopWatcher* w, int64_t dueMs) {
   Wake(w);
 }
 
-// Whether handles started during the burst wait for the loop to add their
-// fds to its epoll set (libuv does that only when it polls): until then the
-// watcher cannot see them become ready, so the burst must end.
-bool LoopHasNewWatchers(uv_loop_t* loop) {
-  void* next;
-  memcpy(&next, &loop->watcher_queue, sizeof next);
-  return next != static_cast<void*>(&loop->watcher_queue);
-}
-
 // Consumes kick signals pending on this thread (blocked outside KVM_RUN, so
 // a kick that lands between two KVM_RUNs stays pending until taken here).
 void EatKickSignals() {
@@ -1406,9 +1481,8 @@ void LoopBurst(uv_idle_t* handle) {
     // What the callback asked of the loop: new fds to watch, work it must
     // do now (an immediate, a pending callback, a handle closing), or a
     // timer due before the burst's deadline.
-    if (LoopHasNewWatchers(loop)) break;
-    int t = uv_backend_timeout(loop);
-    if (t == 0) break;
+    int t;
+    if (LoopNeedsTurn(loop, &t)) break;
     int64_t d = DueMs(loop, t);
     if (d >= 0 && (due < 0 || d < due)) {
       due = d;

@@ -212,8 +212,9 @@ export class Vcpu {
    * bursts between turns of the event loop: an exit costs KVM_RUN and one
    * call into JavaScript. `on: 'thread'` gives the vCPU a native thread of
    * its own, which hands each exit to the main thread and waits: it runs
-   * in parallel with the main thread and with the other vCPUs, at the cost
-   * of two thread wake-ups per exit. One vCPU per process is best on the
+   * in parallel with the main thread and with the other vCPUs, and an exit
+   * costs two thread wake-ups unless both threads have a CPU to poll on
+   * (see the README's exit path design). One vCPU per process is best on the
    * loop; the machine puts the others of an SMP guest on threads.
    */
   start(handlers: {
