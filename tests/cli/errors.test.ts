@@ -7,7 +7,7 @@ import { chmodSync, copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { runCli } from '../helpers/guest.js';
+import { kvmUnavailable, runCli } from '../helpers/guest.js';
 import { oneLine, useTempDir } from '../helpers/assert.js';
 
 const dir = useTempDir('tsvmm-cli-');
@@ -62,6 +62,14 @@ describe('tsvmm run: bad input', () => {
     const r = await runCli(['run', '--kernel', fx.bzImage, '--initrd', join(dir.path, 'missing.cpio')]);
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/cannot read initrd .*missing\.cpio: no such file/);
+  });
+
+  it.skipIf(kvmUnavailable() !== undefined)('refuses a hand-off polling limit that is not a number of microseconds', async () => {
+    const fx = fixtures();
+    const r = await runCli(['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs], { env: { TSVMM_HANDOFF_SPIN_US: '50ms' } });
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/TSVMM_HANDOFF_SPIN_US must be a whole number of microseconds from 0 to 1000 .*not '50ms'/);
+    expect(r.stdout).toBe('');
   });
 
   it('says what to do when there is no KVM device', async () => {
