@@ -34,6 +34,29 @@ function withGuard<T>(p: Promise<T>, what: string): Promise<T> {
   return Promise.race([p, guard]).finally(() => clearTimeout(timer));
 }
 
+/** A TCP round trip on loopback, started now: a server that says hello, and a client that reads it to the end. */
+async function tcpRoundTrip(): Promise<string> {
+  const server = createServer((s) => s.end('hello'));
+  try {
+    const port = await withGuard(
+      new Promise<number>((resolve) => server.listen(0, '127.0.0.1', () => resolve((server.address() as { port: number }).port))),
+      'listen',
+    );
+    return await withGuard(
+      new Promise<string>((resolve, reject) => {
+        const c = connect(port, '127.0.0.1');
+        let got = '';
+        c.on('data', (d) => (got += d.toString()));
+        c.on('end', () => resolve(got));
+        c.on('error', reject);
+      }),
+      'TCP round trip',
+    );
+  } finally {
+    server.close();
+  }
+}
+
 describe.skipIf(noKvm !== undefined)(`a vCPU on the event loop${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   const open: Array<{ kvm: Kvm; guest: TinyGuest }> = [];
   afterEach(async () => {
@@ -69,8 +92,6 @@ describe.skipIf(noKvm !== undefined)(`a vCPU on the event loop${noKvm ? ` (skipp
     let jobRan!: () => void;
     const timer = new Promise<void>((r) => (timerFired = r));
     const job = new Promise<void>((r) => (jobRan = r));
-    const server = createServer((s) => s.end('hello'));
-    const listening = new Promise<number>((resolve) => server.listen(0, '127.0.0.1', () => resolve((server.address() as { port: number }).port)));
     let writes = 0;
     spinningGuest(() => {
       writes++;
@@ -83,19 +104,7 @@ describe.skipIf(noKvm !== undefined)(`a vCPU on the event loop${noKvm ? ` (skipp
     await withGuard(timer, 'timer set in the exit handler');
     expect(writes).toBe(1);
     // I/O the loop starts while the guest spins: a TCP round trip.
-    const port = await withGuard(listening, 'listen');
-    const reply = await withGuard(
-      new Promise<string>((resolve, reject) => {
-        const c = connect(port, '127.0.0.1');
-        let got = '';
-        c.on('data', (d) => (got += d.toString()));
-        c.on('end', () => resolve(got));
-        c.on('error', reject);
-      }),
-      'TCP round trip',
-    );
-    server.close();
-    expect(reply).toBe('hello');
+    expect(await tcpRoundTrip()).toBe('hello');
   });
 
   it('stops on the host’s request while the guest spins, and samples it between bursts', async () => {
@@ -133,7 +142,6 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
       let jobRan!: () => void;
       const timer = new Promise<void>((r) => (timerFired = r));
       const job = new Promise<void>((r) => (jobRan = r));
-      const server = createServer((s) => s.end('hello'));
       let exits = 0;
       let failed: Error | undefined;
       kvm = Kvm.open();
@@ -155,22 +163,7 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
       await withGuard(job, 'promise job');
       await withGuard(timer, 'timer set in the exit handler');
       const seenAtTimer = exits;
-      const port = await withGuard(
-        new Promise<number>((resolve) => server.listen(0, '127.0.0.1', () => resolve((server.address() as { port: number }).port))),
-        'listen',
-      );
-      const reply = await withGuard(
-        new Promise<string>((resolve, reject) => {
-          const c = connect(port, '127.0.0.1');
-          let got = '';
-          c.on('data', (d) => (got += d.toString()));
-          c.on('end', () => resolve(got));
-          c.on('error', reject);
-        }),
-        'TCP round trip',
-      );
-      server.close();
-      expect(reply).toBe('hello');
+      expect(await tcpRoundTrip()).toBe('hello');
       // The guest goes on exiting (it is not the loop's turns that were
       // served by stopping it). On a loaded host the vCPU thread may not have
       // been scheduled during the loop's work: wait for its next exit.
