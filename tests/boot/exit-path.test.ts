@@ -15,6 +15,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { CONTINUE, STOP } from '../../src/kvm/exits.js';
 import { Kvm } from '../../src/kvm/kvm.js';
 import { TinyGuest } from '../../src/kvm/probe.js';
+import { withTimeout } from '../helpers/assert.js';
 import { kvmUnavailable } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
@@ -27,11 +28,7 @@ const OUT_THEN_SPIN = Uint8Array.from([0xba, 0x11, 0x05, 0xee, 0xeb, 0xfe]);
 const OUT_FOREVER = Uint8Array.from([0xba, 0x11, 0x05, 0xee, 0xeb, 0xfd]);
 
 function withGuard<T>(p: Promise<T>, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const guard = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: no answer after ${GUARD_MS / 1000} s`)), GUARD_MS);
-  });
-  return Promise.race([p, guard]).finally(() => clearTimeout(timer));
+  return withTimeout(p, GUARD_MS, () => `${what}: no answer after ${GUARD_MS / 1000} s`);
 }
 
 /** A TCP round trip on loopback, started now: a server that says hello, and a client that reads it to the end. */

@@ -15,6 +15,7 @@ import { probeHostOnce } from '../../src/kvm/probe.js';
 import { fixtures, type Fixtures } from '../../fixtures/index.js';
 import { hardwareVirtUnavailable, retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { withTimeout } from '../helpers/assert.js';
 
 const noKvm = kvmUnavailable();
 const isRoot = process.getuid?.() === 0;
@@ -142,11 +143,7 @@ describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (
           let step = 'boot';
           const within = <T>(what: string, p: Promise<T>): Promise<T> => {
             step = what;
-            let timer: NodeJS.Timeout | undefined;
-            const guard = new Promise<never>((_, reject) => {
-              timer = setTimeout(() => reject(new Error(`timed out after ${STEP_TIMEOUT_MS} ms; output so far:\n${out().slice(-2000)}`)), STEP_TIMEOUT_MS);
-            });
-            return Promise.race([p, guard]).finally(() => clearTimeout(timer));
+            return withTimeout(p, STEP_TIMEOUT_MS, () => `timed out after ${STEP_TIMEOUT_MS} ms; output so far:\n${out().slice(-2000)}`);
           };
           void (async () => {
             await until(out, marker);

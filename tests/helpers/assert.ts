@@ -13,6 +13,18 @@ export function oneLine(stderr: string): string {
 }
 
 /**
+ * `p`, or a rejection with `message()` once `ms` have passed without it: a
+ * hang guard that names what hung.
+ */
+export function withTimeout<T>(p: Promise<T>, ms: number, message: () => string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const guard = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(message())), ms);
+  });
+  return Promise.race([p, guard]).finally(() => clearTimeout(timer));
+}
+
+/**
  * A temporary directory for the test file that calls this at its top
  * level: made before its tests, removed with everything in it after them.
  * `path` is valid inside tests and hooks.

@@ -45,7 +45,9 @@ files=(tests/boot/*.test.ts tests/cli/*.test.ts)
 record=$(mktemp -d "${TMPDIR:-/tmp}/tsvmm-amdv-record.XXXXXX")
 trap 'rm -rf "$record"' EXIT
 
-state_of() { local r="$record/${1//\//__}.state"; [[ -s $r ]] && read -r s _ <"$r" && echo "$s"; return 0; }
+# A test file's record (recorder.ts's recordName): its state, then its failed tests' first error lines.
+record_of() { echo "$record/${1//\//__}.state"; }
+state_of() { local r; r=$(record_of "$1"); [[ -s $r ]] && read -r s _ <"$r" && echo "$s"; return 0; }
 
 rc=0 boots=0
 for ((attempt = 1; attempt <= attempts; attempt++)); do
@@ -75,7 +77,7 @@ if ((${#failed[@]})); then
   log "failed in L1: ${failed[*]}"
   # Each failed test's first error line (recorder.ts): the end of a long
   # log is the part a CI report keeps.
-  for f in "${failed[@]}"; do tail -n +2 "$record/${f//\//__}.state"; done
+  for f in "${failed[@]}"; do tail -n +2 "$(record_of "$f")"; done
 fi
 ((${#unfinished[@]})) && log "did not end in L1: ${unfinished[*]}"
 if ((rc == 0)) && ((${#failed[@]} + ${#unfinished[@]})); then rc=1; fi
