@@ -236,6 +236,8 @@ struct EnvState {
   // The watcher thread of this environment's event loop (one loop per
   // environment), started with its first vCPU on the loop.
   LoopWatcher* watcher = nullptr;
+  // The loop vCPU whose burst is running, if any (LoopBurst): loopStep's.
+  struct VcpuThread* burstVcpu = nullptr;
   std::map<int, PollWatch*> polls;
   int nextPoll = 1;
   // uv handles of the addon's whose close callbacks have not run yet. The
@@ -644,7 +646,9 @@ Napi::Value MapVcpuRun(const Napi::CallbackInfo& info) {
 // sleeping in the guest's HLT leaves KVM_RUN at once.
 
 // 1 was a plain kick's report: stopping and sampling have their own requests now.
-enum Report { kExit = 0, kStopped = 2, kError = 3, kFilterError = 4, kPaused = 5 };
+enum Report { kExit = 0, kStopped = 2, kError = 3, kFilterError = 4, kPaused = 5, kBurst = 6 };
+// What loopStep answers (a negative number is -errno of a failed KVM_RUN).
+enum Step { kStepExit = 0, kStepYield = 1, kStepStop = 2 };
 enum Action { kContinue = 0, kStop = 1 };
 
 int KickSignal() { return SIGRTMIN; }
@@ -703,6 +707,8 @@ struct VcpuThread {
   // an idle handle that runs KVM_RUN bursts, and the callback called there.
   bool onLoop = false;
   bool inBurst = false;
+  bool exitPending = false;  // loopStep returned an exit that JavaScript is handling
+  int64_t burstDue = -1;     // when the watcher ends the burst (the loop's next timer, or kMaxBurstMs), in uv_now() time
   bool finished = false;
   bool jsGone = false;  // a report could not run: the environment is shutting down
   int openHandles = 0;  // idle and keepalive, while they close
@@ -1196,10 +1202,16 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
 //
 // A vCPU started with StartVcpuOnLoop runs KVM_RUN on the JavaScript thread
 // itself, from a libuv idle handle: each turn of the event loop runs one
-// burst of KVM_RUN calls, and every exit is handed to the callback with
-// MakeCallback (so promise jobs and nextTicks run after each exit, as they
-// would after any I/O callback). No thread hand-off, no wake-up per exit:
-// the cost of an exit is KVM_RUN plus one call into JavaScript.
+// burst of KVM_RUN calls. JavaScript drives the burst: the idle handle calls
+// the report callback once per burst (kBurst, through MakeCallback), and the
+// callback calls loopStep, which runs KVM_RUN and returns on an exit, over
+// and over until loopStep says the burst is over. So an exit costs KVM_RUN
+// plus one call from JavaScript into the addon, and after it only the checks
+// of what the exit's handler asked of the loop; the time limit of a burst is
+// the watcher's to enforce. Promise jobs and nextTick callbacks run when the
+// burst ends (MakeCallback returns), at most kMaxBurstMs later: an await
+// after each exit cost the emulated AMD-V host a tenth of the synchronous
+// loop's time per exit.
 //
 // A burst ends when the event loop has work. A watcher thread (one per
 // loop, Electron's model for embedding a second loop) polls libuv's backend
@@ -1216,6 +1228,11 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
 // fd that stays ready (or a loop that always has work) cannot starve the
 // guest: every burst gets a slice of guest time.
 constexpr auto kMinSlice = std::chrono::microseconds(50);
+
+// A burst yields to the loop after this long even when the loop has no work
+// (the watcher ends it, as for a timer), so that what waits for the end of
+// a callback (promise jobs, nextTick callbacks) runs.
+constexpr int64_t kMaxBurstMs = 20;
 
 struct LoopWatcher {
   int epfd = -1;
@@ -1448,12 +1465,45 @@ void LoopBurst(uv_idle_t* handle) {
   uv_loop_t* loop = handle->loop;
   uv_idle_stop(handle);
   int timeout = uv_backend_timeout(loop);
+  int64_t cap = static_cast<int64_t>(uv_now(loop)) + kMaxBurstMs;
   int64_t due = DueMs(loop, timeout);
+  v->burstDue = due < 0 || due > cap ? cap : due;
 
   v->inBurst = true;
+  v->exitPending = false;
+  v->state->burstVcpu = v;
   __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_RELAXED);
-  Arm(v->watcher, v->run, due);
-  bool stop = false;
+  Arm(v->watcher, v->run, v->burstDue);
+  // JavaScript runs the burst with loopStep (StepLoopVcpu) and stops the
+  // vCPU, when it must, with stopVcpu.
+  LoopReport(v, kBurst, 0);
+  Disarm(v->watcher);
+  v->inBurst = false;
+  v->state->burstVcpu = nullptr;
+  if (v->stopRequested.load()) return FinishLoopVcpu(v);
+  uv_idle_start(handle, LoopBurst);
+}
+
+// One step of a loop vCPU's burst: the checks after the exit JavaScript has
+// just handled, then KVM_RUN until an exit (kStepExit), the loop's turn
+// (kStepYield) or a stop (kStepStop).
+int StepLoopVcpu(VcpuThread* v) {
+  uv_loop_t* loop = v->idle.loop;
+  if (v->exitPending) {
+    v->exitPending = false;
+    if (v->stopRequested.load(std::memory_order_relaxed)) return kStepStop;
+    if (v->sampleRequested.load(std::memory_order_relaxed) && v->sampleRequested.exchange(false)) RecordSample(v);
+    // What the exit's handler asked of the loop: new fds to watch, work it
+    // must do now (an immediate, a pending callback, a handle closing), or
+    // a timer due before the burst's deadline.
+    int t;
+    if (LoopNeedsTurn(loop, &t)) return kStepYield;
+    int64_t d = DueMs(loop, t);
+    if (d >= 0 && d < v->burstDue) {
+      v->burstDue = d;
+      MoveDeadline(v->watcher, d);
+    }
+  }
   for (;;) {
     int r = ioctl(v->fd, KVM_RUN, 0);
     int err = r < 0 ? errno : 0;
@@ -1462,37 +1512,28 @@ void LoopBurst(uv_idle_t* handle) {
       // Sequentially consistent: the flag loads below must not pass this
       // store, or a Kick between them would be lost (its 1 overwritten).
       __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
-      if (v->stopRequested.load()) break;
+      if (v->stopRequested.load()) return kStepStop;
       if (v->sampleRequested.exchange(false)) RecordSample(v);
       bool kicked;
       {
         std::lock_guard<std::mutex> lock(v->watcher->mu);
         kicked = v->watcher->kicked;
       }
-      if (kicked) break;  // the loop has work: back to libuv
-      continue;           // some other signal: go on
+      if (kicked) return kStepYield;  // the loop has work: back to libuv
+      continue;                       // some other signal: go on
     }
-    if (LoopReport(v, r < 0 ? kError : kExit, err) == kStop) {
-      stop = true;
-      break;
-    }
-    if (v->stopRequested.load()) break;
-    if (v->sampleRequested.exchange(false)) RecordSample(v);
-    // What the callback asked of the loop: new fds to watch, work it must
-    // do now (an immediate, a pending callback, a handle closing), or a
-    // timer due before the burst's deadline.
-    int t;
-    if (LoopNeedsTurn(loop, &t)) break;
-    int64_t d = DueMs(loop, t);
-    if (d >= 0 && (due < 0 || d < due)) {
-      due = d;
-      MoveDeadline(v->watcher, due);
-    }
+    if (r < 0) return -err;
+    v->exitPending = true;
+    return kStepExit;
   }
-  Disarm(v->watcher);
-  v->inBurst = false;
-  if (stop || v->stopRequested.load()) return FinishLoopVcpu(v);
-  uv_idle_start(handle, LoopBurst);
+}
+
+// loopStep(handle): see StepLoopVcpu. Only the vCPU whose burst is running
+// steps (found without a lookup); any other handle answers kStepYield.
+Napi::Value LoopStep(const Napi::CallbackInfo& info) {
+  VcpuThread* v = StateOf(info.Env())->burstVcpu;
+  int step = v != nullptr && v->id == ArgInt(info, 0) ? StepLoopVcpu(v) : kStepYield;
+  return Napi::Number::New(info.Env(), step);
 }
 
 Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
@@ -2174,6 +2215,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   F("setMpState", SetMpState)
   F("translate", Translate)
   F("runOnce", RunOnce)
+  F("loopStep", LoopStep)
   F("startVcpu", StartVcpu)
   F("startVcpuOnLoop", StartVcpuOnLoop)
   F("sampleVcpu", SampleVcpu)

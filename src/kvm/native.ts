@@ -156,6 +156,8 @@ export const VcpuReport = {
   FilterError: 4,
   /** After pauseVcpu: the thread is out of KVM_RUN and waits for resumeVcpu. */
   Paused: 5,
+  /** A vCPU on the event loop: run a burst now, calling loopStep(handle) until it returns Yield or Stop. */
+  Burst: 6,
 } as const;
 export type VcpuReport = (typeof VcpuReport)[keyof typeof VcpuReport];
 
@@ -165,6 +167,16 @@ export const VcpuAction = {
   Stop: 1,
 } as const;
 export type VcpuAction = (typeof VcpuAction)[keyof typeof VcpuAction];
+
+/** What loopStep answers; a negative number is -errno of a failed KVM_RUN. */
+export const LoopStep = {
+  /** KVM_RUN returned with an exit to handle; read kvm_run, then step again. */
+  Exit: 0,
+  /** The burst is over (the event loop has work, or it ran its time): return. */
+  Yield: 1,
+  /** stopVcpu was called: return; the vCPU reports Stopped. */
+  Stop: 2,
+} as const;
 
 export interface NativeAddon {
   layout: NativeLayout;
@@ -252,6 +264,12 @@ export interface NativeAddon {
    * uses startVcpu.
    */
   runOnce(vcpuFd: number): number;
+  /**
+   * One step of a loop vCPU's burst (during its Burst report): KVM_RUN
+   * until an exit, the loop's turn or a stop (a LoopStep), or -errno.
+   * Outside the burst it answers Yield.
+   */
+  loopStep(handle: number): number;
 
   /**
    * Starts a native thread that loops on KVM_RUN for this vCPU. After each
@@ -266,12 +284,13 @@ export interface NativeAddon {
   startVcpu(vcpuFd: number, run: ArrayBuffer, onReport: (report: VcpuReport, errno: number) => VcpuAction, filter?: Buffer): number;
   /**
    * Runs the vCPU on the calling JavaScript thread instead of a thread of
-   * its own: a libuv idle handle runs bursts of KVM_RUN there, calling
-   * `onReport` (through MakeCallback, so promise jobs run after each exit)
-   * for every exit, until the event loop has work (a watcher thread polls
-   * the loop's backend fd with its timeout, then kicks the vCPU out with
-   * immediate_exit and a signal that is blocked on this thread outside
-   * KVM_RUN). Same reports and handle as startVcpu.
+   * its own: a libuv idle handle starts a burst of KVM_RUN there once per
+   * turn of the event loop, reporting Burst to `onReport` (through
+   * MakeCallback), which runs it with loopStep, until the event loop has
+   * work (a watcher thread polls the loop's backend fd with its timeout,
+   * then kicks the vCPU out with immediate_exit and a signal that is
+   * blocked on this thread outside KVM_RUN) or 20 ms have passed. Reports
+   * Burst and Stopped; stop it with stopVcpu. Same handle as startVcpu.
    */
   startVcpuOnLoop(vcpuFd: number, run: ArrayBuffer, onReport: (report: VcpuReport, errno: number) => VcpuAction): number;
   /**

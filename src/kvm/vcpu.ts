@@ -5,7 +5,7 @@
  * main thread.
  */
 import type { NativeAddon } from './native.js';
-import { VcpuAction, VcpuReport } from './native.js';
+import { LoopStep, VcpuAction, VcpuReport } from './native.js';
 import {
   decodeRegs,
   decodeSregs,
@@ -239,6 +239,9 @@ export class Vcpu {
           case VcpuReport.FilterError:
             handlers.onError(new VcpuError(this.id, `its thread could not install the sandbox's seccomp filter (errno ${errno}); run with the sandbox off`));
             return VcpuAction.Stop;
+          case VcpuReport.Burst:
+            this.runBurst(handlers);
+            return VcpuAction.Continue;
           case VcpuReport.Paused:
             // The thread is parked: every pause waiting for it is over.
             for (const r of this.pausedResolves.splice(0)) r();
@@ -257,6 +260,32 @@ export class Vcpu {
       return VcpuAction.Stop;
     };
     this.handle = onLoop ? this.addon.startVcpuOnLoop(this.fd, this.run, onReport) : this.addon.startVcpu(this.fd, this.run, onReport, handlers.filter);
+  }
+
+  /**
+   * One burst of a vCPU on the event loop: KVM_RUN through loopStep and each
+   * exit to `onExit`, until the addon says the loop's turn has come (promise
+   * jobs and nextTick callbacks run then, at most 20 ms later).
+   */
+  private runBurst(handlers: { onExit: (exit: VcpuExit) => ExitAction; onError: (err: VcpuError) => void }): void {
+    const handle = this.handle;
+    if (handle === undefined) return;
+    const addon = this.addon;
+    try {
+      for (;;) {
+        const step = addon.loopStep(handle);
+        if (step === LoopStep.Exit) {
+          if (handlers.onExit(this.currentExit()).kind === 'stop') break;
+          continue;
+        }
+        if (step === LoopStep.Yield || step === LoopStep.Stop) return;
+        handlers.onError(new VcpuError(this.id, `KVM_RUN failed with errno ${-step}`));
+        break;
+      }
+    } catch (err) {
+      handlers.onError(new VcpuError(this.id, `exit handler failed: ${(err as Error).message}`, { cause: err }));
+    }
+    addon.stopVcpu(handle);
   }
 
   private readonly pausedResolves: Array<() => void> = [];

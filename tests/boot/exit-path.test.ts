@@ -134,12 +134,17 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
       guest = kvm = undefined;
     });
 
-    it('lets the loop fire a timer, run a promise job and serve a TCP round trip set up by an exit handler, then stops', async () => {
+    it('lets the loop run a promise job and a nextTick callback, fire a timer and serve a TCP round trip set up by exit handlers, then stops', async () => {
       let timerFired!: () => void;
       let jobRan!: () => void;
+      let tickRan!: () => void;
       const timer = new Promise<void>((r) => (timerFired = r));
       const job = new Promise<void>((r) => (jobRan = r));
+      const tick = new Promise<void>((r) => (tickRan = r));
       let exits = 0;
+      let exitsAtJob: number | undefined;
+      let tickDone = false;
+      let timerSet = false;
       let failed: Error | undefined;
       kvm = Kvm.open();
       guest = TinyGuest.create(kvm, OUT_FOREVER);
@@ -147,8 +152,20 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
         onExit: (exit) => {
           if (exit.kind !== 'io' || exit.port !== 0x511) return STOP;
           if (++exits === 1) {
+            void Promise.resolve().then(() => {
+              exitsAtJob = exits;
+              jobRan();
+            });
+            // With no timer due and no I/O, the loop gets its turn (and runs
+            // promise jobs and nextTick callbacks) because a burst, or the
+            // thread path's run of direct exits, is bounded in time.
+            process.nextTick(() => {
+              tickDone = true;
+              tickRan();
+            });
+          } else if (tickDone && !timerSet) {
+            timerSet = true;
             setTimeout(timerFired, 20);
-            void Promise.resolve().then(jobRan);
           }
           return CONTINUE;
         },
@@ -158,6 +175,8 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
         on,
       });
       await withGuard(job, 'promise job');
+      expect(exitsAtJob).toBeGreaterThanOrEqual(1);
+      await withGuard(tick, 'nextTick callback');
       await withGuard(timer, 'timer set in the exit handler');
       const seenAtTimer = exits;
       expect(await tcpRoundTrip()).toBe('hello');
