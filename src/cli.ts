@@ -37,6 +37,7 @@ interface RunOptions {
   disk: DiskConfig[];
   net: NetConfig[];
   bootMode: 'auto' | 'host' | 'guest';
+  kernelCache?: string | false;
   pit: 'emulated' | 'kernel';
   exitPath: 'thread' | 'loop';
   transport: 'pci' | 'mmio';
@@ -214,6 +215,7 @@ export function effectiveConfig(opts: RunOptions, sourceOf: SourceOf): VmConfig 
     disks: pick('disk', 'disks') as DiskConfig[],
     nets: pick('net', 'nets') as NetConfig[],
     bootMode: pick('bootMode', 'bootMode') as VmConfig['bootMode'],
+    kernelCache: pick('kernelCache', 'kernelCache') as VmConfig['kernelCache'],
     pit: pick('pit', 'pit') as VmConfig['pit'],
     exitPath: pick('exitPath', 'exitPath') as VmConfig['exitPath'],
     transport: pick('transport', 'transport') as VmConfig['transport'],
@@ -547,6 +549,11 @@ function addVmOptions(cmd: Command): Command {
     .addOption(
       new Option('--boot-mode <mode>', "bzImage boot: host-decompressed, or the kernel's own decompressor").choices(['auto', 'host', 'guest']).default('auto'),
     )
+    .option(
+      '--kernel-cache <dir>',
+      'keep kernels decompressed on the host in <dir>, by content hash, for the next boot (default: $TSVMM_CACHE/kernels or ~/.cache/tsvmm/kernels)',
+    )
+    .option('--no-kernel-cache', 'decompress the kernel on every boot; keep nothing')
     .addOption(new Option('--pit <impl>', 'i8254 PIT implementation').choices(['emulated', 'kernel']).default('emulated'))
     .addOption(
       new Option('--exit-path <where>', "where a 1-vCPU guest's KVM_RUN runs: its own thread, or the event loop's (experimental, faster)")

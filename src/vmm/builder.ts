@@ -25,6 +25,7 @@ import { cpuidForVcpu, parseCpuid } from '../arch/cpuid.js';
 import { GsiRouting } from '../arch/irq-routing.js';
 import { layoutAcpiConfig, writeAcpiTables } from '../arch/acpi/index.js';
 import { loadLinux, prepareKernel, type BootInfo } from '../arch/boot/loader.js';
+import { defaultKernelCacheDir, KernelCache } from './kernel-cache.js';
 import { prepareInitrdAsync } from '../arch/boot/initrd.js';
 import { writeMpTable } from '../arch/mptable.js';
 import { Serial16550, UART_REGISTER_COUNT } from '../devices/serial.js';
@@ -156,7 +157,8 @@ export async function buildMachine(config: MachineConfig, prepared: PreparedInpu
   const initrdBytes = config.initrd !== undefined ? await readInput('initrd', config.initrd) : undefined;
   // Decompressing the kernel and inflating the initramfs run on other
   // threads while the VM and its devices are built; loadLinux waits.
-  const kernel = prepareKernel(kernelBytes, config.bootMode ?? 'auto');
+  const cacheDir = config.kernelCache === undefined ? defaultKernelCacheDir() : config.kernelCache;
+  const kernel = prepareKernel(kernelBytes, config.bootMode ?? 'auto', cacheDir === false ? undefined : new KernelCache(cacheDir, log));
   const initrdReady = initrdBytes && config.initrdInflate !== false ? prepareInitrdAsync(initrdBytes) : undefined;
   clock.mark('inputs');
 

@@ -108,6 +108,15 @@ export interface MachineConfig {
    */
   acpi?: boolean;
   /**
+   * Where a bzImage decompressed on the host is kept, by the SHA-256 of its
+   * compressed payload, so that the next boot of the same kernel skips the
+   * decompression (the newest 8 kernels are kept). Default:
+   * `$TSVMM_CACHE/kernels`, else `$XDG_CACHE_HOME/tsvmm/kernels` or
+   * `~/.cache/tsvmm/kernels`; false: no cache. A cache that cannot be read
+   * or written never fails a boot.
+   */
+  kernelCache?: string | false;
+  /**
    * Inflate a gzip initramfs on the host (default true): the guest kernel
    * then only copies a cpio archive instead of running inflate.
    */
@@ -248,6 +257,9 @@ export function validateConfig(config: MachineConfig): ValidatedConfig {
   }
   if (config.haltPollNs !== undefined && !(Number.isSafeInteger(config.haltPollNs) && config.haltPollNs >= 0 && config.haltPollNs <= MAX_HALT_POLL_NS)) {
     throw new VmConfigError('bad-option', `haltPollNs must be a whole number of nanoseconds from 0 to ${MAX_HALT_POLL_NS} (got ${String(config.haltPollNs)})`);
+  }
+  if (config.kernelCache !== undefined && config.kernelCache !== false && !(typeof config.kernelCache === 'string' && config.kernelCache !== '')) {
+    throw new VmConfigError('bad-option', `kernelCache must be a directory or false (got ${String(config.kernelCache)})`);
   }
   const console = config.console ?? 'serial';
   if (console !== 'serial' && console !== 'virtio' && console !== 'off') {

@@ -63,6 +63,20 @@ describe('tsvmm config --print', () => {
     expect(oneLine(r.stderr)).toMatch(/only apply to a profile: add --profile <file>/);
   });
 
+  it('takes the kernel cache from the file (relative to it) or the flags, and --no-kernel-cache turns it off', async () => {
+    const file = configFile('cached.json', { kernel: 'k/bzImage', kernelCache: 'kc' });
+    let r = await runCli(['config', '--print', '--config', file]);
+    expect(r.code, r.stderr).toBe(0);
+    expect((JSON.parse(r.stdout) as { kernelCache: unknown }).kernelCache).toBe(join(dir.path, 'kc'));
+    r = await runCli(['config', '--print', '--config', file, '--no-kernel-cache']);
+    expect((JSON.parse(r.stdout) as { kernelCache: unknown }).kernelCache).toBe(false);
+    r = await runCli(['config', '--print', '--kernel', 'k', '--kernel-cache', '/var/cache/k']);
+    expect((JSON.parse(r.stdout) as { kernelCache: unknown }).kernelCache).toBe('/var/cache/k');
+    // Not given anywhere: the default directory, chosen when the VM is built.
+    r = await runCli(['config', '--print', '--kernel', 'k']);
+    expect(JSON.parse(r.stdout)).not.toHaveProperty('kernelCache');
+  });
+
   it('without a file is the command line alone', async () => {
     const r = await runCli(['config', '--kernel', '/boot/bzImage', '--memory', '1G']);
     expect(r.code, r.stderr).toBe(0);

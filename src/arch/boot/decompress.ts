@@ -173,15 +173,35 @@ export interface DecompressedPayload {
   format: CompressionFormat;
   /** The uncompressed `vmlinux.bin` (an ELF), possibly followed by relocations. */
   data: Uint8Array;
+  /** Read from a {@link PayloadCache} rather than decompressed. */
+  cached?: boolean;
+}
+
+/**
+ * Where decompressed payloads are kept between boots, by `key`: the SHA-256
+ * (hex) of the compressed payload. `get` answers undefined for a miss or an
+ * entry that is not `size` bytes (modulo 2^32); neither call throws.
+ */
+export interface PayloadCache {
+  get(key: string, size: number): Promise<Uint8Array | undefined>;
+  put(key: string, data: Uint8Array): Promise<void>;
+}
+
+/** The cache key of a compressed payload: its SHA-256, computed off the main thread. */
+export async function payloadKey(payload: Uint8Array): Promise<string> {
+  const digest = await globalThis.crypto.subtle.digest('SHA-256', payload);
+  return Buffer.from(digest).toString('hex');
 }
 
 /**
  * Decompresses a bzImage payload: detects the format, strips the 4-byte
  * size the kernel build appends (gzip keeps it: it is the gzip ISIZE),
  * and checks the output against that size, which also catches truncated
- * input that a decoder would otherwise return partially.
+ * input that a decoder would otherwise return partially. With `cache`, a
+ * payload decompressed before is read from it, and one decompressed now is
+ * written to it.
  */
-export async function decompressKernelPayload(payload: Uint8Array): Promise<DecompressedPayload> {
+export async function decompressKernelPayload(payload: Uint8Array, cache?: PayloadCache): Promise<DecompressedPayload> {
   const format = detectCompression(payload);
   if (format === undefined) {
     const head = Array.from(payload.subarray(0, 4), (b) => b.toString(16).padStart(2, '0')).join(' ');
@@ -196,5 +216,11 @@ export async function decompressKernelPayload(payload: Uint8Array): Promise<Deco
   const sizeAt = payload.length - 4;
   const expected = new DataView(payload.buffer, payload.byteOffset + sizeAt, 4).getUint32(0, true);
   const stream = format === 'gzip' ? payload : payload.subarray(0, sizeAt);
-  return { format, data: await decompress(stream, format, expected) };
+  if (!cache) return { format, data: await decompress(stream, format, expected) };
+  const key = await payloadKey(payload);
+  const hit = await cache.get(key, expected);
+  if (hit) return { format, data: hit, cached: true };
+  const data = await decompress(stream, format, expected);
+  await cache.put(key, data);
+  return { format, data };
 }

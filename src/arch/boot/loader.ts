@@ -18,7 +18,7 @@
 import type { GuestMemory } from '../../base/memory.js';
 import { HIMEM_START, PAGE_SIZE, ZERO_PAGE_START } from '../layout.js';
 import { isBzImage, parseBzImage, type BzImage, type SetupHeader } from './bzimage.js';
-import { decompressKernelPayload, detectCompression, hostDecompressionUnavailable, type CompressionFormat } from './decompress.js';
+import { decompressKernelPayload, detectCompression, hostDecompressionUnavailable, type CompressionFormat, type PayloadCache } from './decompress.js';
 import { isElf, loadElfSegments, parseElfKernel, type ElfKernel } from './elf.js';
 import { BootError, hex, mib } from './errors.js';
 import {
@@ -196,16 +196,18 @@ export interface PreparedKernel {
  * Starts the work {@link loadLinux} does on a kernel before it touches
  * guest memory: parsing it and decompressing a bzImage's payload on the
  * host (gzip on the libuv thread pool, xz on liblzma's thread), so the VM
- * can be built meanwhile. An error waits for loadLinux to report it.
+ * can be built meanwhile. With `cache`, a payload decompressed before is
+ * read from it instead (and one decompressed now is kept there). An error
+ * waits for loadLinux to report it.
  */
-export function prepareKernel(kernel: Uint8Array, mode: BootMode = 'auto'): PreparedKernel {
-  const plan = planKernel(kernel, mode);
+export function prepareKernel(kernel: Uint8Array, mode: BootMode = 'auto', cache?: PayloadCache): PreparedKernel {
+  const plan = planKernel(kernel, mode, cache);
   plan.catch(() => {}); // reported by loadLinux, which awaits it
   return { plan };
 }
 
-async function planKernel(kernel: Uint8Array, mode: BootMode): Promise<KernelPlan> {
-  if (isBzImage(kernel)) return planBzImage(parseBzImage(kernel), mode);
+async function planKernel(kernel: Uint8Array, mode: BootMode, cache?: PayloadCache): Promise<KernelPlan> {
+  if (isBzImage(kernel)) return planBzImage(parseBzImage(kernel), mode, cache);
   if (isElf(kernel)) {
     const elf = parseElfKernel(kernel, 'vmlinux');
     return {
@@ -221,7 +223,7 @@ async function planKernel(kernel: Uint8Array, mode: BootMode): Promise<KernelPla
   throw new BootError('not-a-kernel', 'kernel image is neither a bzImage (no "HdrS" boot header) nor an ELF vmlinux: pass arch/x86/boot/bzImage or vmlinux');
 }
 
-async function planBzImage(bz: BzImage, mode: BootMode): Promise<KernelPlan> {
+async function planBzImage(bz: BzImage, mode: BootMode, cache?: PayloadCache): Promise<KernelPlan> {
   const hdr = bz.header;
   const format = bz.payload ? detectCompression(bz.payload) : undefined;
   let host: boolean;
@@ -244,11 +246,18 @@ async function planBzImage(bz: BzImage, mode: BootMode): Promise<KernelPlan> {
         `kernel (boot protocol ${hdr.versionString}) does not say where its compressed payload is (needs 2.08+): boot it with mode 'guest'`,
       );
     }
-    const payload = await decompressKernelPayload(bz.payload);
+    let payload = await decompressKernelPayload(bz.payload, cache);
     const what = `decompressed bzImage payload (${payload.format})`;
     let elf: ElfKernel;
     try {
-      elf = parseElfKernel(payload.data, what);
+      try {
+        elf = parseElfKernel(payload.data, what);
+      } catch (err) {
+        if (!payload.cached) throw err;
+        // A damaged cache entry: decompress the payload itself, and replace the entry.
+        payload = await decompressKernelPayload(bz.payload, cache && { get: async () => undefined, put: (key, data) => cache.put(key, data) });
+        elf = parseElfKernel(payload.data, what);
+      }
     } catch (err) {
       if (err instanceof BootError && err.kind === 'not-a-kernel') {
         throw new BootError('corrupt', `${what} is not an x86-64 ELF executable: the bzImage is damaged or not a Linux kernel`, { cause: err });
