@@ -53,10 +53,22 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
   );
 
   it(
-    'boots an ELF vmlinux from the CLI; poweroff -f ends it with exit code 0',
+    'boots an ELF vmlinux from the CLI with its vCPU on the event loop (--exit-path loop); poweroff -f ends it with exit code 0',
     retryEmulatorFault(async () => {
       const fx = fixtures();
-      const r = await runCli(['run', '--kernel', fx.vmlinux, '--initrd', fx.initramfs, '--memory', '128M', '--cmdline', testCmdline('tsvmm.mode=poweroff')]);
+      const r = await runCli([
+        'run',
+        '--kernel',
+        fx.vmlinux,
+        '--initrd',
+        fx.initramfs,
+        '--memory',
+        '128M',
+        '--exit-path',
+        'loop',
+        '--cmdline',
+        testCmdline('tsvmm.mode=poweroff'),
+      ]);
       expect(r.stdout).toContain('TSVMM-INIT-OK');
       expect(r.stdout).toMatch(/reboot: (System halted|Power down)/);
       expect(r.code).toBe(0);
