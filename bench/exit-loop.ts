@@ -23,7 +23,7 @@
  *   KVM_RUN loop: the floor on this host.
  *
  * So thread - sync is the cost of the thread handoff, tsvmm - sync that of
- * the event-loop integration (MakeCallback, the watcher), and sync - C the cost
+ * the event-loop integration (a burst per loop turn, the watcher), and sync - C the cost
  * of the N-API call plus the TypeScript decode and dispatch. Each sample
  * times the KVM_RUN loop only (first entry to hlt), not VM creation.
  *
@@ -93,9 +93,22 @@ function benchExitContext(): { ctx: ExitContext; port: CountingPort } {
   return { ctx: { pio, mmio: new Bus('mmio'), counts: new Map() }, port };
 }
 
+/** The guest made more or fewer port writes than its loop counts, or stopped making them. */
+class CountMismatch extends Error {}
+
 function checkCount(variant: Variant, got: number, want: number): void {
-  if (got !== want) throw new Error(`exit-loop ${variant}: the guest made ${got} port writes, expected ${want}`);
+  if (got !== want) throw new CountMismatch(`exit-loop ${variant}: the guest made ${got} port writes, expected ${want}`);
 }
+
+/**
+ * In the emulated AMD-V host a guest's registers are now and then set back
+ * to an earlier state (the emulator fault of tests/hosts/amdv/README.md: a
+ * guest that writes its loop counter saw it jump back hundreds of steps,
+ * with a vCPU on a thread and on the loop alike, and another stopped
+ * exiting; never on the PVM host), so there a wrong count or a guest that
+ * never ends loses the sample instead of the run.
+ */
+const COUNT_FAULTS_TOLERATED = process.env.TSVMM_AMDV_L1 === '1';
 
 async function runVcpu(kvm: Kvm, n: number, on: 'loop' | 'thread', variant: Variant = on === 'loop' ? 'tsvmm' : 'thread'): Promise<number> {
   const guest = TinyGuest.create(kvm, portWriteLoopCode(n));
@@ -116,8 +129,21 @@ async function runVcpu(kvm: Kvm, n: number, on: 'loop' | 'thread', variant: Vari
     },
     on,
   });
-  await guest.vcpu.stopped;
+  // A hang guard, not a speed check: a guest that stops exiting (as one
+  // did in the emulated AMD-V host, beside a second VM) is stopped.
+  const guardMs = Math.max(60_000, n * 5);
+  let timer: NodeJS.Timeout | undefined;
+  const stalled = await Promise.race([
+    guest.vcpu.stopped.then(() => false),
+    new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(true), guardMs);
+    }),
+  ]);
+  clearTimeout(timer);
+  if (stalled) await guest.vcpu.stop();
   guest.close();
+  if (stalled)
+    throw new CountMismatch(`exit-loop ${variant}: the guest did not reach its hlt in ${guardMs / 1000} s (${port.writes} of its ${n} port writes made)`);
   if (failure !== undefined || end === undefined) throw new Error(`exit-loop ${variant}: ${failure ?? 'the vCPU stopped before hlt'}`);
   checkCount(variant, port.writes, n);
   return secondsSince(start, end) * 1e6;
@@ -209,6 +235,7 @@ export const exitLoop: Benchmark = {
 
     const kvm = Kvm.open();
     const samples: Sample[] = [];
+    const lost: string[] = [];
     try {
       const once = async (v: Variant): Promise<number> => {
         switch (v) {
@@ -218,7 +245,12 @@ export const exitLoop: Benchmark = {
             return runVcpu(kvm, n, 'thread');
           case 'two': {
             // Each times its own loop (VM creation excluded); they overlap.
-            const both = await Promise.all([runVcpu(kvm, n, 'loop', 'two'), runVcpu(kvm, n, 'thread', 'two')]);
+            // Both to their end, even when one of them fails.
+            const settled = await Promise.allSettled([runVcpu(kvm, n, 'loop', 'two'), runVcpu(kvm, n, 'thread', 'two')]);
+            const both = settled.map((p) => {
+              if (p.status === 'rejected') throw p.reason;
+              return p.value;
+            });
             return Math.max(...both);
           }
           case 'sync':
@@ -229,13 +261,28 @@ export const exitLoop: Benchmark = {
             return runC(v, cBinary!, n, guestOnlyHex, 0);
         }
       };
-      for (let w = 0; w < warmup; w++) for (const v of variants) await once(v);
+      for (let w = 0; w < warmup; w++) {
+        for (const v of variants) {
+          await once(v).catch((err: unknown) => {
+            if (!(err instanceof CountMismatch && COUNT_FAULTS_TOLERATED)) throw err;
+            lost.push(`warm-up: ${err.message}`);
+          });
+        }
+      }
       for (let r = 0; r < rounds; r++) {
         // Rotate the order so no variant always runs first or after the same one.
         const order = variants.map((_, i) => variants[(i + r) % variants.length]!);
         const line: string[] = [];
         for (const v of order) {
-          const totalUs = await once(v);
+          let totalUs: number;
+          try {
+            totalUs = await once(v);
+          } catch (err) {
+            if (!(err instanceof CountMismatch && COUNT_FAULTS_TOLERATED)) throw err;
+            lost.push(`round ${r + 1}: ${err.message}`);
+            line.push(`${v} lost`);
+            continue;
+          }
           samples.push({ variant: v, round: r, iterations: n, totalUs: round(totalUs, 1), usPerExit: round(totalUs / n, 4) });
           line.push(`${v} ${(totalUs / n).toFixed(2)}`);
         }
@@ -253,6 +300,7 @@ export const exitLoop: Benchmark = {
       samples: perExit(v),
     }));
     if (cUnavailable) rows.push({ label: LABELS.c, value: Number.NaN, unit: 'us/exit', note: cUnavailable });
+    if (lost.length > 0) rows.push({ label: 'samples lost to a wrong count (the emulated AMD-V host)', value: lost.length, unit: '', note: lost.join('; ') });
 
     // Ratios of medians, with the spread of the same ratio taken within each round.
     const ratio = (a: Variant, b: Variant, label: string): Row | undefined => {
@@ -296,7 +344,7 @@ export const exitLoop: Benchmark = {
     return {
       rows,
       commands,
-      raw: { exitsPerSample: n, rounds, warmup, guestCodeHex: codeHex, guestOnlyCodeHex: guestOnlyHex, port: EXIT_PORT, samples },
+      raw: { exitsPerSample: n, rounds, warmup, guestCodeHex: codeHex, guestOnlyCodeHex: guestOnlyHex, port: EXIT_PORT, samples, lost },
     };
   },
 };
