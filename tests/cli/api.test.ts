@@ -5,13 +5,13 @@
  * it, `stop` ends a VM with its exit code; another user is refused.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { chmodSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildPrintAndHaltKernel } from '../../src/testing/index.js';
 import { fixtures } from '../../fixtures/index.js';
-import { BOOT_TIMEOUT_MS, CLI, PROMPT, kvmUnavailable, runCli, testCmdline, until, type CliResult, type ConsoleOutput } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, CLI, PROMPT, endingsSeen, kvmUnavailable, runCli, testCmdline, until, type CliResult, type ConsoleOutput } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
@@ -34,10 +34,17 @@ function tsvmm(...args: string[]): { code: number | null; stdout: string; stderr
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
-/** `tsvmm info NAME` as an object; a failure shows what tsvmm said on stderr. */
+/** What a VM started with --detach wrote to its log (its stderr: how it ended, when it has). */
+function detachedLog(name: string): string {
+  const path = join(runtime, 'tsvmm', `${name}.log`);
+  return existsSync(path) ? readFileSync(path, 'utf8') : '';
+}
+
+/** `tsvmm info NAME` as an object; a failure shows what tsvmm said on stderr, and a detached VM's log. */
 function info(name: string): Record<string, unknown> & { state: string } {
   const r = tsvmm('info', name);
-  expect(r.code, `tsvmm info ${name}: ${r.stderr}`).toBe(0);
+  const log = detachedLog(name).trim();
+  expect(r.code, `tsvmm info ${name}: ${r.stderr}${log ? `; its log: ${log.split('\n').slice(-5).join(' | ')}` : ''}`).toBe(0);
   return JSON.parse(r.stdout) as Record<string, unknown> & { state: string };
 }
 
@@ -159,6 +166,8 @@ describe.skipIf(noKvm !== undefined)(`the control socket${noKvm ? ` (skipped: ${
     retryEmulatorFault(async () => {
       const fx = fixtures();
       const name = `api-det-${process.pid}`;
+      // How the detached VM ended, for the retry to recognise an emulator fault.
+      endingsSeen.push(() => detachedLog(name));
       const started = tsvmm(
         'run',
         '--detach',
