@@ -110,6 +110,17 @@ function checkCount(variant: Variant, got: number, want: number): void {
  */
 const COUNT_FAULTS_TOLERATED = process.env.TSVMM_AMDV_L1 === '1';
 
+/** One sample's time, or undefined when it was lost there (noted in `lost` under `where`). */
+async function sampleOrLost(run: () => Promise<number>, lost: string[], where: string): Promise<number | undefined> {
+  try {
+    return await run();
+  } catch (err) {
+    if (!(err instanceof CountMismatch && COUNT_FAULTS_TOLERATED)) throw err;
+    lost.push(`${where}: ${err.message}`);
+    return undefined;
+  }
+}
+
 async function runVcpu(kvm: Kvm, n: number, on: 'loop' | 'thread', variant: Variant = on === 'loop' ? 'tsvmm' : 'thread'): Promise<number> {
   const guest = TinyGuest.create(kvm, portWriteLoopCode(n));
   const { ctx, port } = benchExitContext();
@@ -261,25 +272,14 @@ export const exitLoop: Benchmark = {
             return runC(v, cBinary!, n, guestOnlyHex, 0);
         }
       };
-      for (let w = 0; w < warmup; w++) {
-        for (const v of variants) {
-          await once(v).catch((err: unknown) => {
-            if (!(err instanceof CountMismatch && COUNT_FAULTS_TOLERATED)) throw err;
-            lost.push(`warm-up: ${err.message}`);
-          });
-        }
-      }
+      for (let w = 0; w < warmup; w++) for (const v of variants) await sampleOrLost(() => once(v), lost, 'warm-up');
       for (let r = 0; r < rounds; r++) {
         // Rotate the order so no variant always runs first or after the same one.
         const order = variants.map((_, i) => variants[(i + r) % variants.length]!);
         const line: string[] = [];
         for (const v of order) {
-          let totalUs: number;
-          try {
-            totalUs = await once(v);
-          } catch (err) {
-            if (!(err instanceof CountMismatch && COUNT_FAULTS_TOLERATED)) throw err;
-            lost.push(`round ${r + 1}: ${err.message}`);
+          const totalUs = await sampleOrLost(() => once(v), lost, `round ${r + 1}`);
+          if (totalUs === undefined) {
             line.push(`${v} lost`);
             continue;
           }
