@@ -12,6 +12,8 @@ import { ByteBatcher } from '../base/batcher.js';
  * the loop has an immediate to run, which would cost a loop turn per byte.
  */
 export const CONSOLE_FLUSH_MS = 2;
+/** How long a chunk waits while output streams (a boot log): one frame at 60 Hz. */
+export const CONSOLE_STREAM_FLUSH_MS = 16;
 const CONSOLE_BATCH_BYTES = 4096;
 /**
  * Host input waiting for the guest beyond which the console stops taking
@@ -107,10 +109,17 @@ function lastLines(text: string, n = CONSOLE_TAIL_LINES): string {
  * A duplex stream over the serial port: what the guest prints is readable,
  * what is written reaches the guest's receive FIFO. Output is batched (one
  * byte per THR write would be one chunk per byte): a chunk leaves when 4 KiB
- * have gathered or {@link CONSOLE_FLUSH_MS} after the first byte.
+ * have gathered or {@link CONSOLE_FLUSH_MS} after the first byte, and
+ * {@link CONSOLE_STREAM_FLUSH_MS} after it while output streams.
  */
 export class ConsoleStream extends Duplex {
-  private readonly batcher = new ByteBatcher(CONSOLE_BATCH_BYTES, CONSOLE_FLUSH_MS, (chunk) => this.emitOutput(Buffer.from(chunk)));
+  private readonly batcher = new ByteBatcher(
+    CONSOLE_BATCH_BYTES,
+    CONSOLE_FLUSH_MS,
+    (chunk) => this.emitOutput(Buffer.from(chunk)),
+    true,
+    CONSOLE_STREAM_FLUSH_MS,
+  );
   /** The callback of a write held until the guest reads below the limit. */
   private heldWrite: (() => void) | undefined;
   /** Guest output bytes dropped because the reader was {@link CONSOLE_OUTPUT_LIMIT} behind. */
