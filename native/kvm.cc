@@ -1686,7 +1686,12 @@ Napi::Value SetSampleBuffer(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value RunOnce(const Napi::CallbackInfo& info) {
-  int r = ioctl(ArgInt(info, 0), KVM_RUN, 0);
+  // A signal for this thread (a profiler's SIGPROF, say) ends KVM_RUN
+  // with EINTR before the guest exits: run again, as a caller would.
+  int r;
+  do {
+    r = ioctl(ArgInt(info, 0), KVM_RUN, 0);
+  } while (r < 0 && errno == EINTR);
   return Napi::Number::New(info.Env(), r < 0 ? -errno : r);
 }
 

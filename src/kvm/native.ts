@@ -259,8 +259,9 @@ export interface NativeAddon {
   translate(vcpuFd: number, buf: Uint8Array): void;
 
   /**
-   * One synchronous KVM_RUN on the calling thread: returns 0, or -errno
-   * (-EINTR when interrupted). For probes and benchmarks; a running VM
+   * One synchronous KVM_RUN on the calling thread, to the guest's next
+   * exit: returns 0, or -errno. A signal that interrupts it (a profiler's
+   * SIGPROF) runs it again. For probes and benchmarks; a running VM
    * uses startVcpu.
    */
   runOnce(vcpuFd: number): number;
