@@ -659,8 +659,14 @@ struct VcpuThread {
   EnvState* state = nullptr;
   int id = 0;
   int fd = -1;
-  // The vCPU's kvm_run, mapped for the addon alone (MapRunForAddon).
+  // The vCPU's mapping (kvm_run, the port I/O data page, the coalesced
+  // ring), mapped again for the addon alone (MapRunForAddon).
   kvm_run* run = nullptr;
+  size_t runSize = 0;
+  // Port reads answered here without a report (setFastReads): a table
+  // JavaScript writes as its devices change (see ServeFastRead); null: none.
+  std::atomic<int32_t*> fastReads{nullptr};
+  Napi::Reference<Napi::Value> fastReadsRef;
   Napi::ThreadSafeFunction tsfn;
   std::thread thread;
   pthread_t tid{};
@@ -730,6 +736,19 @@ struct VcpuThread {
 constexpr size_t kRunPage = 4096;
 static_assert(sizeof(kvm_run) <= kRunPage, "kvm_run fits in its page");
 
+// The fast-read table (an Int32Array JavaScript owns, setFastReads):
+//   [0] notify: 1 asks for the next fast read made while the coalesced ring
+//       holds writes to go to JavaScript after all (and sets it to 0), so
+//       that the ring is drained soon after the guest starts writing;
+//   [1] the coalesced ring's page in the vCPU mapping (0: no ring);
+//   [2] entries in use (at most kMaxFastReads); [3] unused;
+//   then per entry, 4 slots: the port; the byte a 1-byte `in` from it
+//   reads, or -1 while the device must see the read itself (a read with
+//   side effects, a state only the device can compute); and the reads
+//   answered, a 64-bit count in the last two slots.
+constexpr int kMaxFastReads = 4;
+constexpr size_t kFastReadSlots = 4 + 4 * kMaxFastReads;
+
 // The vCPU's kvm_run mapped a second time, for the addon alone: the
 // ArrayBuffer JavaScript reads it through is unmapped when JavaScript says
 // (unmap()) or when its environment is torn down (buffers are finalized
@@ -738,14 +757,47 @@ static_assert(sizeof(kvm_run) <= kRunPage, "kvm_run fits in its page");
 // of the same page, so they see the same fields. Like any kvm_run mapping it
 // holds a reference on the vCPU: it goes with the VcpuThread, as soon as the
 // vCPU has stopped.
-kvm_run* MapRunForAddon(Napi::Env env, int fd) {
-  void* p = mmap(nullptr, kRunPage, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+kvm_run* MapRunForAddon(Napi::Env env, int fd, size_t size) {
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) ThrowErrno(env, "mmap kvm_run", errno);
   return static_cast<kvm_run*>(p);
 }
 
 VcpuThread::~VcpuThread() {
-  if (run != nullptr) munmap(run, kRunPage);
+  if (run != nullptr) munmap(run, runSize);
+}
+
+// Answers the exit that KVM_RUN just returned without JavaScript when it is
+// a 1-byte `in` from a port of the fast-read table whose value is known (a
+// UART's line status, polled before every byte a console prints). Returns
+// true when it did: the caller runs the guest again. The table's slots are
+// read with relaxed atomics: JavaScript changes them between exits, or on
+// another thread while this one runs, as a device's state changes, which
+// the guest cannot tell apart from the read coming a moment sooner.
+bool ServeFastRead(VcpuThread* v) {
+  int32_t* t = v->fastReads.load(std::memory_order_acquire);
+  if (t == nullptr) return false;
+  kvm_run* run = v->run;
+  if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_IN || run->io.size != 1 || run->io.count != 1) return false;
+  if (run->io.data_offset < sizeof(kvm_run) || run->io.data_offset >= v->runSize) return false;
+  int n = __atomic_load_n(&t[2], __ATOMIC_RELAXED);
+  if (n > kMaxFastReads) n = kMaxFastReads;
+  for (int i = 0; i < n; i++) {
+    int32_t* e = t + 4 + 4 * i;
+    if (__atomic_load_n(&e[0], __ATOMIC_RELAXED) != run->io.port) continue;
+    int32_t value = __atomic_load_n(&e[1], __ATOMIC_RELAXED);
+    if (value < 0 || value > 0xff) return false;
+    uint32_t ringPage = static_cast<uint32_t>(__atomic_load_n(&t[1], __ATOMIC_RELAXED));
+    if (ringPage != 0 && __atomic_load_n(&t[0], __ATOMIC_RELAXED) != 0 && (static_cast<size_t>(ringPage) + 1) * kRunPage <= v->runSize) {
+      auto* ring = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(run) + ringPage * kRunPage);
+      bool pending = __atomic_load_n(&ring[0], __ATOMIC_ACQUIRE) != __atomic_load_n(&ring[1], __ATOMIC_ACQUIRE);
+      if (pending && __atomic_exchange_n(&t[0], 0, __ATOMIC_RELAXED) != 0) return false;
+    }
+    reinterpret_cast<uint8_t*>(run)[run->io.data_offset] = static_cast<uint8_t>(value);
+    __atomic_fetch_add(reinterpret_cast<uint64_t*>(&e[2]), 1, __ATOMIC_RELAXED);
+    return true;
+  }
+  return false;
 }
 
 void RecordSample(VcpuThread* v) {
@@ -1080,6 +1132,7 @@ void VcpuLoop(VcpuThread* v) {
       }
       continue;
     }
+    if (r == 0 && ServeFastRead(v)) continue;
     if (ReportAndWait(v, r < 0 ? kError : kExit, err) == kStop) break;
   }
   {
@@ -1165,9 +1218,10 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
   (void)AvailableCpus();
 
   EnvState* state = StateOf(env);
-  kvm_run* own = MapRunForAddon(env, fd);
+  kvm_run* own = MapRunForAddon(env, fd, run.ByteLength());
   auto* v = new VcpuThread();
   v->state = state;
+  v->runSize = run.ByteLength();
   v->filter = std::move(filter);
   v->id = state->nextVcpu++;
   v->fd = fd;
@@ -1186,6 +1240,7 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
         }
         vt->state->vcpus.erase(vt->id);
         vt->samplesRef.Reset();
+        vt->fastReadsRef.Reset();
         delete vt;
       },
       static_cast<void*>(nullptr));
@@ -1433,6 +1488,7 @@ void LoopVcpuHandleClosed(uv_handle_t* h) {
     state->vcpus.erase(vt->id);
     vt->cb.Reset();
     vt->samplesRef.Reset();
+    vt->fastReadsRef.Reset();
     napi_async_destroy(vt->env, vt->asyncContext);
     delete vt;
   }
@@ -1523,6 +1579,7 @@ int StepLoopVcpu(VcpuThread* v) {
       continue;                       // some other signal: go on
     }
     if (r < 0) return -err;
+    if (ServeFastRead(v)) continue;
     v->exitPending = true;
     return kStepExit;
   }
@@ -1566,9 +1623,10 @@ Napi::Value StartVcpuOnLoop(const Napi::CallbackInfo& info) {
   constexpr unsigned long kSetSignalMask = _IOC(_IOC_WRITE, KVMIO, 0x8b, sizeof(__u32));
   if (ioctl(fd, kSetSignalMask, km) < 0) ThrowErrno(env, "KVM_SET_SIGNAL_MASK", errno);
 
-  kvm_run* own = MapRunForAddon(env, fd);
+  kvm_run* own = MapRunForAddon(env, fd, run.ByteLength());
   auto* v = new VcpuThread();
   v->state = state;
+  v->runSize = run.ByteLength();
   v->id = state->nextVcpu++;
   v->fd = fd;
   v->onLoop = true;
@@ -1682,6 +1740,24 @@ Napi::Value SetSampleBuffer(const Napi::CallbackInfo& info) {
   v->samples = reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
   v->sampleCap = n - 1;
   v->samplesRef = Napi::Persistent(info[1]);
+  return info.Env().Undefined();
+}
+
+Napi::Value SetFastReads(const Napi::CallbackInfo& info) {
+  VcpuThread* v = FindVcpu(info);
+  if (info.Length() < 2 || !info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+    ThrowType(info.Env(), "fast-read table must be an Int32Array");
+  Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
+  if (ta.ElementLength() < kFastReadSlots) ThrowType(info.Env(), "fast-read table needs " + std::to_string(kFastReadSlots) + " slots");
+  if (v->fastReads.load() != nullptr) ThrowType(info.Env(), "this vCPU has its fast-read table already");
+  // Set once: the vCPU may be running (on its thread) and reads the pointer
+  // at every exit, so a table is never replaced. fastReadsRef keeps it alive
+  // as long as the vCPU; an Int32Array's data is 4-byte aligned, and the
+  // counts' slots are 8-byte aligned within the table.
+  auto* t = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
+  if (reinterpret_cast<uintptr_t>(t) % 8 != 0) ThrowType(info.Env(), "fast-read table must start 8-byte aligned");
+  v->fastReadsRef = Napi::Persistent(info[1]);
+  v->fastReads.store(t, std::memory_order_release);
   return info.Env().Undefined();
 }
 
@@ -2230,6 +2306,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   F("getClock", GetClock)
   F("setClock", SetClock)
   F("setSampleBuffer", SetSampleBuffer)
+  F("setFastReads", SetFastReads)
   F("eventfd", EventFd)
   F("eventfdWrite", EventFdWrite)
   F("eventfdRead", EventFdRead)

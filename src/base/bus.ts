@@ -107,3 +107,15 @@ export class Bus {
     this.unhandled.set(addr, (this.unhandled.get(addr) ?? 0) + 1);
   }
 }
+
+/**
+ * Where a device publishes the value a read of one of its registers would
+ * return, for the VMM to answer that read without calling the device (a
+ * UART's line status, read before every byte a console prints): `publish`
+ * with the byte, after every change of what the read would return, or with
+ * `undefined` while the read has side effects or depends on more than the
+ * device's state, so that it reaches the device as usual.
+ */
+export interface ReadMirror {
+  publish(value: number | undefined): void;
+}

@@ -31,7 +31,7 @@
  *   Option `out2GatesIrq: false` ignores MCR for the line (kvmtool and
  *   Firecracker behave that way).
  */
-import type { BusDevice } from '../base/bus.js';
+import type { BusDevice, ReadMirror } from '../base/bus.js';
 import type { IrqLine } from '../base/irq.js';
 import { silentLogger, type Logger } from '../base/log.js';
 
@@ -161,6 +161,12 @@ export interface Serial16550Options {
   logger?: Logger;
   /** MCR.OUT2 enables the IRQ output, as on a PC. Default true. */
   out2GatesIrq?: boolean;
+  /**
+   * Where LSR's value is published while reading it has no side effect
+   * (no error bit set, no loopback), so the VMM can answer the driver's
+   * poll of it before each byte without calling the device.
+   */
+  lsrMirror?: ReadMirror;
   /** Host input enters the RX FIFO only while MCR.RTS is set. Default true. */
   rtsGatesInput?: boolean;
   /**
@@ -237,6 +243,9 @@ export class Serial16550 implements BusDevice {
   private readonly out2GatesIrq: boolean;
   private readonly rtsGatesInput: boolean;
   private readonly onInputTaken: (() => void) | undefined;
+  private readonly lsrMirror: ReadMirror | undefined;
+  /** What lsrMirror was last given (null: nothing yet). */
+  private mirroredLsr: number | undefined | null = null;
 
   private ier = 0;
   private lcr = 0;
@@ -272,6 +281,8 @@ export class Serial16550 implements BusDevice {
     this.out2GatesIrq = options.out2GatesIrq ?? true;
     this.rtsGatesInput = options.rtsGatesInput ?? true;
     this.onInputTaken = options.onInputTaken;
+    this.lsrMirror = options.lsrMirror;
+    this.mirrorLsr();
   }
 
   /**
@@ -284,6 +295,7 @@ export class Serial16550 implements BusDevice {
     this.hostInput.push(bytes.slice());
     this.fillRxFifo();
     this.updateIrq();
+    this.mirrorLsr();
   }
 
   /** True while the driver wants the THR-empty interrupt (IER.ETBEI): it has output queued. */
@@ -313,6 +325,7 @@ export class Serial16550 implements BusDevice {
       data.fill(0);
     }
     data[0] = this.readRegister(offset);
+    this.mirrorLsr();
   }
 
   write(offset: number, data: Uint8Array): void {
@@ -323,6 +336,25 @@ export class Serial16550 implements BusDevice {
     }
     if (data.length !== 1) this.oddAccess('write', offset, data.length);
     this.writeRegister(offset, data[0]!);
+    this.mirrorLsr();
+  }
+
+  /**
+   * Publishes what an LSR read returns now, or nothing while that read must
+   * reach the device: it clears error bits, and in loopback a THR write
+   * still waiting in the VMM's coalesced ring would set DR. Called after
+   * everything that can change LSR (every register access, host input).
+   */
+  private mirrorLsr(): void {
+    if (!this.lsrMirror) return;
+    const value = this.lsrErrors !== 0 || this.loopback ? undefined : this.lsrValue();
+    if (value === this.mirroredLsr) return;
+    this.mirroredLsr = value;
+    this.lsrMirror.publish(value);
+  }
+
+  private lsrValue(): number {
+    return this.lsrErrors | (this.rxCount > 0 ? LSR.DATA_READY : 0) | LSR.THR_EMPTY | LSR.TRANSMITTER_EMPTY;
   }
 
   private inWindow(offset: number): boolean {
@@ -418,7 +450,7 @@ export class Serial16550 implements BusDevice {
   }
 
   private readLsr(): number {
-    const value = this.lsrErrors | (this.rxCount > 0 ? LSR.DATA_READY : 0) | LSR.THR_EMPTY | LSR.TRANSMITTER_EMPTY;
+    const value = this.lsrValue();
     if (this.lsrErrors !== 0) {
       this.lsrErrors = 0;
       this.updateIrq();

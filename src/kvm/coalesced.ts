@@ -27,6 +27,8 @@ export class CoalescedRing {
   readonly capacity: number;
   /** Writes replayed. */
   replayed = 0;
+  /** The ring's page in the vCPU mapping. */
+  readonly pageOffset: number;
 
   /**
    * `run` is one vCPU's whole mmap (any vCPU's: the ring page is the VM's);
@@ -36,6 +38,7 @@ export class CoalescedRing {
     if (pageOffset < 1 || run.byteLength < (pageOffset + 1) * pageSize) {
       throw new RangeError(`the vCPU mapping (${run.byteLength} bytes) holds no coalesced ring page at offset ${pageOffset}`);
     }
+    this.pageOffset = pageOffset;
     this.view = new DataView(run, pageOffset * pageSize, pageSize);
     this.bytes = new Uint8Array(run, pageOffset * pageSize, pageSize);
     this.capacity = Math.floor((pageSize - HEADER_SIZE) / ENTRY_SIZE);

@@ -317,6 +317,12 @@ export interface NativeAddon {
    * when full).
    */
   setSampleBuffer(handle: number, buf: BigUint64Array): void;
+  /**
+   * Gives the vCPU the fast-read table (FastReadTable's slots): 1-byte port
+   * reads it answers without a report. Once per vCPU, while it runs or
+   * before.
+   */
+  setFastReads(handle: number, table: Int32Array): void;
 
   /** eventfd(2) with EFD_CLOEXEC | EFD_NONBLOCK. */
   eventfd(initval: number): number;

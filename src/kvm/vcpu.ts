@@ -22,6 +22,7 @@ import {
 } from './cpu.js';
 import { ExitDecoder, type ExitAction, type VcpuExit } from './exits.js';
 import type { VmFd } from './kvm.js';
+import type { FastReadTable } from './fast-reads.js';
 import { TsvmmError } from '../base/errors.js';
 
 /** A vCPU ioctl failed: `vcpu` says which; `cause` is the addon's errno error. */
@@ -314,6 +315,12 @@ export class Vcpu {
   setSampleBuffer(buf: BigUint64Array): void {
     if (this.handle === undefined) throw new VcpuError(this.id, 'not started');
     this.addon.setSampleBuffer(this.handle, buf);
+  }
+
+  /** Lets the addon answer the table's port reads itself (see FastReadTable). Once, after start. */
+  setFastReads(table: FastReadTable): void {
+    if (this.handle === undefined) throw new VcpuError(this.id, 'not started');
+    this.addon.setFastReads(this.handle, table.slots);
   }
 
   /** Asks the thread to leave; `stopped` resolves when it has. */

@@ -17,6 +17,7 @@ import { Kvm, VmFd } from '../kvm/kvm.js';
 import { IrqfdLine, KvmIrqLine } from '../kvm/irq-lines.js';
 import { Vcpu } from '../kvm/vcpu.js';
 import { CoalescedRing } from '../kvm/coalesced.js';
+import { FastReadTable } from '../kvm/fast-reads.js';
 import { probeHost, type HostProbe } from '../kvm/probe.js';
 import { EMULATED_HOST_CMDLINE, EMULATED_HOST_SMP_CMDLINE } from '../kvm/fallback.js';
 import type { GuestStop } from '../kvm/exits.js';
@@ -28,7 +29,7 @@ import { loadLinux, prepareKernel, type BootInfo } from '../arch/boot/loader.js'
 import { defaultKernelCacheDir, KernelCache } from './kernel-cache.js';
 import { prepareInitrdAsync } from '../arch/boot/initrd.js';
 import { writeMpTable } from '../arch/mptable.js';
-import { Serial16550, UART_REGISTER_COUNT } from '../devices/serial.js';
+import { Serial16550, UART_LSR, UART_REGISTER_COUNT } from '../devices/serial.js';
 import { Pit8254, PIT_REGISTER_COUNT, PortB } from '../devices/pit.js';
 import { I8042 } from '../devices/i8042.js';
 import { Cmos, CMOS_PORT_COUNT } from '../devices/cmos.js';
@@ -87,6 +88,8 @@ export interface MachineParts {
   readonly cmdline: string;
   readonly vcpus: Vcpu[];
   readonly coalesced: CoalescedRing | undefined;
+  /** Port reads the addon answers (the UART's LSR); undefined with coalescedIo false. */
+  readonly fastReads: FastReadTable | undefined;
   readonly startup: StartupClock;
   /** `config.observers` and those the caller prepared. */
   readonly observers: readonly VmObserver[];
@@ -199,7 +202,9 @@ export async function buildMachine(config: MachineConfig, prepared: PreparedInpu
     const mmioDevices = new MmioDevices(mmio, irq, log);
     managers.push(legacy, mmioDevices);
 
-    const { consoleStream, serial, hvc } = await consoleDevices(legacy, consoleKind, serialTarget, observers, events, log);
+    // The UART's LSR, polled before each byte printed, answered in the addon.
+    const fastReads = config.coalescedIo !== false ? new FastReadTable() : undefined;
+    const { consoleStream, serial, hvc } = await consoleDevices(legacy, consoleKind, serialTarget, observers, events, log, fastReads);
     const pit = legacyDevices(legacy, config, events, log);
     const acpiOn = config.acpi !== false;
     if (acpiOn) acpiDevices(legacy, events, log);
@@ -250,6 +255,7 @@ export async function buildMachine(config: MachineConfig, prepared: PreparedInpu
     clock.mark('vcpus');
     log.info({ kind: boot.kind, entry: `0x${boot.entry.toString(16)}`, cmdline, memory, cpus }, 'kernel loaded');
     const coalesced = config.coalescedIo !== false ? setUpCoalescedPio(kvm, vm, vcpus[0]!, log) : undefined;
+    if (fastReads && coalesced) fastReads.ringPage = coalesced.pageOffset;
     return {
       config,
       log,
@@ -272,6 +278,7 @@ export async function buildMachine(config: MachineConfig, prepared: PreparedInpu
       cmdline,
       vcpus,
       coalesced,
+      fastReads,
       startup: clock,
       observers,
     };
@@ -339,6 +346,7 @@ async function consoleDevices(
   observers: readonly VmObserver[],
   events: EventEmitter<GuestEvents>,
   log: Logger,
+  fastReads: FastReadTable | undefined,
 ): Promise<{ consoleStream: ConsoleStream; serial: Serial16550; hvc: ConsoleDevice | undefined }> {
   let hvc: ConsoleDevice | undefined;
   const serialIsConsole = consoleKind === 'serial';
@@ -367,6 +375,7 @@ async function consoleDevices(
         },
         onInputTaken: () => (serialIsConsole ? consoleStream.inputTaken() : sink?.inputTaken()),
         logger: log.child({ dev: 'serial' }),
+        ...(fastReads ? { lsrMirror: fastReads.add(layout.COM1_PORT + UART_LSR) } : {}),
       }),
   );
   if (typeof serialTarget === 'object') {

@@ -14,6 +14,7 @@ import type { Kvm, VmFd } from '../kvm/kvm.js';
 import type { HostProbe } from '../kvm/probe.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import type { CoalescedRing } from '../kvm/coalesced.js';
+import type { FastReadTable } from '../kvm/fast-reads.js';
 import { confineProcess, vcpuSeccompFilter, VCPU_THREAD_SYSCALLS, type SandboxStatus } from '../kvm/sandbox.js';
 import type { BootInfo } from '../arch/boot/loader.js';
 import type { Serial16550 } from '../devices/serial.js';
@@ -30,6 +31,8 @@ import type { VirtioDevices } from './virtio-devices.js';
 /** The coalesced ring's backstop drain: from 50 ms, doubling to 1 s while nothing waits (see pollCoalesced). */
 const COALESCED_BACKSTOP_MIN_MS = 50;
 const COALESCED_BACKSTOP_MAX_MS = 1000;
+/** The drain while a console prints and its LSR polls are answered in the addon (see pollCoalesced). */
+const COALESCED_STREAM_MS = 5;
 
 /** What a VM is doing: see {@link VirtualMachine.state}. */
 export type VmState = 'created' | 'running' | 'paused' | 'ended';
@@ -53,6 +56,8 @@ export interface VmStats {
   irqsInjected: number;
   /** Writes that did not exit (KVM's coalesced PIO ring), replayed to their device; `pio` counts them too. */
   coalescedWrites: number;
+  /** Port reads the addon answered without an exit to TypeScript (the UART's LSR polls); not in `exits` or `pio`. */
+  fastReads: number;
   emulationFallback: Record<string, number>;
   devices: Record<string, unknown>;
   /** Where the time before the first guest instruction went. */
@@ -89,7 +94,10 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
   private coalesced: CoalescedRing | undefined;
   private coalescedTimer: NodeJS.Timeout | undefined;
   private coalescedFast = false;
+  /** Draining every COALESCED_STREAM_MS: output flows while its LSR polls do not exit. */
+  private coalescedStreaming = false;
   private coalescedBackstopMs = COALESCED_BACKSTOP_MIN_MS;
+  private readonly fastReads: FastReadTable | undefined;
   private sandboxStatus: SandboxStatus | undefined;
   /** Which device paths the guest has shown it uses: then its console text ends nothing. */
   private signals = { acpi: false, pvpanic: false };
@@ -119,6 +127,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     this.console = parts.console;
     this.log = parts.log;
     this.coalesced = parts.coalesced;
+    this.fastReads = parts.fastReads;
     this.startupClock = parts.startup;
     this.done = new Promise((resolve) => {
       this.resolveDone = resolve;
@@ -174,7 +183,10 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
           // Writes the guest made before this exit come first.
           if (this.coalesced) this.drainCoalesced();
           const action = handleExit(exit, ctx);
-          if (this.coalesced && this.serial.transmitInterruptEnabled !== this.coalescedFast) this.pollCoalesced();
+          if (this.coalesced) {
+            if (this.serial.transmitInterruptEnabled !== this.coalescedFast) this.pollCoalesced();
+            else if (this.fastReads && !this.fastReads.notifyArmed && !this.coalescedStreaming && !this.coalescedFast) this.streamCoalesced();
+          }
           if (action.kind === 'stop' && action.stop) this.onGuestStop(action.stop);
           return action;
         },
@@ -186,6 +198,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
         on: onLoop ? 'loop' : 'thread',
         ...(filtered ? { filter: vcpuSeccompFilter(this.kvm.addon.constants, vcpu.fd) } : {}),
       });
+      if (this.fastReads) vcpu.setFastReads(this.fastReads);
     });
     if (this.coalesced) this.pollCoalesced();
     for (const o of this.parts.observers) {
@@ -335,6 +348,7 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       unhandledMmio: hexKeys(this.mmio.unhandled),
       irqsInjected: this.parts.irqCounter.irqs,
       coalescedWrites: this.coalesced?.replayed ?? 0,
+      fastReads: this.fastReads?.totalHits ?? 0,
       emulationFallback: fallback,
       startup: { ...(this.startupClock?.times ?? new StartupClock().times) },
       devices: {
@@ -407,22 +421,43 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
    * The drain timer: every millisecond while the UART's driver has output
    * queued (it enabled the THR-empty interrupt, and waits for it after
    * each burst of THR writes, which do not exit). Otherwise a backstop for
-   * a write followed by no exit at all (console writes end with an LSR
-   * read, which exits; a bare `out` before `hlt` does not): 50 ms, doubling
-   * up to 1 s while the ring stays empty, so an idle guest costs one
-   * wake-up a second. Re-armed when ETBEI changes.
+   * a write followed by no exit at all: 50 ms, doubling up to 1 s while the
+   * ring stays empty, so an idle guest costs one wake-up a second. Re-armed
+   * when ETBEI changes.
+   *
+   * A console's polled writes (printk) read LSR before every byte, and
+   * those reads do not exit either (the fast-read table): the first one
+   * made while the ring holds writes exits after all (armNotify), and from
+   * then on the ring is drained every COALESCED_STREAM_MS until a drain
+   * finds it empty, when the notification is armed again. So output waits
+   * at most a few milliseconds, and a guest printing costs one drain per
+   * COALESCED_STREAM_MS instead of one exit per byte (or one per ring-full,
+   * when KVM finds the ring full and lets the write exit).
    */
   private pollCoalesced(): void {
     if (this.coalescedTimer) clearTimeout(this.coalescedTimer);
     this.coalescedTimer = undefined;
     if (this.stopping || !this.coalesced) return;
     this.coalescedFast = this.serial.transmitInterruptEnabled;
-    if (!this.coalescedFast) this.coalescedBackstopMs = COALESCED_BACKSTOP_MIN_MS;
+    this.coalescedStreaming = false;
+    if (!this.coalescedFast) {
+      this.coalescedBackstopMs = COALESCED_BACKSTOP_MIN_MS;
+      this.fastReads?.armNotify();
+    }
+    this.armCoalesced();
+  }
+
+  /** A notified LSR poll came: drain on the streaming timer from now on. */
+  private streamCoalesced(): void {
+    if (this.coalescedTimer) clearTimeout(this.coalescedTimer);
+    this.coalescedTimer = undefined;
+    if (this.stopping || !this.coalesced) return;
+    this.coalescedStreaming = true;
     this.armCoalesced();
   }
 
   private armCoalesced(): void {
-    const delay = this.coalescedFast ? 1 : this.coalescedBackstopMs;
+    const delay = this.coalescedFast ? 1 : this.coalescedStreaming ? COALESCED_STREAM_MS : this.coalescedBackstopMs;
     this.coalescedTimer = setTimeout(() => {
       this.coalescedTimer = undefined;
       if (this.stopping || !this.coalesced) return;
@@ -431,7 +466,16 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
         this.pollCoalesced();
         return;
       }
-      this.coalescedBackstopMs = replayed > 0 ? COALESCED_BACKSTOP_MIN_MS : Math.min(this.coalescedBackstopMs * 2, COALESCED_BACKSTOP_MAX_MS);
+      if (replayed > 0) {
+        this.coalescedBackstopMs = COALESCED_BACKSTOP_MIN_MS;
+      } else {
+        this.coalescedBackstopMs = Math.min(this.coalescedBackstopMs * 2, COALESCED_BACKSTOP_MAX_MS);
+        if (this.coalescedStreaming) {
+          // Output stopped: back to the backstop, and to be told when it starts again.
+          this.coalescedStreaming = false;
+          this.fastReads?.armNotify();
+        }
+      }
       this.armCoalesced();
     }, delay);
     this.coalescedTimer.unref();

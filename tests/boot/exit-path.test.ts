@@ -14,6 +14,7 @@ import { connect, createServer } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CONTINUE, STOP } from '../../src/kvm/exits.js';
 import { Kvm } from '../../src/kvm/kvm.js';
+import { FastReadTable } from '../../src/kvm/fast-reads.js';
 import { TinyGuest } from '../../src/kvm/probe.js';
 import { withTimeout } from '../helpers/assert.js';
 import { kvmUnavailable } from '../helpers/guest.js';
@@ -193,6 +194,80 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
       await withGuard(guest.vcpu.stop(), 'stop');
       expect(guest.vcpu.running).toBe(false);
       expect(failed).toBeUndefined();
+    });
+  },
+);
+
+/**
+ * mov dx, 0x3fd; mov cx, 1000; xor bx, bx; l: in al, dx; add bl, al; loop l;
+ * mov al, bl; mov dx, 0x511; out dx, al; jmp $: 1000 reads of port 0x3fd,
+ * their sum (mod 256) written to port 0x511.
+ */
+const READ_1000_THEN_OUT = Uint8Array.from([
+  0xba, 0xfd, 0x03, 0xb9, 0xe8, 0x03, 0x31, 0xdb, 0xec, 0x00, 0xc3, 0xe2, 0xfb, 0x88, 0xd8, 0xba, 0x11, 0x05, 0xee, 0xeb, 0xfe,
+]);
+
+describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
+  `port reads the addon answers (the fast-read table), its vCPU on the %s${noKvm ? ` (skipped: ${noKvm})` : ''}`,
+  (on) => {
+    let kvm: Kvm | undefined;
+    let guest: TinyGuest | undefined;
+    afterEach(async () => {
+      await guest?.vcpu.stop();
+      guest?.close();
+      kvm?.close();
+      guest = kvm = undefined;
+    });
+
+    /** Runs the guest until its port 0x511 write; returns what it wrote and the reads of 0x3fd TypeScript saw. */
+    async function run(table: FastReadTable, valueInTs: (readsSeen: number) => number): Promise<{ sum: number; readsSeen: number }> {
+      kvm = Kvm.open();
+      guest = TinyGuest.create(kvm, READ_1000_THEN_OUT);
+      let readsSeen = 0;
+      let done!: (sum: number) => void;
+      let failed!: (err: Error) => void;
+      const wrote = new Promise<number>((resolve, reject) => {
+        done = resolve;
+        failed = reject;
+      });
+      guest.vcpu.start({
+        onExit: (exit) => {
+          if (exit.kind === 'io' && !exit.write && exit.port === 0x3fd) {
+            exit.data[0] = valueInTs(++readsSeen);
+            return CONTINUE;
+          }
+          if (exit.kind === 'io' && exit.write && exit.port === 0x511) done(exit.data[0]!);
+          else failed(new Error(`unexpected exit ${JSON.stringify(exit)}`));
+          return STOP;
+        },
+        onError: failed,
+        on,
+      });
+      guest.vcpu.setFastReads(table);
+      return { sum: await withGuard(wrote, 'the sum of the reads'), readsSeen };
+    }
+
+    it('answers every read from the published value, without an exit', async () => {
+      const table = new FastReadTable();
+      table.add(0x3fd).publish(7);
+      const { sum, readsSeen } = await run(table, () => 0);
+      // setFastReads comes just after start: the first reads may still have exited.
+      expect(readsSeen + table.hits(0x3fd)).toBe(1000);
+      expect(table.hits(0x3fd)).toBeGreaterThan(900);
+      expect(sum).toBe((7 * 1000) % 256);
+    });
+
+    it('lets the reads reach TypeScript while no value is published, and follows the value as it changes', async () => {
+      const table = new FastReadTable();
+      const mirror = table.add(0x3fd);
+      // TypeScript answers 1; from its 100th read on it publishes 3, and the rest never exit.
+      const { sum, readsSeen } = await run(table, (n) => {
+        if (n === 100) mirror.publish(3);
+        return 1;
+      });
+      expect(readsSeen).toBe(100);
+      expect(table.hits(0x3fd)).toBe(900);
+      expect(sum).toBe((100 + 900 * 3) % 256);
     });
   },
 );

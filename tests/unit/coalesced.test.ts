@@ -6,6 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import { Bus } from '../../src/base/bus.js';
 import { CoalescedRing } from '../../src/kvm/coalesced.js';
+import { FastReadTable } from '../../src/kvm/fast-reads.js';
 
 const PAGE = 4096;
 const OFFSET = 2;
@@ -77,5 +78,39 @@ describe('the coalesced I/O ring', () => {
 
   it('refuses a mapping without the ring page', () => {
     expect(() => new CoalescedRing(new ArrayBuffer(2 * PAGE), OFFSET, PAGE)).toThrow(/no coalesced ring page/);
+  });
+});
+
+describe('FastReadTable', () => {
+  it('lays out entries as the addon reads them, and counts its hits', () => {
+    const t = new FastReadTable();
+    t.ringPage = 2;
+    const m = t.add(0x3fd);
+    expect([...t.slots.subarray(0, 8)]).toEqual([0, 2, 1, 0, 0x3fd, -1, 0, 0]);
+    m.publish(0x61);
+    expect(t.slots[5]).toBe(0x61);
+    m.publish(undefined);
+    expect(t.slots[5]).toBe(-1);
+    // The addon's 64-bit count, low word first.
+    t.slots[6] = -1;
+    t.slots[7] = 1;
+    expect(t.hits(0x3fd)).toBe(2 ** 33 - 1);
+    expect(t.totalHits).toBe(2 ** 33 - 1);
+    expect(t.hits(0x3f8)).toBe(0);
+    t.armNotify();
+    expect(t.notifyArmed).toBe(true);
+    t.disarmNotify();
+    expect(t.notifyArmed).toBe(false);
+  });
+
+  it('refuses a port twice, a port out of range and a fifth entry', () => {
+    const t = new FastReadTable();
+    t.add(1);
+    expect(() => t.add(1)).toThrow(/already/);
+    expect(() => t.add(0x10000)).toThrow(/0xffff/);
+    t.add(2);
+    t.add(3);
+    t.add(4);
+    expect(() => t.add(5)).toThrow(/holds 4 ports/);
   });
 });

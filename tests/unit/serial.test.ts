@@ -553,3 +553,59 @@ describe('Serial16550: robustness', () => {
     for (let i = 1; i < io.irq.history.length; i++) expect(io.irq.history[i]).not.toBe(io.irq.history[i - 1]);
   });
 });
+
+describe('Serial16550: the LSR mirror (LSR reads answered without the device)', () => {
+  function mirrored(options: Partial<Serial16550Options> = {}) {
+    const published: Array<number | undefined> = [];
+    const io = setup({ lsrMirror: { publish: (v) => published.push(v) }, ...options });
+    return { ...io, published, current: () => published.at(-1) };
+  }
+
+  it('publishes THRE|TEMT at once, and DR while received bytes wait', () => {
+    const io = mirrored();
+    expect(io.current()).toBe(LSR.THR_EMPTY | LSR.TRANSMITTER_EMPTY);
+    openLikeLinux(io);
+    io.uart.enqueueInput(Uint8Array.of(0x41));
+    expect(io.current()).toBe(LSR.DATA_READY | LSR.THR_EMPTY | LSR.TRANSMITTER_EMPTY);
+    expect(io.rd(UART_RBR)).toBe(0x41);
+    expect(io.current()).toBe(LSR.THR_EMPTY | LSR.TRANSMITTER_EMPTY);
+    // Printing changes nothing: only a change is published.
+    const before = io.published.length;
+    for (const b of Buffer.from('hello')) io.wr(UART_THR, b);
+    expect(io.published.length).toBe(before);
+  });
+
+  it('publishes nothing while an LSR read would clear an error, or in loopback', () => {
+    const io = mirrored();
+    io.wr(UART_MCR, MCR.LOOPBACK);
+    expect(io.current()).toBeUndefined();
+    for (let i = 0; i < 3; i++) io.wr(UART_THR, i); // FIFOs off: one byte held, the next ones overrun
+    io.wr(UART_MCR, 0);
+    expect(io.current()).toBeUndefined(); // the overrun bit waits for an LSR read
+    expect(io.rd(UART_LSR) & LSR.OVERRUN_ERROR).toBe(LSR.OVERRUN_ERROR);
+    expect(io.current()).toBe(LSR.DATA_READY | LSR.THR_EMPTY | LSR.TRANSMITTER_EMPTY);
+  });
+
+  it('always publishes what a read of LSR returns, and a read it publishes changes nothing', () => {
+    const io = mirrored();
+    let seed = 4242;
+    const rand = () => (seed = (seed * 1103515245 + 12345) & 0x7fffffff);
+    let checked = 0;
+    for (let i = 0; i < 20000; i++) {
+      const offset = rand() % 8;
+      const value = rand() & 0xff;
+      if (rand() % 20 === 0) io.uart.enqueueInput(Uint8Array.of(value));
+      else if (rand() & 1) io.rd(offset);
+      else if (offset !== UART_MCR || rand() % 4 === 0) io.wr(offset, value); // loopback not too often
+      const published = io.current();
+      if (published === undefined) continue;
+      const irqBefore = io.irq.history.length;
+      const count = io.published.length;
+      expect(io.rd(UART_LSR)).toBe(published);
+      expect(io.published.length).toBe(count);
+      expect(io.irq.history.length).toBe(irqBefore);
+      checked++;
+    }
+    expect(checked).toBeGreaterThan(5000);
+  });
+});
