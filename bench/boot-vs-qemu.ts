@@ -125,6 +125,9 @@ interface BootRun {
   mmio?: Record<string, number>;
   unhandledPio?: Record<string, number>;
   irqsInjected?: number;
+  /** Writes replayed from the coalesced ring, and port reads the addon answered (neither reached TypeScript as an exit). */
+  coalescedWrites?: number;
+  fastReads?: number;
   emulationFallback?: Record<string, number>;
   /** Bytes the guest wrote to the console. */
   consoleBytes: number;
@@ -188,6 +191,8 @@ async function bootTsvmm(c: Case, v: Variant, r: number, timeoutS: number, exitP
     mmio: stats.mmio,
     unhandledPio: stats.unhandledPio,
     irqsInjected: stats.irqsInjected,
+    coalescedWrites: stats.coalescedWrites,
+    fastReads: stats.fastReads,
     emulationFallback: stats.emulationFallback,
     consoleBytes: Buffer.byteLength(timed.output, 'latin1'),
     guestRunInitS: guestRunInit(timed.output),

@@ -56,6 +56,9 @@ interface BootRun {
   outcomeMessage: string;
   exits: Record<string, number>;
   irqsInjected: number;
+  /** Writes replayed from the coalesced ring, and port reads the addon answered (neither reached TypeScript as an exit). */
+  coalescedWrites: number;
+  fastReads: number;
   emulationFallback: Record<string, number>;
   loadAverageBefore: number[];
   loadAverageAfter: number[];
@@ -110,6 +113,8 @@ async function bootOnce(c: BootCase, run: number, cmdline: string, timeoutS: num
     outcomeMessage: timed.outcome.message,
     exits: stats.exits,
     irqsInjected: stats.irqsInjected,
+    coalescedWrites: stats.coalescedWrites,
+    fastReads: stats.fastReads,
     emulationFallback: stats.emulationFallback,
     loadAverageBefore,
     loadAverageAfter: os.loadavg().map((x) => round(x, 2)),
