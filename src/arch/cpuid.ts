@@ -28,6 +28,7 @@ export function parseCpuid(buf: Uint8Array, layout: NativeLayout): CpuidEntry[] 
 }
 
 /** Bits this module sets (Intel SDM vol. 2A, CPUID). */
+const LEAF1_ECX_TSC_DEADLINE = 1 << 24;
 const LEAF1_ECX_HYPERVISOR = 1 << 31;
 const LEAF1_EDX_HTT = 1 << 28;
 /** Leaf 0xB level types. */
@@ -41,11 +42,21 @@ function bitsFor(n: number): number {
   return bits;
 }
 
+export interface CpuidOptions {
+  /**
+   * The in-kernel LAPIC's TSC-deadline timer mode (KVM_CAP_TSC_DEADLINE_TIMER),
+   * which KVM_GET_SUPPORTED_CPUID leaves out for the VMM to add, as QEMU and
+   * Firecracker do. Without it the guest calibrates its LAPIC timer against
+   * another clock for a tenth of a second at boot.
+   */
+  tscDeadline?: boolean;
+}
+
 /**
  * The CPUID table for vCPU `apicId` of `cpuCount`: one package, one core
  * per vCPU, no SMT. Returns new entries; `supported` is not changed.
  */
-export function cpuidForVcpu(supported: readonly CpuidEntry[], apicId: number, cpuCount: number): CpuidEntry[] {
+export function cpuidForVcpu(supported: readonly CpuidEntry[], apicId: number, cpuCount: number, options: CpuidOptions = {}): CpuidEntry[] {
   const coreBits = bitsFor(cpuCount);
   return supported.map((src) => {
     const e = { ...src };
@@ -53,7 +64,7 @@ export function cpuidForVcpu(supported: readonly CpuidEntry[], apicId: number, c
       case 0x1:
         // EBX[31:24] initial APIC ID, EBX[23:16] addressable logical processors.
         e.ebx = ((e.ebx & 0x0000ffff) | ((cpuCount & 0xff) << 16) | ((apicId & 0xff) << 24)) >>> 0;
-        e.ecx = (e.ecx | LEAF1_ECX_HYPERVISOR) >>> 0;
+        e.ecx = (e.ecx | LEAF1_ECX_HYPERVISOR | (options.tscDeadline ? LEAF1_ECX_TSC_DEADLINE : 0)) >>> 0;
         e.edx = cpuCount > 1 ? (e.edx | LEAF1_EDX_HTT) >>> 0 : (e.edx & ~LEAF1_EDX_HTT) >>> 0;
         break;
       case 0x4:

@@ -484,10 +484,11 @@ function writeAcpi(mem: GuestMemory, cpus: number, virtio: VirtioDevices): numbe
 /** The vCPUs, with CPUID, MSRs, FPU and LAPIC set; vCPU 0 at the kernel's entry. Each joins `vcpus` as soon as it exists. */
 function createVcpus(kvm: Kvm, vm: VmFd, cpus: number, boot: BootInfo, vcpus: Vcpu[]): void {
   const supported = parseCpuid(kvm.addon.getSupportedCpuid(kvm.fd), kvm.addon.layout);
+  const cpuidOptions = { tscDeadline: kvm.hasCap('KVM_CAP_TSC_DEADLINE_TIMER') };
   for (let id = 0; id < cpus; id++) {
     const vcpu = new Vcpu(vm, id);
     vcpus.push(vcpu);
-    vcpu.setCpuid(cpuidForVcpu(supported, id, cpus));
+    vcpu.setCpuid(cpuidForVcpu(supported, id, cpus, cpuidOptions));
     vcpu.setBootMsrs();
     vcpu.setFpuDefaults();
     vcpu.setLapicLint();

@@ -353,6 +353,15 @@ describe('CPUID per vCPU', () => {
     // The input is not changed.
     expect(supported[0]!.ebx).toBe(0x00020800);
   });
+
+  it('adds the TSC-deadline timer (leaf 1 ECX bit 24) only when asked, as KVM leaves it to the VMM', () => {
+    const withoutBit = supported.map((x) => (x.function === 1 ? { ...x, ecx: x.ecx & ~(1 << 24) } : x));
+    const leaf1 = (options?: { tscDeadline?: boolean }) => cpuidForVcpu(withoutBit, 0, 1, options).find((x) => x.function === 1)!;
+    expect((leaf1().ecx >>> 24) & 1).toBe(0);
+    expect((leaf1({ tscDeadline: false }).ecx >>> 24) & 1).toBe(0);
+    expect((leaf1({ tscDeadline: true }).ecx >>> 24) & 1).toBe(1);
+    expect((leaf1({ tscDeadline: true }).ecx & ~(1 << 24)) >>> 0).toBe(leaf1().ecx);
+  });
 });
 
 describe('ConsoleWatcher', () => {
