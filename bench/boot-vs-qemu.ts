@@ -43,6 +43,7 @@ import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.
 import { INIT_MARKER, timeBoot } from './lib/boot-timer.js';
 import { shellQuote } from './lib/guest-shell.js';
 import { max, median, min, round, secondsSince } from './lib/stats.js';
+import { qemuArgv } from './lib/qemu.js';
 
 const MEMORY = '128M';
 export const BASE_CMDLINE = 'console=ttyS0 reboot=k panic=-1 tsvmm.mode=reboot';
@@ -70,31 +71,8 @@ function cmdlineFor(c: Case, v: Variant): string {
   return c === 'qemu-microvm' ? `${base} reboot=t` : base;
 }
 
-function qemuArgv(c: Case, kernel: string, initrd: string, cmdline: string): string[] {
-  const machine = c === 'qemu-pc' ? 'pc' : MICROVM_MACHINE;
-  return [
-    'qemu-system-x86_64',
-    '-M',
-    machine,
-    '-enable-kvm',
-    '-cpu',
-    'host',
-    '-m',
-    MEMORY,
-    '-nodefaults',
-    '-no-user-config',
-    '-display',
-    'none',
-    '-no-reboot',
-    '-serial',
-    'stdio',
-    '-kernel',
-    kernel,
-    '-initrd',
-    initrd,
-    '-append',
-    cmdline,
-  ];
+function qemuArgvFor(c: Case, kernel: string, initrd: string, cmdline: string): string[] {
+  return qemuArgv(c === 'qemu-pc' ? 'pc' : MICROVM_MACHINE, MEMORY, kernel, initrd, cmdline);
 }
 
 interface BootRun {
@@ -206,7 +184,7 @@ async function bootTsvmm(c: Case, v: Variant, r: number, timeoutS: number, exitP
 function bootQemu(c: Case, v: Variant, r: number, timeoutS: number): Promise<BootRun> {
   const fx = fixtures();
   const cmdline = cmdlineFor(c, v);
-  const argv = qemuArgv(c, fx.stockBzImage, fx.initramfs, cmdline);
+  const argv = qemuArgvFor(c, fx.stockBzImage, fx.initramfs, cmdline);
   const loadAverageBefore = load();
   return new Promise((resolve) => {
     let output = '';

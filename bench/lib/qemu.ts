@@ -57,3 +57,35 @@ export function checkQemu(): QemuCheck {
 export function qemuRow(what: string): Row {
   return { label: `qemu-system-x86_64 -M microvm: ${what}`, value: Number.NaN, unit: '-', note: `skipped: ${checkQemu().skipped}` };
 }
+
+/**
+ * The QEMU command line of the side-by-side runs: `machine` (`pc`, or
+ * microvm with its options), KVM with the host's CPU model, `memory`,
+ * no default devices, the serial port on stdio, and the kernel,
+ * initramfs and command line given. -no-reboot: a guest reset ends QEMU.
+ */
+export function qemuArgv(machine: string, memory: string, kernel: string, initrd: string, cmdline: string): string[] {
+  return [
+    'qemu-system-x86_64',
+    '-M',
+    machine,
+    '-enable-kvm',
+    '-cpu',
+    'host',
+    '-m',
+    memory,
+    '-nodefaults',
+    '-no-user-config',
+    '-display',
+    'none',
+    '-no-reboot',
+    '-serial',
+    'stdio',
+    '-kernel',
+    kernel,
+    '-initrd',
+    initrd,
+    '-append',
+    cmdline,
+  ];
+}

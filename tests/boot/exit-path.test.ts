@@ -55,6 +55,25 @@ async function tcpRoundTrip(): Promise<string> {
   }
 }
 
+/** A TinyGuest per test (in a describe block): stopped and closed after each test. */
+function guestPerTest(): { create(code: Uint8Array): TinyGuest } {
+  let kvm: Kvm | undefined;
+  let guest: TinyGuest | undefined;
+  afterEach(async () => {
+    await guest?.vcpu.stop();
+    guest?.close();
+    kvm?.close();
+    guest = kvm = undefined;
+  });
+  return {
+    create(code) {
+      kvm = Kvm.open();
+      guest = TinyGuest.create(kvm, code);
+      return guest;
+    },
+  };
+}
+
 describe.skipIf(noKvm !== undefined)(`a vCPU on the event loop${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
   const open: Array<{ kvm: Kvm; guest: TinyGuest }> = [];
   afterEach(async () => {
@@ -126,14 +145,7 @@ describe.skipIf(noKvm !== undefined)(`a vCPU on the event loop${noKvm ? ` (skipp
 describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
   `a guest that exits without a pause, its vCPU on the %s${noKvm ? ` (skipped: ${noKvm})` : ''}`,
   (on) => {
-    let kvm: Kvm | undefined;
-    let guest: TinyGuest | undefined;
-    afterEach(async () => {
-      await guest?.vcpu.stop();
-      guest?.close();
-      kvm?.close();
-      guest = kvm = undefined;
-    });
+    const guests = guestPerTest();
 
     it('lets the loop run a promise job and a nextTick callback, fire a timer and serve a TCP round trip set up by exit handlers, then stops', async () => {
       let timerFired!: () => void;
@@ -147,8 +159,7 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
       let tickDone = false;
       let timerSet = false;
       let failed: Error | undefined;
-      kvm = Kvm.open();
-      guest = TinyGuest.create(kvm, OUT_FOREVER);
+      const guest = guests.create(OUT_FOREVER);
       guest.vcpu.start({
         onExit: (exit) => {
           if (exit.kind !== 'io' || exit.port !== 0x511) return STOP;
@@ -210,19 +221,11 @@ const READ_1000_THEN_OUT = Uint8Array.from([
 describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
   `port reads the addon answers (the fast-read table), its vCPU on the %s${noKvm ? ` (skipped: ${noKvm})` : ''}`,
   (on) => {
-    let kvm: Kvm | undefined;
-    let guest: TinyGuest | undefined;
-    afterEach(async () => {
-      await guest?.vcpu.stop();
-      guest?.close();
-      kvm?.close();
-      guest = kvm = undefined;
-    });
+    const guests = guestPerTest();
 
     /** Runs the guest until its port 0x511 write; returns what it wrote and the reads of 0x3fd TypeScript saw. */
     async function run(table: FastReadTable, valueInTs: (readsSeen: number) => number): Promise<{ sum: number; readsSeen: number }> {
-      kvm = Kvm.open();
-      guest = TinyGuest.create(kvm, READ_1000_THEN_OUT);
+      const guest = guests.create(READ_1000_THEN_OUT);
       let readsSeen = 0;
       let done!: (sum: number) => void;
       let failed!: (err: Error) => void;
