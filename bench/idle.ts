@@ -1,16 +1,30 @@
 /**
  * What an idle guest costs the host: the fixture kernel booted to its
- * initramfs shell through the library, then left alone for `idle-seconds`
- * while the process's CPU time (process.cpuUsage: every thread, user and
- * system) is measured, once with 1 vCPU (on the event loop) and once with
- * 2 (on threads). An idle guest halts inside KVM_RUN, and its timer ticks
- * are the in-kernel LAPIC's, so the VMM should sleep: the figure is the
- * share of one host core the whole VMM process used.
+ * initramfs shell by the CLI (`node bin/tsvmm.js run`, the built package a
+ * user runs, not this benchmark's TypeScript loader), then left alone for
+ * `idle-seconds` while that process's CPU time (every thread, user and
+ * system, from /proc/PID/stat) is measured, with 1 and with 2 vCPUs, each
+ * without halt polling and with KVM's default window. An idle guest halts
+ * inside KVM_RUN, and its timer ticks are the in-kernel LAPIC's, so the VMM
+ * should sleep: the figure is the share of one host core the whole VMM
+ * process used. Linux counts the time a thread spends running the guest as
+ * user time; guest_time says how much of it that was, so the rows also
+ * give what the VMM did apart from the guest's own work.
+ *
+ * Beside it, where QEMU can run KVM guests here (not on a host whose KVM
+ * emulates guest kernel code: lib/qemu.ts), `qemu-system-x86_64 -M
+ * microvm` with the same kernel, initramfs and command line, idle at the
+ * same prompt for as long, measured the same way.
  */
-import { createVm } from '../src/index.js';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { apiRequest } from '../src/api-client.js';
 import { fixtures } from '../fixtures/index.js';
 import { PROMPT, testCmdline } from '../fixtures/index.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
+import { checkQemu, qemuArgv, qemuRow } from './lib/qemu.js';
 import { round } from './lib/stats.js';
 
 const MEMORY = '128M';
@@ -18,61 +32,141 @@ const MEMORY = '128M';
 /** KVM's own halt-poll window here (the kvm module's halt_poll_ns default), for the side-by-side row. */
 const KVM_DEFAULT_HALT_POLL_NS = 200_000;
 
-interface IdleRun {
-  cpus: number;
-  haltPollNs: number;
-  idleS: number;
+/** Linux's USER_HZ on x86: /proc's clock ticks. */
+const USER_HZ = 100;
+
+interface ProcTimes {
   userS: number;
   systemS: number;
-  coreShare: number;
-  exits: Record<string, number>;
-  outcome: string;
+  guestS: number;
 }
 
-async function idleOnce(cpus: number, haltPollNs: number, idleS: number, timeoutS: number): Promise<IdleRun> {
-  const fx = fixtures();
-  const vm = await createVm({ kernel: fx.bzImage, initrd: fx.initramfs, cmdline: testCmdline(), memory: MEMORY, cpus, haltPollNs, name: `bench-idle-${cpus}` });
-  let output = '';
-  let prompt: () => void = () => {};
-  const atPrompt = new Promise<void>((resolve) => (prompt = resolve));
-  vm.console.on('data', (chunk: Buffer) => {
-    output = (output + chunk.toString('latin1')).slice(-256);
-    if (PROMPT.test(output)) prompt();
-  });
-  vm.start();
-  const guard = setTimeout(() => void vm.stop(`bench: no shell prompt after ${timeoutS} s`), timeoutS * 1000);
-  const ended = vm.wait().then(() => 'ended');
-  if ((await Promise.race([atPrompt.then(() => 'prompt'), ended])) === 'ended') {
-    throw new Error(`idle: the guest ended before its shell prompt (${(await vm.wait()).message})`);
-  }
-  clearTimeout(guard);
-  // Let the boot's last work (deferred initcalls, the shell's start) settle.
-  await new Promise((r) => setTimeout(r, 2000));
-  const exitsBefore = vm.stats().exits;
-  const before = process.cpuUsage();
-  const t0 = performance.now();
-  await new Promise((r) => setTimeout(r, idleS * 1000));
-  const used = process.cpuUsage(before);
-  const wallS = (performance.now() - t0) / 1000;
-  const exitsAfter = vm.stats().exits;
-  const exits: Record<string, number> = {};
-  for (const [k, v] of Object.entries(exitsAfter)) exits[k] = v - (exitsBefore[k] ?? 0);
-  const outcome = await vm.stop('bench: idle measured');
-  return {
-    cpus,
-    haltPollNs,
-    idleS: round(wallS, 2),
-    userS: round(used.user / 1e6, 3),
-    systemS: round(used.system / 1e6, 3),
-    coreShare: round((used.user + used.system) / 1e6 / wallS, 5),
-    exits,
-    outcome: outcome.kind,
-  };
+/** utime, stime and guest_time of a process from /proc/PID/stat, in seconds (every thread). */
+function procTimes(pid: number): ProcTimes {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
+  // Fields from the state on (field 3), past the command name's parentheses.
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const field = (n: number) => Number(f[n - 3]) / USER_HZ;
+  return { userS: field(14), systemS: field(15), guestS: field(43) };
 }
+
+interface IdleTimes {
+  idleS: number;
+  userS: number;
+  /** Of userS: running the guest (guest_time, to 10 ms). */
+  guestS: number;
+  systemS: number;
+  coreShare: number;
+  /** coreShare without the guest's own time: what the VMM process did around it. */
+  vmmShare: number;
+}
+
+/**
+ * Spawns `argv`, waits for the shell prompt on its stdout, lets the boot
+ * settle for 2 s, then measures the process over `idleS`. `during` runs
+ * just before and just after the window (its results are returned); the
+ * process is killed at the end in any case.
+ */
+async function idleProcess<T>(
+  argv: string[],
+  idleS: number,
+  timeoutS: number,
+  what: string,
+  during?: () => Promise<T>,
+): Promise<{ times: IdleTimes; before?: T; after?: T }> {
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'] });
+  const closed = new Promise<string>((resolve) => child.on('close', (code, signal) => resolve(signal ? `signal ${signal}` : `exit ${code}`)));
+  child.on('error', () => {});
+  let output = '';
+  let stderr = '';
+  child.stderr.on('data', (c: Buffer) => (stderr = (stderr + c.toString('latin1')).slice(-2000)));
+  const atPrompt = new Promise<void>((resolve) => {
+    child.stdout.on('data', (c: Buffer) => {
+      output = (output + c.toString('latin1')).slice(-256);
+      if (PROMPT.test(output)) resolve();
+    });
+  });
+  const guard = setTimeout(() => child.kill('SIGKILL'), timeoutS * 1000);
+  try {
+    if ((await Promise.race([atPrompt.then(() => 'prompt'), closed])) !== 'prompt') {
+      throw new Error(`idle: ${what} ended before its shell prompt (${await closed}): ${(stderr.trim() || output.trim()).slice(-500)}`);
+    }
+    clearTimeout(guard);
+    await new Promise((r) => setTimeout(r, 2000));
+    const pid = child.pid!;
+    const before = await during?.();
+    const t0 = performance.now();
+    const p0 = procTimes(pid);
+    await new Promise((r) => setTimeout(r, idleS * 1000));
+    const p1 = procTimes(pid);
+    const wallS = (performance.now() - t0) / 1000;
+    const after = await during?.();
+    const userS = p1.userS - p0.userS;
+    const systemS = p1.systemS - p0.systemS;
+    const guestS = p1.guestS - p0.guestS;
+    const times = {
+      idleS: round(wallS, 2),
+      userS: round(userS, 2),
+      guestS: round(guestS, 2),
+      systemS: round(systemS, 2),
+      coreShare: round((userS + systemS) / wallS, 5),
+      vmmShare: round(Math.max(0, userS + systemS - guestS) / wallS, 5),
+    };
+    return { times, ...(before !== undefined ? { before } : {}), ...(after !== undefined ? { after } : {}) };
+  } finally {
+    clearTimeout(guard);
+    child.kill('SIGKILL');
+    await closed;
+  }
+}
+
+interface IdleRun extends IdleTimes {
+  cpus: number;
+  haltPollNs: number;
+  exits: Record<string, number>;
+}
+
+async function tsvmmIdle(cpus: number, haltPollNs: number, idleS: number, timeoutS: number): Promise<IdleRun> {
+  const fx = fixtures();
+  const dir = mkdtempSync(join(tmpdir(), 'tsvmm-bench-idle-'));
+  const socket = join(dir, 'api.sock');
+  try {
+    const argv = [
+      process.execPath,
+      'bin/tsvmm.js',
+      'run',
+      '--kernel',
+      fx.bzImage,
+      '--initrd',
+      fx.initramfs,
+      '--cmdline',
+      testCmdline(),
+      '--memory',
+      MEMORY,
+      '--cpus',
+      String(cpus),
+      '--halt-poll-ns',
+      String(haltPollNs),
+      '--api-socket',
+      socket,
+    ];
+    const exits = async () => ((await apiRequest(socket, 'GET', '/vm/stats')).body.exits ?? {}) as Record<string, number>;
+    const r = await idleProcess(argv, idleS, timeoutS, 'tsvmm', exits);
+    const delta: Record<string, number> = {};
+    for (const [k, v] of Object.entries(r.after ?? {})) delta[k] = v - (r.before?.[k] ?? 0);
+    return { cpus, haltPollNs, ...r.times, exits: delta };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const note = (t: IdleTimes) =>
+  `user ${t.userS} s (of it the guest's own ${t.guestS} s) + system ${t.systemS} s over ${t.idleS} s, so ${round(t.vmmShare * 100, 3)}% without the guest`;
 
 export const idle: Benchmark = {
   name: 'idle',
-  description: "host CPU used by a booted guest idling at its shell prompt (1 and 2 vCPUs; without halt polling beside KVM's default 200 us)",
+  description:
+    "host CPU used by the CLI's process while its guest idles at the shell prompt (1 and 2 vCPUs; without halt polling beside KVM's default 200 us), and QEMU's where it can run",
   slow: true,
   options: [
     { name: 'idle-seconds', env: 'TSVMM_BENCH_IDLE_SECONDS', default: 30, description: 'how long the guest idles while measured' },
@@ -87,7 +181,7 @@ export const idle: Benchmark = {
     for (const cpus of [1, 2]) {
       for (const haltPollNs of [0, KVM_DEFAULT_HALT_POLL_NS]) {
         bc.progress(`idle: booting with ${cpus} vCPU(s), halt poll ${haltPollNs} ns, then ${idleS} s idle`);
-        const r = await idleOnce(cpus, haltPollNs, idleS, timeoutS);
+        const r = await tsvmmIdle(cpus, haltPollNs, idleS, timeoutS);
         bc.progress(
           `idle: ${cpus} vCPU(s), halt poll ${haltPollNs} ns: ${(r.coreShare * 100).toFixed(3)}% of a core, ${Object.values(r.exits).reduce((a, b) => a + b, 0)} exits`,
         );
@@ -95,11 +189,32 @@ export const idle: Benchmark = {
       }
     }
     const rows: Row[] = runs.map((r) => ({
-      label: `${r.cpus} vCPU${r.cpus > 1 ? 's' : ''} idle at the shell, ${r.haltPollNs === 0 ? 'no halt polling' : `halt poll ${r.haltPollNs / 1000} us (the default)`}: VMM process CPU`,
+      label: `${r.cpus} vCPU${r.cpus > 1 ? 's' : ''} idle at the shell, ${r.haltPollNs === 0 ? 'no halt polling' : `halt poll ${r.haltPollNs / 1000} us (the default)`}: tsvmm run process CPU`,
       value: round(r.coreShare * 100, 3),
       unit: '% core',
-      note: `user ${r.userS} s + system ${r.systemS} s over ${r.idleS} s; exits ${JSON.stringify(r.exits)}`,
+      note: `${note(r)}; exits ${JSON.stringify(r.exits)}`,
     }));
-    return { rows, raw: { memory: MEMORY, runs } };
+    const qemu = checkQemu();
+    let qemuRun: (IdleTimes & { command: string }) | undefined;
+    if (qemu.version !== null && Array.isArray(qemu.emulationGaps) && qemu.emulationGaps.length === 0) {
+      bc.progress(`idle: booting QEMU -M microvm (1 vCPU), then ${idleS} s idle`);
+      const fx = fixtures();
+      const argv = qemuArgv('microvm,x-option-roms=off,rtc=off', MEMORY, fx.bzImage, fx.initramfs, testCmdline('reboot=t'));
+      qemuRun = { command: argv.join(' '), ...(await idleProcess(argv, idleS, timeoutS, 'QEMU')).times };
+      bc.progress(`idle: QEMU -M microvm: ${(qemuRun.coreShare * 100).toFixed(3)}% of a core`);
+      rows.push({
+        label: 'qemu-system-x86_64 -M microvm, 1 vCPU idle at the shell: process CPU',
+        value: round(qemuRun.coreShare * 100, 3),
+        unit: '% core',
+        note: `${note(qemuRun)}; ${qemu.version}`,
+      });
+      const ours = runs.find((r) => r.cpus === 1 && r.haltPollNs === KVM_DEFAULT_HALT_POLL_NS);
+      if (ours && qemuRun.coreShare > 0) {
+        rows.push({ label: 'tsvmm / QEMU -M microvm, 1 vCPU idle (both with halt polling)', value: round(ours.coreShare / qemuRun.coreShare, 2), unit: 'x' });
+      }
+    } else {
+      rows.push(qemuRow('the same guest idle at the same prompt'));
+    }
+    return { rows, raw: { memory: MEMORY, runs, qemu: qemuRun ?? { skipped: qemu.skipped } } };
   },
 };
