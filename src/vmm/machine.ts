@@ -461,6 +461,11 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
     this.coalescedTimer = setTimeout(() => {
       this.coalescedTimer = undefined;
       if (this.stopping || !this.coalesced) return;
+      // Armed before the drain: a vCPU thread may write and poll between the
+      // drain and anything after it, and that poll must exit if this drain
+      // turns out to be the stream's last (an exit it makes is handled
+      // after this callback, and starts streaming again).
+      if (this.coalescedStreaming) this.fastReads?.armNotify();
       const replayed = this.coalesced.drain(this.pio, this.mmio);
       if (this.serial.transmitInterruptEnabled !== this.coalescedFast) {
         this.pollCoalesced();
@@ -468,13 +473,11 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
       }
       if (replayed > 0) {
         this.coalescedBackstopMs = COALESCED_BACKSTOP_MIN_MS;
+        if (this.coalescedStreaming) this.fastReads?.disarmNotify(); // still streaming: the next tick drains
       } else {
         this.coalescedBackstopMs = Math.min(this.coalescedBackstopMs * 2, COALESCED_BACKSTOP_MAX_MS);
-        if (this.coalescedStreaming) {
-          // Output stopped: back to the backstop, and to be told when it starts again.
-          this.coalescedStreaming = false;
-          this.fastReads?.armNotify();
-        }
+        // Output stopped: back to the backstop, with the notification armed above.
+        this.coalescedStreaming = false;
       }
       this.armCoalesced();
     }, delay);
