@@ -32,7 +32,6 @@
  * instructions, which a host that emulates real-mode code charges to every
  * variant alike. Subtracting it gives the exit costs alone.
  */
-import { constants as osConstants } from 'node:os';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -46,7 +45,6 @@ import { max, median, min, round, secondsSince } from './lib/stats.js';
 
 /** The port portWriteLoopCode writes to. */
 const EXIT_PORT = 0x511;
-const EINTR = osConstants.errno.EINTR;
 const C_SOURCE = fileURLToPath(new URL('./c/exit-loop.c', import.meta.url));
 
 const OUT_DX_AL = 0xee;
@@ -168,8 +166,7 @@ function runSync(kvm: Kvm, n: number): number {
   try {
     const start = process.hrtime.bigint();
     for (;;) {
-      const r = addon.runOnce(fd);
-      if (r === -EINTR) continue;
+      const r = addon.runOnce(fd); // runs again itself when a signal interrupts it
       if (r < 0) throw new Error(`exit-loop sync: KVM_RUN failed with errno ${-r}`);
       const action = handleExit(guest.vcpu.currentExit(), ctx);
       if (action.kind === 'continue') continue;

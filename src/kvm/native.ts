@@ -261,7 +261,8 @@ export interface NativeAddon {
   /**
    * One synchronous KVM_RUN on the calling thread, to the guest's next
    * exit: returns 0, or -errno. A signal that interrupts it (a profiler's
-   * SIGPROF) runs it again. For probes and benchmarks; a running VM
+   * SIGPROF) runs it again, so it must not be used with immediate_exit set
+   * (it would return EINTR for ever). For probes and benchmarks; a running VM
    * uses startVcpu.
    */
   runOnce(vcpuFd: number): number;
