@@ -435,9 +435,6 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
    * when KVM finds the ring full and lets the write exit).
    */
   private pollCoalesced(): void {
-    if (this.coalescedTimer) clearTimeout(this.coalescedTimer);
-    this.coalescedTimer = undefined;
-    if (this.stopping || !this.coalesced) return;
     this.coalescedFast = this.serial.transmitInterruptEnabled;
     this.coalescedStreaming = false;
     if (!this.coalescedFast) {
@@ -449,14 +446,15 @@ export class VirtualMachine extends EventEmitter<VirtualMachineEvents> {
 
   /** A notified LSR poll came: drain on the streaming timer from now on. */
   private streamCoalesced(): void {
-    if (this.coalescedTimer) clearTimeout(this.coalescedTimer);
-    this.coalescedTimer = undefined;
-    if (this.stopping || !this.coalesced) return;
     this.coalescedStreaming = true;
     this.armCoalesced();
   }
 
+  /** (Re)starts the drain timer for the current mode, replacing one already set. */
   private armCoalesced(): void {
+    if (this.coalescedTimer) clearTimeout(this.coalescedTimer);
+    this.coalescedTimer = undefined;
+    if (this.stopping || !this.coalesced) return;
     const delay = this.coalescedFast ? 1 : this.coalescedStreaming ? COALESCED_STREAM_MS : this.coalescedBackstopMs;
     this.coalescedTimer = setTimeout(() => {
       this.coalescedTimer = undefined;
