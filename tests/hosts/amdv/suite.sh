@@ -8,8 +8,10 @@
 # dies under the emulator (a lockup or a "stack guard page was hit" in its
 # own exception entry, with no L2 code on the stack). When that happens
 # (run.sh exits 125), the test files that had not ended run again in a
-# fresh L1, up to TSVMM_AMDV_ATTEMPTS times in all (default 3). A test that
-# fails is never run again: only files L1 did not let finish are.
+# fresh L1, up to TSVMM_AMDV_ATTEMPTS times in all (default 3); the same
+# when vitest's main process dies of SIGSEGV there (exit 139), which runs
+# no VMM code. A test that fails is never run again: only files L1 did not
+# let finish are.
 #
 # suite.sh [VITEST ARGS...]: with arguments, they go to vitest as they are
 # and the run is not retried.
@@ -49,20 +51,27 @@ trap 'rm -rf "$record"' EXIT
 record_of() { echo "$record/${1//\//__}.state"; }
 state_of() { local r; r=$(record_of "$1"); [[ -s $r ]] && read -r s _ <"$r" && echo "$s"; return 0; }
 
-rc=0 boots=0
+rc=0 boots=0 why=""
 for ((attempt = 1; attempt <= attempts; attempt++)); do
   remaining=()
   for f in "${files[@]}"; do [[ -n $(state_of "$f") ]] || remaining+=("$f"); done
   ((${#remaining[@]})) || break
   if ((attempt > 1)); then
-    log "L1 died under the emulator (attempt $((attempt - 1)) of $attempts; its log is named above): running the ${#remaining[@]} test files that had not ended in a fresh L1"
+    log "$why (attempt $((attempt - 1)) of $attempts): running the ${#remaining[@]} test files that had not ended in a fresh L1"
   fi
   boots=$((boots + 1))
   set +e
   "$here/run.sh" --results "$record" --env TSVMM_AMDV_RECORD="$record" -- "${vitest[@]}" "${remaining[@]}"
   rc=$?
   set -e
-  ((rc == 125)) || break
+  case $rc in
+    125) why="L1 died under the emulator (its log is named above)" ;;
+    # vitest's own process, which runs no VMM code (test files run in
+    # child processes, the forks pool), killed by SIGSEGV: in L1, Node
+    # processes now and then die in V8's JIT code under the emulator.
+    139) why="vitest's main process died of SIGSEGV in L1 (the emulator: tests/hosts/amdv/README.md)" ;;
+    *) break ;;
+  esac
 done
 
 failed=() unfinished=()
