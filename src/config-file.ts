@@ -4,8 +4,9 @@
  * Library-only fields (a logger, kernel bytes) have no JSON form.
  */
 import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { dirname, resolve } from 'node:path';
-import { z } from 'zod';
+import type * as Zod from 'zod';
 import { TsvmmError } from './base/errors.js';
 import { MAX_CPUS, MAX_HALT_POLL_NS, parseMemorySize } from './vmm/config.js';
 import { MAX_PROFILE_RATE_HZ } from './tools/profiler.js';
@@ -22,71 +23,92 @@ export class ConfigFileError extends TsvmmError {
   }
 }
 
-const transport = z.enum(['pci', 'mmio']);
-const memory = z.union([z.number(), z.string()]).superRefine((v, ctx) => {
-  try {
-    parseMemorySize(v);
-  } catch (err) {
-    ctx.addIssue({ code: 'custom', message: (err as Error).message });
-  }
-});
+/**
+ * zod, loaded on first use, synchronously (its CommonJS build): a run
+ * without a config file does not pay its module loading, a quarter of the
+ * CLI's start-up before this (about 55 ms of 224 on this project's PVM
+ * host, `npm run bench -- startup`).
+ */
+let zodModule: typeof Zod | undefined;
+function zod(): typeof Zod.z {
+  zodModule ??= createRequire(import.meta.url)('zod') as typeof Zod;
+  return zodModule.z;
+}
 
-/** The JSON form of {@link VmConfig}: unknown fields are refused (a typo must not pass silently). */
-export const vmConfigSchema = z.strictObject({
-  /** Optional here: `--kernel` may give it (the CLI checks that one of them does). */
-  kernel: z.string().min(1).optional(),
-  initrd: z.string().min(1).optional(),
-  cmdline: z.string().optional(),
-  memory: memory.optional(),
-  cpus: z.int().min(1).max(MAX_CPUS).optional(),
-  bootMode: z.enum(['auto', 'host', 'guest']).optional(),
-  exitPath: z.enum(['thread', 'loop']).optional(),
-  pit: z.enum(['emulated', 'kernel']).optional(),
-  mergeable: z.boolean().optional(),
-  haltPollNs: z.int().min(0).max(MAX_HALT_POLL_NS).optional(),
-  emulationFallback: z.enum(['auto', 'on', 'off']).optional(),
-  disks: z
-    .array(
-      z.strictObject({ path: z.string().min(1), readonly: z.boolean().optional(), serial: z.string().max(20).optional(), transport: transport.optional() }),
-    )
-    .optional(),
-  nets: z
-    .array(
-      z.strictObject({
-        tap: z.string().min(1).max(15),
-        mac: z
-          .string()
-          .regex(/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i, 'a MAC address such as 52:54:00:12:34:56')
-          .optional(),
-        transport: transport.optional(),
-      }),
-    )
-    .optional(),
-  transport: transport.optional(),
-  acpi: z.boolean().optional(),
-  initrdInflate: z.boolean().optional(),
-  kernelCache: z.union([z.string().min(1), z.literal(false)]).optional(),
-  console: z.enum(['serial', 'virtio', 'off']).optional(),
-  serial: z.union([z.enum(['console', 'off']), z.strictObject({ file: z.string().min(1) }), z.strictObject({ socket: z.string().min(1) })]).optional(),
-  name: z.string().min(1).optional(),
-  kvmDevice: z.string().min(1).optional(),
-  profile: z
-    .strictObject({
-      path: z.string().min(1),
-      systemMap: z.string().min(1).optional(),
-      rateHz: z.int().min(1).max(MAX_PROFILE_RATE_HZ).optional(),
-      format: z.enum(['text', 'json']).optional(),
-    })
-    .optional(),
-  coalescedIo: z.boolean().optional(),
-  legacyIrqfd: z.boolean().optional(),
-  sandbox: z
-    .union([z.boolean(), z.strictObject({ allow: z.array(z.strictObject({ path: z.string().min(1), access: z.enum(['read', 'write']) })).optional() })])
-    .optional(),
-});
+function buildSchema(z: typeof Zod.z) {
+  const transport = z.enum(['pci', 'mmio']);
+  const memory = z.union([z.number(), z.string()]).superRefine((v, ctx) => {
+    try {
+      parseMemorySize(v);
+    } catch (err) {
+      ctx.addIssue({ code: 'custom', message: (err as Error).message });
+    }
+  });
+
+  return z.strictObject({
+    /** Optional here: `--kernel` may give it (the CLI checks that one of them does). */
+    kernel: z.string().min(1).optional(),
+    initrd: z.string().min(1).optional(),
+    cmdline: z.string().optional(),
+    memory: memory.optional(),
+    cpus: z.int().min(1).max(MAX_CPUS).optional(),
+    bootMode: z.enum(['auto', 'host', 'guest']).optional(),
+    exitPath: z.enum(['thread', 'loop']).optional(),
+    pit: z.enum(['emulated', 'kernel']).optional(),
+    mergeable: z.boolean().optional(),
+    haltPollNs: z.int().min(0).max(MAX_HALT_POLL_NS).optional(),
+    emulationFallback: z.enum(['auto', 'on', 'off']).optional(),
+    disks: z
+      .array(
+        z.strictObject({ path: z.string().min(1), readonly: z.boolean().optional(), serial: z.string().max(20).optional(), transport: transport.optional() }),
+      )
+      .optional(),
+    nets: z
+      .array(
+        z.strictObject({
+          tap: z.string().min(1).max(15),
+          mac: z
+            .string()
+            .regex(/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i, 'a MAC address such as 52:54:00:12:34:56')
+            .optional(),
+          transport: transport.optional(),
+        }),
+      )
+      .optional(),
+    transport: transport.optional(),
+    acpi: z.boolean().optional(),
+    initrdInflate: z.boolean().optional(),
+    kernelCache: z.union([z.string().min(1), z.literal(false)]).optional(),
+    console: z.enum(['serial', 'virtio', 'off']).optional(),
+    serial: z.union([z.enum(['console', 'off']), z.strictObject({ file: z.string().min(1) }), z.strictObject({ socket: z.string().min(1) })]).optional(),
+    name: z.string().min(1).optional(),
+    kvmDevice: z.string().min(1).optional(),
+    profile: z
+      .strictObject({
+        path: z.string().min(1),
+        systemMap: z.string().min(1).optional(),
+        rateHz: z.int().min(1).max(MAX_PROFILE_RATE_HZ).optional(),
+        format: z.enum(['text', 'json']).optional(),
+      })
+      .optional(),
+    coalescedIo: z.boolean().optional(),
+    legacyIrqfd: z.boolean().optional(),
+    sandbox: z
+      .union([z.boolean(), z.strictObject({ allow: z.array(z.strictObject({ path: z.string().min(1), access: z.enum(['read', 'write']) })).optional() })])
+      .optional(),
+  });
+}
+
+let schema: ReturnType<typeof buildSchema> | undefined;
+
+/** The JSON form of {@link VmConfig}, a zod schema built on first use: unknown fields are refused (a typo must not pass silently). */
+export function vmConfigSchema(): ReturnType<typeof buildSchema> {
+  schema ??= buildSchema(zod());
+  return schema;
+}
 
 /** A VmConfig read from JSON: every field of VmConfig that JSON can hold. */
-export type FileVmConfig = z.infer<typeof vmConfigSchema>;
+export type FileVmConfig = Zod.infer<ReturnType<typeof buildSchema>>;
 
 /** `disks[0].path` from zod's path. */
 function fieldName(path: readonly PropertyKey[]): string {
@@ -98,7 +120,7 @@ function fieldName(path: readonly PropertyKey[]): string {
  * Relative paths are taken from `baseDir`.
  */
 export function parseVmConfig(value: unknown, source: string, baseDir?: string): FileVmConfig {
-  const r = vmConfigSchema.safeParse(value);
+  const r = vmConfigSchema().safeParse(value);
   if (!r.success) {
     const issue = r.error.issues[0]!;
     const field = fieldName(issue.path);
