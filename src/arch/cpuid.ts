@@ -50,6 +50,27 @@ export interface CpuidOptions {
    * another clock for a tenth of a second at boot.
    */
   tscDeadline?: boolean;
+  /**
+   * The processor brand string of leaves 0x80000002..0x80000004, which
+   * KVM_GET_SUPPORTED_CPUID returns zeroed (QEMU sets its model's, and
+   * Firecracker the host's): the host's, so the guest names its CPU (in
+   * /proc/cpuinfo and the boot log) instead of "AMD 17/01". At most
+   * {@link BRAND_MAX} ASCII characters; a longer one is cut.
+   */
+  brand?: string;
+}
+
+/** The brand string's 48 bytes hold at most 47 characters and a NUL. */
+export const BRAND_MAX = 47;
+
+/** The four registers of brand leaf `leaf` (0, 1, 2): 16 bytes of the NUL-padded string, little-endian. */
+function brandRegisters(brand: string, leaf: number): [number, number, number, number] {
+  const bytes = new Uint8Array(48);
+  const ascii = brand.replace(/[^\x20-\x7e]/g, '?').slice(0, BRAND_MAX);
+  for (let i = 0; i < ascii.length; i++) bytes[i] = ascii.charCodeAt(i);
+  const view = new DataView(bytes.buffer);
+  const at = leaf * 16;
+  return [view.getUint32(at, true), view.getUint32(at + 4, true), view.getUint32(at + 8, true), view.getUint32(at + 12, true)];
 }
 
 /**
@@ -89,6 +110,11 @@ export function cpuidForVcpu(supported: readonly CpuidEntry[], apicId: number, c
           e.eax = e.ebx = 0;
           e.ecx = e.index & 0xff;
         }
+        break;
+      case 0x80000002:
+      case 0x80000003:
+      case 0x80000004:
+        if (options.brand !== undefined) [e.eax, e.ebx, e.ecx, e.edx] = brandRegisters(options.brand, e.function - 0x80000002);
         break;
       case 0x80000008:
         // ECX[7:0] cores per package - 1 (AMD).

@@ -3,6 +3,7 @@
  * emulation-failure fallback is needed, and the guest the exit benchmark
  * runs. No irqchip, one vCPU, 64 KiB of RAM, code at 0x1000.
  */
+import { readFileSync } from 'node:fs';
 import type { Logger } from '../base/log.js';
 import { ExitReason, KVM_INTERNAL_ERROR_EMULATION, type decodeExit } from './exits.js';
 import type { Kvm, VmFd } from './kvm.js';
@@ -63,6 +64,22 @@ export interface HostProbe {
    * guest. Empty on hosts with hardware virtualization.
    */
   emulationGaps: string[];
+}
+
+/**
+ * The host processor's name, as its kernel read it from CPUID's brand
+ * string ("model name" in /proc/cpuinfo), or undefined where there is none
+ * to read. KVM leaves the guest's brand leaves zero for the VMM to fill.
+ */
+export function hostCpuModelName(cpuinfo = '/proc/cpuinfo'): string | undefined {
+  let text: string;
+  try {
+    text = readFileSync(cpuinfo, 'latin1');
+  } catch {
+    return undefined;
+  }
+  const name = /^model name\s*:\s*(.*)$/m.exec(text)?.[1]?.trim();
+  return name ? name : undefined;
 }
 
 /**

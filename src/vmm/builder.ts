@@ -18,7 +18,7 @@ import { IrqfdLine, KvmIrqLine } from '../kvm/irq-lines.js';
 import { Vcpu } from '../kvm/vcpu.js';
 import { CoalescedRing } from '../kvm/coalesced.js';
 import { FastReadTable } from '../kvm/fast-reads.js';
-import { probeHost, type HostProbe } from '../kvm/probe.js';
+import { hostCpuModelName, probeHost, type HostProbe } from '../kvm/probe.js';
 import { EMULATED_HOST_CMDLINE, EMULATED_HOST_SMP_CMDLINE } from '../kvm/fallback.js';
 import type { GuestStop } from '../kvm/exits.js';
 import * as layout from '../arch/layout.js';
@@ -484,7 +484,8 @@ function writeAcpi(mem: GuestMemory, cpus: number, virtio: VirtioDevices): numbe
 /** The vCPUs, with CPUID, MSRs, FPU and LAPIC set; vCPU 0 at the kernel's entry. Each joins `vcpus` as soon as it exists. */
 function createVcpus(kvm: Kvm, vm: VmFd, cpus: number, boot: BootInfo, vcpus: Vcpu[]): void {
   const supported = parseCpuid(kvm.addon.getSupportedCpuid(kvm.fd), kvm.addon.layout);
-  const cpuidOptions = { tscDeadline: kvm.hasCap('KVM_CAP_TSC_DEADLINE_TIMER') };
+  const brand = hostCpuModelName();
+  const cpuidOptions = { tscDeadline: kvm.hasCap('KVM_CAP_TSC_DEADLINE_TIMER'), ...(brand !== undefined ? { brand } : {}) };
   for (let id = 0; id < cpus; id++) {
     const vcpu = new Vcpu(vm, id);
     vcpus.push(vcpu);

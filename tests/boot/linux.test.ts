@@ -6,6 +6,7 @@ import { describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
 import { PROMPT, GuestSession, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
+import { hostCpuModelName } from '../../src/kvm/probe.js';
 
 const noKvm = kvmUnavailable();
 
@@ -30,6 +31,10 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
 
       const cmdline = await guest.run('cat /proc/cmdline');
       expect(cmdline.output).toContain('console=ttyS0');
+
+      // The guest names its CPU as the host does (the brand leaves KVM leaves zero).
+      const model = await guest.run("grep -m1 '^model name' /proc/cpuinfo");
+      expect(model.output).toContain(`: ${hostCpuModelName()}`);
 
       const failing = await guest.run('false');
       expect(failing.status).toBe(1);

@@ -4,12 +4,16 @@
  * fix-ups, the console watcher and the initramfs preparation.
  */
 import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 import type { NativeLayout } from '../../src/kvm/native.js';
 import { Bus, BusError, type BusDevice } from '../../src/base/bus.js';
 import { decodeRegs, decodeSregs, encodeMsrs, encodeRegs, encodeSregs } from '../../src/kvm/cpu.js';
-import { cpuidForVcpu } from '../../src/arch/cpuid.js';
+import { BRAND_MAX, cpuidForVcpu } from '../../src/arch/cpuid.js';
+import { hostCpuModelName } from '../../src/kvm/probe.js';
 import { CONSOLE_FLUSH_MS, CONSOLE_INPUT_LIMIT, CONSOLE_OUTPUT_LIMIT, ConsoleStream, ConsoleWatcher } from '../../src/vmm/console.js';
 import { FakeIrqLine } from '../../src/testing/index.js';
 import { LSR, MCR, Serial16550, UART_LSR, UART_MCR, UART_RBR } from '../../src/devices/serial.js';
@@ -361,6 +365,42 @@ describe('CPUID per vCPU', () => {
     expect((leaf1({ tscDeadline: false }).ecx >>> 24) & 1).toBe(0);
     expect((leaf1({ tscDeadline: true }).ecx >>> 24) & 1).toBe(1);
     expect((leaf1({ tscDeadline: true }).ecx & ~(1 << 24)) >>> 0).toBe(leaf1().ecx);
+  });
+
+  it('fills the brand leaves KVM leaves zero with the name given, NUL-padded and cut at 47 characters', () => {
+    const zeroed = [0x80000002, 0x80000003, 0x80000004].map((f) => ({ function: f, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0, edx: 0 }));
+    // What a guest does with them (Linux's get_model_name): 48 bytes, little-endian, up to the first NUL.
+    const read = (entries: CpuidEntry[]) => {
+      const bytes = Buffer.alloc(48);
+      for (const e of entries.filter((x) => x.function >= 0x80000002 && x.function <= 0x80000004)) {
+        [e.eax, e.ebx, e.ecx, e.edx].forEach((v, i) => bytes.writeUInt32LE(v, (e.function - 0x80000002) * 16 + i * 4));
+      }
+      const end = bytes.indexOf(0);
+      return { text: bytes.subarray(0, end < 0 ? 48 : end).toString('latin1'), terminated: end >= 0 };
+    };
+    expect(read(cpuidForVcpu([...supported, ...zeroed], 0, 1, { brand: 'AMD EPYC 7B13 64-Core Processor' }))).toEqual({
+      text: 'AMD EPYC 7B13 64-Core Processor',
+      terminated: true,
+    });
+    const long = 'x'.repeat(60);
+    expect(read(cpuidForVcpu(zeroed, 0, 1, { brand: long }))).toEqual({ text: 'x'.repeat(BRAND_MAX), terminated: true });
+    // Not ASCII: replaced, so the guest's string stays one byte per character.
+    expect(read(cpuidForVcpu(zeroed, 0, 1, { brand: 'Ünïcode™' })).text).toBe('?n?code?');
+    // Without a name the leaves stay as KVM gave them.
+    expect(read(cpuidForVcpu(zeroed, 0, 1))).toEqual({ text: '', terminated: true });
+  });
+
+  it("reads the host's processor name from /proc/cpuinfo, and none from a file without one", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tsvmm-cpuinfo-'));
+    try {
+      writeFileSync(join(dir, 'with'), 'processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC Processor  \nflags\t\t: fpu\n');
+      writeFileSync(join(dir, 'without'), 'processor\t: 0\nflags\t\t: fpu\n');
+      expect(hostCpuModelName(join(dir, 'with'))).toBe('AMD EPYC Processor');
+      expect(hostCpuModelName(join(dir, 'without'))).toBeUndefined();
+      expect(hostCpuModelName(join(dir, 'missing'))).toBeUndefined();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 
