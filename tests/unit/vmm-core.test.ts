@@ -373,7 +373,7 @@ describe('CPUID per vCPU', () => {
     const read = (entries: CpuidEntry[]) => {
       const bytes = Buffer.alloc(48);
       for (const e of entries.filter((x) => x.function >= 0x80000002 && x.function <= 0x80000004)) {
-        [e.eax, e.ebx, e.ecx, e.edx].forEach((v, i) => bytes.writeUInt32LE(v, (e.function - 0x80000002) * 16 + i * 4));
+        for (const [i, v] of [e.eax, e.ebx, e.ecx, e.edx].entries()) bytes.writeUInt32LE(v, (e.function - 0x80000002) * 16 + i * 4);
       }
       const end = bytes.indexOf(0);
       return { text: bytes.subarray(0, end < 0 ? 48 : end).toString('latin1'), terminated: end >= 0 };
