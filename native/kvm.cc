@@ -18,6 +18,7 @@
 #include <linux/kvm.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <poll.h>
 #include <sys/epoll.h>
@@ -659,6 +660,7 @@ struct VcpuThread {
   EnvState* state = nullptr;
   int id = 0;
   int fd = -1;
+  std::string name;  // the thread's (pthread_setname_np)
   // The vCPU's mapping (kvm_run, the port I/O data page, the coalesced
   // ring), mapped again for the addon alone (MapRunForAddon).
   kvm_run* run = nullptr;
@@ -1086,6 +1088,9 @@ int ReportAndWait(VcpuThread* v, int report, int err) {
 
 void VcpuLoop(VcpuThread* v) {
   v->tid = pthread_self();
+  // Named for ps/top -H and /proc/PID/task/*/comm (15 characters at most),
+  // before the sandbox's filter, which does not allow prctl.
+  pthread_setname_np(v->tid, v->name.substr(0, 15).c_str());
   // Only the kick signal (and the sandbox's confinement signal, and faults)
   // reach this thread: signals sent to the process (SIGINT, SIGTERM, ...)
   // are taken by the main thread, whose handlers are JavaScript's.
@@ -1198,9 +1203,14 @@ void Abandon(VcpuThread* v) {
 Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = ArgInt(info, 0);
-  if (info.Length() < 3 || !info[1].IsArrayBuffer() || !info[2].IsFunction()) ThrowType(env, "startVcpu(fd, run, onReport[, filter])");
+  if (info.Length() < 3 || !info[1].IsArrayBuffer() || !info[2].IsFunction()) ThrowType(env, "startVcpu(fd, run, onReport[, filter[, name]])");
   Napi::ArrayBuffer run = info[1].As<Napi::ArrayBuffer>();
   if (run.ByteLength() < sizeof(kvm_run)) ThrowType(env, "run must be the vCPU's kvm_run mapping");
+  std::string name = "tsvmm-vcpu";
+  if (info.Length() > 4 && !info[4].IsUndefined()) {
+    if (!info[4].IsString()) ThrowType(env, "name must be a string");
+    name = info[4].As<Napi::String>().Utf8Value();
+  }
   std::vector<uint8_t> filter;
   if (info.Length() > 3 && !info[3].IsUndefined()) {
     if (!info[3].IsBuffer()) ThrowType(env, "filter must be a Buffer of struct sock_filter");
@@ -1223,6 +1233,7 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
   v->state = state;
   v->runSize = run.ByteLength();
   v->filter = std::move(filter);
+  v->name = std::move(name);
   v->id = state->nextVcpu++;
   v->fd = fd;
   v->run = own;
@@ -1306,6 +1317,7 @@ struct LoopWatcher {
 };
 
 void WatcherLoop(LoopWatcher* w) {
+  pthread_setname_np(pthread_self(), "tsvmm-watcher");
   // The watcher must never take the kick signal itself.
   sigset_t set;
   sigemptyset(&set);

@@ -281,9 +281,11 @@ export interface NativeAddon {
    * kicks). With `filter` (a struct sock_filter program), the thread
    * installs it as its seccomp filter before the first KVM_RUN, and a call
    * the filter traps ends the process with a message (status 159).
+   * The thread is named `name` (what ps and top -H show; cut at 15
+   * characters), "tsvmm-vcpu" without one.
    * Returns a handle for sampleVcpu, pauseVcpu, stopVcpu.
    */
-  startVcpu(vcpuFd: number, run: ArrayBuffer, onReport: (report: VcpuReport, errno: number) => VcpuAction, filter?: Buffer): number;
+  startVcpu(vcpuFd: number, run: ArrayBuffer, onReport: (report: VcpuReport, errno: number) => VcpuAction, filter?: Buffer, name?: string): number;
   /**
    * Runs the vCPU on the calling JavaScript thread instead of a thread of
    * its own: a libuv idle handle starts a burst of KVM_RUN there once per

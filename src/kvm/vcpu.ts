@@ -260,7 +260,9 @@ export class Vcpu {
       }
       return VcpuAction.Stop;
     };
-    this.handle = onLoop ? this.addon.startVcpuOnLoop(this.fd, this.run, onReport) : this.addon.startVcpu(this.fd, this.run, onReport, handlers.filter);
+    this.handle = onLoop
+      ? this.addon.startVcpuOnLoop(this.fd, this.run, onReport)
+      : this.addon.startVcpu(this.fd, this.run, onReport, handlers.filter, `tsvmm-vcpu${this.id}`);
   }
 
   /**

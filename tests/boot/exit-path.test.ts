@@ -10,6 +10,7 @@
  * takes exits directly for a while after each answer): while a guest exits
  * without a pause (`out` in a loop), the loop serves the same.
  */
+import { readdirSync, readFileSync } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CONTINUE, STOP } from '../../src/kvm/exits.js';
@@ -275,3 +276,42 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
     });
   },
 );
+
+/** The names of this process's threads (/proc/self/task/*\/comm). */
+function threadNames(): string[] {
+  return readdirSync('/proc/self/task').map((tid) => {
+    try {
+      return readFileSync(`/proc/self/task/${tid}/comm`, 'latin1').trim();
+    } catch {
+      return ''; // the thread ended while listed
+    }
+  });
+}
+
+describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(`the addon's threads, a vCPU on the %s${noKvm ? ` (skipped: ${noKvm})` : ''}`, (on) => {
+  const guests = guestPerTest();
+
+  it('are named for ps and top -H: tsvmm-vcpuN on a thread, tsvmm-watcher beside a vCPU on the loop', async () => {
+    const guest = guests.create(OUT_THEN_SPIN);
+    let wrote!: () => void;
+    const written = new Promise<void>((r) => (wrote = r));
+    guest.vcpu.start({
+      onExit: (exit) => {
+        if (exit.kind === 'io' && exit.port === 0x511) wrote();
+        return CONTINUE;
+      },
+      onError: (err) => {
+        throw err;
+      },
+      on,
+    });
+    await withGuard(written, 'the first exit');
+    const names = threadNames();
+    if (on === 'thread') {
+      expect(names.filter((n) => n === 'tsvmm-vcpu0')).toHaveLength(1);
+    } else {
+      expect(names).not.toContain('tsvmm-vcpu0'); // vCPU 0 runs on the main thread
+      expect(names.filter((n) => n === 'tsvmm-watcher')).toHaveLength(1);
+    }
+  });
+});
