@@ -9,7 +9,10 @@
  * should sleep: the figure is the share of one host core the whole VMM
  * process used. Linux counts the time a thread spends running the guest as
  * user time; guest_time says how much of it that was, so the rows also
- * give what the VMM did apart from the guest's own work.
+ * give what the VMM did apart from the guest's own work, and each row
+ * splits the time by thread (from /proc/PID/task/*\/stat): the main thread
+ * (the event loop, the device models), the vCPU threads (tsvmm-vcpuN;
+ * QEMU's "CPU N/KVM"), the rest (V8's and libuv's; QEMU's I/O threads).
  *
  * Beside it, where QEMU can run KVM guests here (not on a host whose KVM
  * emulates guest kernel code: lib/qemu.ts), `qemu-system-x86_64 -M
@@ -17,7 +20,7 @@
  * same prompt for as long, measured the same way.
  */
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { apiRequest } from '../src/api-client.js';
@@ -50,6 +53,44 @@ function procTimes(pid: number): ProcTimes {
   return { userS: field(14), systemS: field(15), guestS: field(43) };
 }
 
+/** Which part of a VMM process a thread is, from its name: tsvmm's and QEMU's vCPU threads, its main thread, the rest (V8's, libuv's, QEMU's I/O threads). */
+type ThreadRole = 'main' | 'vcpu' | 'other';
+const VCPU_THREAD = /^(tsvmm-vcpu\d+|CPU \d+\/KVM)$/;
+
+/** CPU ticks (user + system, guest_time apart) of each thread of `pid`, by tid; threads that end while read are left out. */
+function threadTicks(pid: number): Map<string, { role: ThreadRole; ticks: number; guest: number }> {
+  const out = new Map<string, { role: ThreadRole; ticks: number; guest: number }>();
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'latin1');
+      const comm = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      const role: ThreadRole = tid === String(pid) ? 'main' : VCPU_THREAD.test(comm) ? 'vcpu' : 'other';
+      out.set(tid, { role, ticks: Number(f[14 - 3]) + Number(f[15 - 3]), guest: Number(f[43 - 3]) });
+    } catch {
+      // the thread ended
+    }
+  }
+  return out;
+}
+
+/** Share of a core each role used between two {@link threadTicks} readings, `wallS` apart (threads in both readings). */
+function roleShares(
+  before: ReturnType<typeof threadTicks>,
+  after: ReturnType<typeof threadTicks>,
+  wallS: number,
+): Record<ThreadRole, number> & { vcpuGuest: number } {
+  const shares = { main: 0, vcpu: 0, other: 0, vcpuGuest: 0 };
+  for (const [tid, a] of after) {
+    const b = before.get(tid);
+    if (!b) continue;
+    shares[a.role] += (a.ticks - b.ticks) / USER_HZ / wallS;
+    if (a.role === 'vcpu') shares.vcpuGuest += (a.guest - b.guest) / USER_HZ / wallS;
+  }
+  for (const k of Object.keys(shares) as Array<keyof typeof shares>) shares[k] = round(shares[k], 5);
+  return shares;
+}
+
 interface IdleTimes {
   idleS: number;
   userS: number;
@@ -59,6 +100,8 @@ interface IdleTimes {
   coreShare: number;
   /** coreShare without the guest's own time: what the VMM process did around it. */
   vmmShare: number;
+  /** coreShare by thread: the main thread (the event loop and the device models), the vCPU threads (of it, running the guest), the rest. */
+  threads: Record<ThreadRole, number> & { vcpuGuest: number };
 }
 
 /**
@@ -97,8 +140,10 @@ async function idleProcess<T>(
     const before = await during?.();
     const t0 = performance.now();
     const p0 = procTimes(pid);
+    const t0Threads = threadTicks(pid);
     await new Promise((r) => setTimeout(r, idleS * 1000));
     const p1 = procTimes(pid);
+    const t1Threads = threadTicks(pid);
     const wallS = (performance.now() - t0) / 1000;
     const after = await during?.();
     const userS = p1.userS - p0.userS;
@@ -111,6 +156,7 @@ async function idleProcess<T>(
       systemS: round(systemS, 2),
       coreShare: round((userS + systemS) / wallS, 5),
       vmmShare: round(Math.max(0, userS + systemS - guestS) / wallS, 5),
+      threads: roleShares(t0Threads, t1Threads, wallS),
     };
     return { times, ...(before !== undefined ? { before } : {}), ...(after !== undefined ? { after } : {}) };
   } finally {
@@ -160,8 +206,10 @@ async function tsvmmIdle(cpus: number, haltPollNs: number, idleS: number, timeou
   }
 }
 
+const pct = (share: number) => `${round(share * 100, 3)}%`;
 const note = (t: IdleTimes) =>
-  `user ${t.userS} s (of it the guest's own ${t.guestS} s) + system ${t.systemS} s over ${t.idleS} s, so ${round(t.vmmShare * 100, 3)}% without the guest`;
+  `user ${t.userS} s (of it the guest's own ${t.guestS} s) + system ${t.systemS} s over ${t.idleS} s, so ${pct(t.vmmShare)} without the guest; ` +
+  `by thread: main ${pct(t.threads.main)}, vCPU ${pct(t.threads.vcpu)} (in the guest ${pct(t.threads.vcpuGuest)}), other ${pct(t.threads.other)}`;
 
 export const idle: Benchmark = {
   name: 'idle',
