@@ -262,7 +262,12 @@ export const idle: Benchmark = {
     if (qemu.version !== null && Array.isArray(qemu.emulationGaps) && qemu.emulationGaps.length === 0) {
       bc.progress(`idle: booting QEMU -M microvm (1 vCPU), then twice ${idleS} s idle`);
       const fx = fixtures();
-      const argv = qemuArgv('microvm,x-option-roms=off,rtc=off', MEMORY, fx.bzImage, fx.initramfs, testCmdline('reboot=t'));
+      // debug-threads=on names QEMU's vCPU threads "CPU N/KVM", so the split by thread finds them.
+      const argv = [
+        ...qemuArgv('microvm,x-option-roms=off,rtc=off', MEMORY, fx.bzImage, fx.initramfs, testCmdline('reboot=t')),
+        '-name',
+        'idle,debug-threads=on',
+      ];
       const q = await idleProcess(argv, idleS, timeoutS, 'QEMU');
       qemuRun = { command: argv.join(' '), ...q.times, first: q.first };
       bc.progress(`idle: QEMU -M microvm: ${(qemuRun.first.coreShare * 100).toFixed(3)}% then ${(qemuRun.coreShare * 100).toFixed(3)}% of a core`);
