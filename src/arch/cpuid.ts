@@ -63,14 +63,13 @@ export interface CpuidOptions {
 /** The brand string's 48 bytes hold at most 47 characters and a NUL. */
 export const BRAND_MAX = 47;
 
-/** The four registers of brand leaf `leaf` (0, 1, 2): 16 bytes of the NUL-padded string, little-endian. */
-function brandRegisters(brand: string, leaf: number): [number, number, number, number] {
+/** The brand leaves' twelve registers (EAX, EBX, ECX, EDX of each leaf in turn): the NUL-padded string, 4 bytes each, little-endian. */
+function brandRegisters(brand: string): number[] {
   const bytes = new Uint8Array(48);
   const ascii = brand.replace(/[^\x20-\x7e]/g, '?').slice(0, BRAND_MAX);
   for (let i = 0; i < ascii.length; i++) bytes[i] = ascii.charCodeAt(i);
   const view = new DataView(bytes.buffer);
-  const at = leaf * 16;
-  return [view.getUint32(at, true), view.getUint32(at + 4, true), view.getUint32(at + 8, true), view.getUint32(at + 12, true)];
+  return Array.from({ length: 12 }, (_, i) => view.getUint32(i * 4, true));
 }
 
 /**
@@ -79,6 +78,7 @@ function brandRegisters(brand: string, leaf: number): [number, number, number, n
  */
 export function cpuidForVcpu(supported: readonly CpuidEntry[], apicId: number, cpuCount: number, options: CpuidOptions = {}): CpuidEntry[] {
   const coreBits = bitsFor(cpuCount);
+  const brand = options.brand !== undefined ? brandRegisters(options.brand) : undefined;
   return supported.map((src) => {
     const e = { ...src };
     switch (e.function) {
@@ -114,7 +114,10 @@ export function cpuidForVcpu(supported: readonly CpuidEntry[], apicId: number, c
       case 0x80000002:
       case 0x80000003:
       case 0x80000004:
-        if (options.brand !== undefined) [e.eax, e.ebx, e.ecx, e.edx] = brandRegisters(options.brand, e.function - 0x80000002);
+        if (brand) {
+          const at = (e.function - 0x80000002) * 4;
+          [e.eax, e.ebx, e.ecx, e.edx] = [brand[at]!, brand[at + 1]!, brand[at + 2]!, brand[at + 3]!];
+        }
         break;
       case 0x80000008:
         // ECX[7:0] cores per package - 1 (AMD).
