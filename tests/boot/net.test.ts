@@ -43,21 +43,8 @@ function ns(...cmd: string[]): string {
   return execFileSync('ip', ['netns', 'exec', NS, ...cmd], { encoding: 'utf8' });
 }
 
-/** Sinks still running; each attempt's are stopped when it ends, so a failed one cannot hold the port. */
+/** Sinks still running; stopped when a test ends and before a sink starts, so a failed attempt's cannot hold the port. */
 const sinks: import('node:child_process').ChildProcess[] = [];
-
-/**
- * Runs one attempt of a test and stops its sinks when it ends: a sink
- * still listening after a failed attempt would make the next attempt's
- * refuse the port (EADDRINUSE).
- */
-async function stopSinksAfter<T>(attempt: () => Promise<T>): Promise<T> {
-  try {
-    return await attempt();
-  } finally {
-    await stopSinks();
-  }
-}
 
 /** Kills the sinks still running and waits until they have ended (and so freed the port). */
 async function stopSinks(): Promise<void> {
@@ -88,6 +75,9 @@ const SINK_ATTEMPTS = 3;
  * {@link SINK_ATTEMPTS} in all, each retry printed).
  */
 async function startSink(): Promise<{ result: Promise<string> }> {
+  // A sink left by an earlier attempt of the test (retryEmulatorFault) would
+  // still hold the port: the new one would exit with EADDRINUSE.
+  await stopSinks();
   for (let attempt = 1; ; attempt++) {
     const started = await startSinkOnce();
     if ('result' in started) return started;
@@ -111,20 +101,15 @@ function startSinkOnce(): Promise<{ result: Promise<string> } | { signal: NodeJS
   sinks.push(child);
   let out = '';
   let err = '';
-  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
   child.stderr.on('data', (d: Buffer) => {
     err += d.toString();
     process.stderr.write(d);
   });
   let listening = false;
   return new Promise((resolve) => {
+    // 'close' comes after the last of stdout's data.
     const result = new Promise<string>((done) =>
       child.on('close', (code, signal) => {
-        clearInterval(t);
-        if (!listening && out.includes('LISTENING')) {
-          listening = true; // it listened, then ended before the interval saw it
-          resolve({ result });
-        }
         if (listening) {
           done(out.replace('LISTENING\n', '').trim());
           return;
@@ -136,13 +121,13 @@ function startSinkOnce(): Promise<{ result: Promise<string> } | { signal: NodeJS
         resolve({ signal, message: `the TCP sink on ${HOST_IP}:${UP_PORT} exited before listening (${how}${said ? `: ${said}` : ''})` });
       }),
     );
-    const t = setInterval(() => {
-      if (out.includes('LISTENING')) {
-        clearInterval(t);
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString();
+      if (!listening && out.includes('LISTENING')) {
         listening = true;
         resolve({ result });
       }
-    }, 50);
+    });
   });
 }
 
@@ -193,70 +178,61 @@ describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (
 
   it.each(kernels)(
     'pings the host and moves data each way over TCP ($name)',
-    retryEmulatorFault(({ memory, marker, pick }) =>
-      stopSinksAfter(async () => {
-        const fx = fixtures();
-        const { kernel, initrd } = pick(fx);
-        const size = transferSize();
-        const down = randomBytes(size);
-        const downSum = createHash('md5').update(down).digest('hex');
-        const sink = await startSink();
-        let upResult = '';
-        let guestUpSum = '';
-        let driverError: string | undefined;
-        const r = await runCli(
-          ['run', '--kernel', kernel, '--initrd', initrd, '--memory', memory, '--net', 'tap=tap0', '--stats', '--cmdline', testCmdline()],
-          {
-            wrap: ['ip', 'netns', 'exec', NS],
-            drive: (child, out) => {
-              const type = (line: string) => child.stdin.write(`${line}\n`);
-              let step = 'boot';
-              const within = <T>(what: string, p: Promise<T>): Promise<T> => {
-                step = what;
-                return withTimeout(p, STEP_TIMEOUT_MS, () => `timed out after ${STEP_TIMEOUT_MS} ms; output so far:\n${out().slice(-2000)}`);
-              };
-              void (async () => {
-                await until(out, marker);
-                await until(out, PROMPT);
-                type(
-                  `ip addr add ${GUEST_IP}/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address && ping -c 3 ${HOST_IP}; echo "@@PI""NG $?"`,
-                );
-                await within('ping', until(out, /@@PING \d/));
-                type(
-                  `dd if=/dev/urandom of=/tmp/up bs=64k count=${size >> 16} 2>/dev/null; md5sum /tmp/up; nc ${HOST_IP} ${UP_PORT} < /tmp/up; echo "@@U""P $?"`,
-                );
-                await within('the guest sending', until(out, /@@UP \d/));
-                guestUpSum = /([0-9a-f]{32})\s+\/tmp\/up/.exec(out())?.[1] ?? '';
-                upResult = await within("the host sink's result", sink.result);
-                type(`nc -l -p ${DOWN_PORT} > /tmp/down & sleep 1; echo "@@LI""STEN"`);
-                await within('the guest listening', until(out, /@@LISTEN/));
-                await within('the host sending', sendToGuest(down));
-                type(`wait; md5sum /tmp/down; echo "@@DO""WN $?"`);
-                await within('the guest receiving', until(out, /@@DOWN \d/));
-                step = 'reboot';
-                type('reboot -f');
-              })().catch((err: Error) => {
-                driverError = `${step}: ${err.message}`;
-                process.stderr.write(`net test driver: ${driverError}\n`);
-                child.kill('SIGTERM');
-              });
-            },
-          },
-        );
-        expect(driverError, 'the test driver').toBeUndefined();
-        expect(r.stdout).toMatch(/@@PING 0/);
-        expect(r.stdout).toMatch(/3 packets transmitted, 3 packets received/);
-        // A stable, locally administered MAC derived from the VM and TAP names.
-        expect(r.stdout).toMatch(/^[0-9a-f]{2}:([0-9a-f]{2}:){4}[0-9a-f]{2}\s*$/m);
-        expect(guestUpSum).toMatch(/^[0-9a-f]{32}$/);
-        expect(upResult).toBe(`${size} ${guestUpSum}`);
-        expect(r.stdout).toContain(`${downSum}  /tmp/down`);
-        expect(r.code).toBe(0);
-        const stats = JSON.parse(r.stderr.slice(r.stderr.indexOf('{'))) as { devices: { net0: { txBytes: number; rxBytes: number } } };
-        expect(stats.devices.net0.txBytes).toBeGreaterThan(size);
-        expect(stats.devices.net0.rxBytes).toBeGreaterThan(size);
-      }),
-    ),
+    retryEmulatorFault(async ({ memory, marker, pick }) => {
+      const fx = fixtures();
+      const { kernel, initrd } = pick(fx);
+      const size = transferSize();
+      const down = randomBytes(size);
+      const downSum = createHash('md5').update(down).digest('hex');
+      const sink = await startSink();
+      let upResult = '';
+      let guestUpSum = '';
+      let driverError: string | undefined;
+      const r = await runCli(['run', '--kernel', kernel, '--initrd', initrd, '--memory', memory, '--net', 'tap=tap0', '--stats', '--cmdline', testCmdline()], {
+        wrap: ['ip', 'netns', 'exec', NS],
+        drive: (child, out) => {
+          const type = (line: string) => child.stdin.write(`${line}\n`);
+          let step = 'boot';
+          const within = <T>(what: string, p: Promise<T>): Promise<T> => {
+            step = what;
+            return withTimeout(p, STEP_TIMEOUT_MS, () => `timed out after ${STEP_TIMEOUT_MS} ms; output so far:\n${out().slice(-2000)}`);
+          };
+          void (async () => {
+            await until(out, marker);
+            await until(out, PROMPT);
+            type(`ip addr add ${GUEST_IP}/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address && ping -c 3 ${HOST_IP}; echo "@@PI""NG $?"`);
+            await within('ping', until(out, /@@PING \d/));
+            type(`dd if=/dev/urandom of=/tmp/up bs=64k count=${size >> 16} 2>/dev/null; md5sum /tmp/up; nc ${HOST_IP} ${UP_PORT} < /tmp/up; echo "@@U""P $?"`);
+            await within('the guest sending', until(out, /@@UP \d/));
+            guestUpSum = /([0-9a-f]{32})\s+\/tmp\/up/.exec(out())?.[1] ?? '';
+            upResult = await within("the host sink's result", sink.result);
+            type(`nc -l -p ${DOWN_PORT} > /tmp/down & sleep 1; echo "@@LI""STEN"`);
+            await within('the guest listening', until(out, /@@LISTEN/));
+            await within('the host sending', sendToGuest(down));
+            type(`wait; md5sum /tmp/down; echo "@@DO""WN $?"`);
+            await within('the guest receiving', until(out, /@@DOWN \d/));
+            step = 'reboot';
+            type('reboot -f');
+          })().catch((err: Error) => {
+            driverError = `${step}: ${err.message}`;
+            process.stderr.write(`net test driver: ${driverError}\n`);
+            child.kill('SIGTERM');
+          });
+        },
+      });
+      expect(driverError, 'the test driver').toBeUndefined();
+      expect(r.stdout).toMatch(/@@PING 0/);
+      expect(r.stdout).toMatch(/3 packets transmitted, 3 packets received/);
+      // A stable, locally administered MAC derived from the VM and TAP names.
+      expect(r.stdout).toMatch(/^[0-9a-f]{2}:([0-9a-f]{2}:){4}[0-9a-f]{2}\s*$/m);
+      expect(guestUpSum).toMatch(/^[0-9a-f]{32}$/);
+      expect(upResult).toBe(`${size} ${guestUpSum}`);
+      expect(r.stdout).toContain(`${downSum}  /tmp/down`);
+      expect(r.code).toBe(0);
+      const stats = JSON.parse(r.stderr.slice(r.stderr.indexOf('{'))) as { devices: { net0: { txBytes: number; rxBytes: number } } };
+      expect(stats.devices.net0.txBytes).toBeGreaterThan(size);
+      expect(stats.devices.net0.rxBytes).toBeGreaterThan(size);
+    }),
     RETRY_TIMEOUT_MS,
   );
 });
