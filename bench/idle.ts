@@ -46,29 +46,32 @@ interface ProcTimes {
   guestS: number;
 }
 
-/** utime, stime and guest_time of a process from /proc/PID/stat, in seconds (every thread). */
-function procTimes(pid: number): ProcTimes {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
+/** A /proc stat file (of a process or a thread): its command name, and utime, stime and guest_time in seconds. */
+function readStat(path: string): ProcTimes & { comm: string } {
+  const stat = readFileSync(path, 'latin1');
   // Fields from the state on (field 3), past the command name's parentheses.
   const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   const field = (n: number) => Number(f[n - 3]) / USER_HZ;
-  return { userS: field(14), systemS: field(15), guestS: field(43) };
+  return { comm: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')), userS: field(14), systemS: field(15), guestS: field(43) };
+}
+
+/** utime, stime and guest_time of a process from /proc/PID/stat, in seconds (every thread). */
+function procTimes(pid: number): ProcTimes {
+  return readStat(`/proc/${pid}/stat`);
 }
 
 /** Which part of a VMM process a thread is, from its name: tsvmm's and QEMU's vCPU threads, its main thread, the rest (V8's, libuv's, QEMU's I/O threads). */
 type ThreadRole = 'main' | 'vcpu' | 'other';
 const VCPU_THREAD = /^(tsvmm-vcpu\d+|CPU \d+\/KVM)$/;
 
-/** CPU ticks (user + system, guest_time apart) of each thread of `pid`, by tid; threads that end while read are left out. */
-function threadTicks(pid: number): Map<string, { role: ThreadRole; ticks: number; guest: number }> {
-  const out = new Map<string, { role: ThreadRole; ticks: number; guest: number }>();
+/** CPU time (user + system, and guest_time apart) of each thread of `pid` in seconds, by tid; threads that end while read are left out. */
+function threadTimes(pid: number): Map<string, { role: ThreadRole; cpuS: number; guestS: number }> {
+  const out = new Map<string, { role: ThreadRole; cpuS: number; guestS: number }>();
   for (const tid of readdirSync(`/proc/${pid}/task`)) {
     try {
-      const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'latin1');
-      const comm = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
-      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      const role: ThreadRole = tid === String(pid) ? 'main' : VCPU_THREAD.test(comm) ? 'vcpu' : 'other';
-      out.set(tid, { role, ticks: Number(f[14 - 3]) + Number(f[15 - 3]), guest: Number(f[43 - 3]) });
+      const t = readStat(`/proc/${pid}/task/${tid}/stat`);
+      const role: ThreadRole = tid === String(pid) ? 'main' : VCPU_THREAD.test(t.comm) ? 'vcpu' : 'other';
+      out.set(tid, { role, cpuS: t.userS + t.systemS, guestS: t.guestS });
     } catch {
       // the thread ended
     }
@@ -76,18 +79,18 @@ function threadTicks(pid: number): Map<string, { role: ThreadRole; ticks: number
   return out;
 }
 
-/** Share of a core each role used between two {@link threadTicks} readings, `wallS` apart (threads in both readings). */
+/** Share of a core each role used between two {@link threadTimes} readings, `wallS` apart (threads in both readings). */
 function roleShares(
-  before: ReturnType<typeof threadTicks>,
-  after: ReturnType<typeof threadTicks>,
+  before: ReturnType<typeof threadTimes>,
+  after: ReturnType<typeof threadTimes>,
   wallS: number,
 ): Record<ThreadRole, number> & { vcpuGuest: number } {
   const shares = { main: 0, vcpu: 0, other: 0, vcpuGuest: 0 };
   for (const [tid, a] of after) {
     const b = before.get(tid);
     if (!b) continue;
-    shares[a.role] += (a.ticks - b.ticks) / USER_HZ / wallS;
-    if (a.role === 'vcpu') shares.vcpuGuest += (a.guest - b.guest) / USER_HZ / wallS;
+    shares[a.role] += (a.cpuS - b.cpuS) / wallS;
+    if (a.role === 'vcpu') shares.vcpuGuest += (a.guestS - b.guestS) / wallS;
   }
   for (const k of Object.keys(shares) as Array<keyof typeof shares>) shares[k] = round(shares[k], 5);
   return shares;
@@ -110,10 +113,10 @@ interface IdleTimes {
 async function measure(pid: number, idleS: number): Promise<IdleTimes> {
   const t0 = performance.now();
   const p0 = procTimes(pid);
-  const t0Threads = threadTicks(pid);
+  const t0Threads = threadTimes(pid);
   await new Promise((r) => setTimeout(r, idleS * 1000));
   const p1 = procTimes(pid);
-  const t1Threads = threadTicks(pid);
+  const t1Threads = threadTimes(pid);
   const wallS = (performance.now() - t0) / 1000;
   const userS = p1.userS - p0.userS;
   const systemS = p1.systemS - p0.systemS;
@@ -133,11 +136,11 @@ async function measure(pid: number, idleS: number): Promise<IdleTimes> {
  * Spawns `argv`, waits for the shell prompt on its stdout, lets the boot
  * settle for 2 s, then measures the process over two windows of `idleS`
  * one after the other: `first`, just after the boot, where the process
- * may still be settling (in the emulated AMD-V host, on 2026-12-04, its V8
- * and libuv threads used up to 1% of a core there with no exit at all),
- * and `times`, the idle process after it. `during` runs just before the first window and just
- * after the second (its results are returned); the process is killed at
- * the end in any case.
+ * may still be settling (in the emulated AMD-V host, on 2026-12-04, V8's
+ * memory reducer ran its one collection about 20 s after the prompt, with
+ * no exit at all), and `times`, the idle process after it. `during` runs
+ * just before the first window and just after the second (its results are
+ * returned); the process is killed at the end in any case.
  */
 async function idleProcess<T>(
   argv: string[],
