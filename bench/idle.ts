@@ -22,12 +22,13 @@
  * same prompt for as long, measured the same way.
  */
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { apiRequest } from '../src/api-client.js';
 import { fixtures } from '../fixtures/index.js';
 import { PROMPT, testCmdline } from '../fixtures/index.js';
+import { type ProcStat, readStat, threadStats } from '../fixtures/proc.js';
 import type { Benchmark, BenchContext, BenchResult, Row } from './lib/benchmark.js';
 import { checkQemu, qemuArgv, qemuRow } from './lib/qemu.js';
 import { round } from './lib/stats.js';
@@ -37,23 +38,7 @@ const MEMORY = '128M';
 /** KVM's own halt-poll window here (the kvm module's halt_poll_ns default), for the side-by-side row. */
 const KVM_DEFAULT_HALT_POLL_NS = 200_000;
 
-/** Linux's USER_HZ on x86: /proc's clock ticks. */
-const USER_HZ = 100;
-
-interface ProcTimes {
-  userS: number;
-  systemS: number;
-  guestS: number;
-}
-
-/** A /proc stat file (of a process or a thread): its command name, and utime, stime and guest_time in seconds. */
-function readStat(path: string): ProcTimes & { comm: string } {
-  const stat = readFileSync(path, 'latin1');
-  // Fields from the state on (field 3), past the command name's parentheses.
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const field = (n: number) => Number(f[n - 3]) / USER_HZ;
-  return { comm: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')), userS: field(14), systemS: field(15), guestS: field(43) };
-}
+type ProcTimes = Pick<ProcStat, 'userS' | 'systemS' | 'guestS'>;
 
 /** utime, stime and guest_time of a process from /proc/PID/stat, in seconds (every thread). */
 function procTimes(pid: number): ProcTimes {
@@ -67,14 +52,9 @@ const VCPU_THREAD = /^(tsvmm-vcpu\d+|CPU \d+\/KVM)$/;
 /** CPU time (user + system, and guest_time apart) of each thread of `pid` in seconds, by tid; threads that end while read are left out. */
 function threadTimes(pid: number): Map<string, { role: ThreadRole; cpuS: number; guestS: number }> {
   const out = new Map<string, { role: ThreadRole; cpuS: number; guestS: number }>();
-  for (const tid of readdirSync(`/proc/${pid}/task`)) {
-    try {
-      const t = readStat(`/proc/${pid}/task/${tid}/stat`);
-      const role: ThreadRole = tid === String(pid) ? 'main' : VCPU_THREAD.test(t.comm) ? 'vcpu' : 'other';
-      out.set(tid, { role, cpuS: t.userS + t.systemS, guestS: t.guestS });
-    } catch {
-      // the thread ended
-    }
+  for (const [tid, t] of threadStats(pid)) {
+    const role: ThreadRole = tid === String(pid) ? 'main' : VCPU_THREAD.test(t.comm) ? 'vcpu' : 'other';
+    out.set(tid, { role, cpuS: t.userS + t.systemS, guestS: t.guestS });
   }
   return out;
 }

@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { kvmUnavailable, describeCli, runCli, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
@@ -31,8 +31,8 @@ describe.skipIf(noKvm !== undefined)(`classic bzImage boot${noKvm ? ` (skipped: 
         testCmdline('tsvmm.mode=reboot'),
       ]);
       expect(r.stderr).toContain('"kind":"bzimage-guest"');
-      expect(r.stdout).toContain('TSVMM-INIT-OK');
-      expect(r.stdout).toContain('reboot: Restarting system');
+      expect(r.stdout, describeCli(r)).toContain('TSVMM-INIT-OK');
+      expect(r.stdout, describeCli(r)).toContain('reboot: Restarting system');
       expect(r.code).toBe(0);
     }),
     RETRY_TIMEOUT_MS,

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { consolesSeen, GuestSession, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { consolesSeen, GuestSession, PROMPT, kvmUnavailable, describeCli, runCli, testCmdline, until } from '../helpers/guest.js';
 import { RETRY_TIMEOUT_MS, retryEmulatorFault } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
@@ -55,9 +55,9 @@ describe.skipIf(noKvm !== undefined)(`virtio console${noKvm ? ` (skipped: ${noKv
         },
       );
       // hvc0 prints from the moment the virtio-console driver is up (what Linux printed before is not replayed there).
-      expect(r.stdout).toContain('Run /init as init process');
-      expect(r.stdout).toContain('TSVMM-INIT-OK');
-      expect(r.stdout).toMatch(/answer-42 on hvc0/);
+      expect(r.stdout, describeCli(r)).toContain('Run /init as init process');
+      expect(r.stdout, describeCli(r)).toContain('TSVMM-INIT-OK');
+      expect(r.stdout, describeCli(r)).toMatch(/answer-42 on hvc0/);
       expect(r.code, r.stderr).toBe(0);
       const stats = JSON.parse(r.stderr.slice(r.stderr.indexOf('{'), r.stderr.lastIndexOf('}') + 1)) as Stats;
       const hvc = stats.devices.console0;
@@ -99,8 +99,8 @@ describe.skipIf(noKvm !== undefined)(`virtio console${noKvm ? ` (skipped: ${noKv
       // The UART had the kernel's messages from the start; stdout (hvc0) only from its driver on.
       expect(serial).toContain('] Linux version ');
       expect(serial).toContain('Run /init as init process');
-      expect(r.stdout).toContain('TSVMM-INIT-OK');
-      expect(r.stdout).not.toContain('Linux version ');
+      expect(r.stdout, describeCli(r)).toContain('TSVMM-INIT-OK');
+      expect(r.stdout, describeCli(r)).not.toContain('Linux version ');
     }),
     RETRY_TIMEOUT_MS,
   );
@@ -152,7 +152,7 @@ describe.skipIf(noKvm !== undefined)(`virtio console${noKvm ? ` (skipped: ${noKv
       expect(r.code, `${r.stderr}\n${seen.slice(-2000)}`).toBe(0);
       expect(seen).toContain('TSVMM-INIT-OK');
       expect(seen).toMatch(/answer-42 on ttyS0/);
-      expect(r.stdout).toBe('');
+      expect(r.stdout, describeCli(r)).toBe('');
       // Nothing serves the socket after the VM (the sandboxed CLI may not remove it: the next claim replaces it).
       const after = await new Promise<string>((resolve) => {
         const s = connect(path);

@@ -4,7 +4,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { PROMPT, GuestSession, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { PROMPT, GuestSession, kvmUnavailable, describeCli, runCli, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { hostCpuModelName } from '../../src/kvm/probe.js';
 
@@ -74,11 +74,11 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
         '--cmdline',
         testCmdline('tsvmm.mode=poweroff'),
       ]);
-      expect(r.stdout).toContain('TSVMM-INIT-OK');
-      expect(r.stdout).toMatch(/reboot: (System halted|Power down)/);
+      expect(r.stdout, describeCli(r)).toContain('TSVMM-INIT-OK');
+      expect(r.stdout, describeCli(r)).toMatch(/reboot: (System halted|Power down)/);
       expect(r.code).toBe(0);
       // Logs go to stderr, never into the console stream.
-      expect(r.stdout).not.toContain('"level"');
+      expect(r.stdout, describeCli(r)).not.toContain('"level"');
     }),
     RETRY_TIMEOUT_MS,
   );
@@ -100,8 +100,8 @@ describe.skipIf(noKvm !== undefined)(`Linux boot${noKvm ? ` (skipped: ${noKvm})`
         '--cmdline',
         testCmdline('tsvmm.mode=panic'),
       ]);
-      expect(r.stdout).toContain('TSVMM-PANIC-NOW');
-      expect(r.stdout).toContain('Kernel panic - not syncing');
+      expect(r.stdout, describeCli(r)).toContain('TSVMM-PANIC-NOW');
+      expect(r.stdout, describeCli(r)).toContain('Kernel panic - not syncing');
       expect(r.stderr).toMatch(/tsvmm: guest kernel panic/);
       expect(r.code).toBe(3);
     }),

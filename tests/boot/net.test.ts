@@ -14,7 +14,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { probeHostOnce } from '../../src/kvm/probe.js';
 import { fixtures, type Fixtures } from '../../fixtures/index.js';
 import { hardwareVirtUnavailable, inEmulatedAmdvHost, retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
-import { PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { PROMPT, kvmUnavailable, describeCli, runCli, testCmdline, until } from '../helpers/guest.js';
 import { withTimeout } from '../helpers/assert.js';
 
 const noKvm = kvmUnavailable();
@@ -221,13 +221,13 @@ describe.skipIf(skipReason !== undefined)(`virtio-net over TAP${skipReason ? ` (
         },
       });
       expect(driverError, 'the test driver').toBeUndefined();
-      expect(r.stdout).toMatch(/@@PING 0/);
-      expect(r.stdout).toMatch(/3 packets transmitted, 3 packets received/);
+      expect(r.stdout, describeCli(r)).toMatch(/@@PING 0/);
+      expect(r.stdout, describeCli(r)).toMatch(/3 packets transmitted, 3 packets received/);
       // A stable, locally administered MAC derived from the VM and TAP names.
-      expect(r.stdout).toMatch(/^[0-9a-f]{2}:([0-9a-f]{2}:){4}[0-9a-f]{2}\s*$/m);
+      expect(r.stdout, describeCli(r)).toMatch(/^[0-9a-f]{2}:([0-9a-f]{2}:){4}[0-9a-f]{2}\s*$/m);
       expect(guestUpSum).toMatch(/^[0-9a-f]{32}$/);
       expect(upResult).toBe(`${size} ${guestUpSum}`);
-      expect(r.stdout).toContain(`${downSum}  /tmp/down`);
+      expect(r.stdout, describeCli(r)).toContain(`${downSum}  /tmp/down`);
       expect(r.code).toBe(0);
       const stats = JSON.parse(r.stderr.slice(r.stderr.indexOf('{'))) as { devices: { net0: { txBytes: number; rxBytes: number } } };
       expect(stats.devices.net0.txBytes).toBeGreaterThan(size);

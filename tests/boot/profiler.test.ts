@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { ProfileReport } from '../../src/tools/profiler.js';
 import { fixtures } from '../../fixtures/index.js';
-import { kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { kvmUnavailable, describeCli, runCli, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { oneLine, useTempDir } from '../helpers/assert.js';
 
@@ -26,7 +26,7 @@ describe('tsvmm run --profile: bad input', () => {
     expect(oneLine(r.stderr)).toMatch(
       /cannot read System\.map .*missing\.map: no such file; give the kernel's System\.map as profile\.systemMap \(--system-map <path>\)/,
     );
-    expect(r.stdout).toBe('');
+    expect(r.stdout, describeCli(r)).toBe('');
     expect(existsSync(join(dir.path, 'p.txt'))).toBe(false);
   });
 
@@ -75,7 +75,7 @@ describe.skipIf(noKvm !== undefined)(`profiling a Linux boot${noKvm ? ` (skipped
         '--profile',
         out,
       ]);
-      expect(r.stdout).toContain('TSVMM-INIT-OK');
+      expect(r.stdout, describeCli(r)).toContain('TSVMM-INIT-OK');
       expect(r.code).toBe(0);
       expect(r.stderr).toBe('');
 

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, describeCli, runCli, testCmdline, until } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { debugfsCat } from '../helpers/disk.js';
 
@@ -57,9 +57,9 @@ describe.skipIf(noKvm !== undefined)(`root file system on virtio-blk${noKvm ? ` 
           },
         },
       );
-      expect(r.stdout).toContain('TSVMM-ROOTFS-OK');
+      expect(r.stdout, describeCli(r)).toContain('TSVMM-ROOTFS-OK');
       // init came from the disk: there was no initramfs.
-      expect(r.stdout).toContain('/sbin/init');
+      expect(r.stdout, describeCli(r)).toContain('/sbin/init');
       expect(r.signal).toBe('SIGKILL');
       expect(guestSum).toMatch(/^[0-9a-f]{32}$/);
       // As after a power cut: the journal is replayed, and nothing is left to repair.

@@ -22,7 +22,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { buildPrintAndHaltKernel } from '../../src/testing/index.js';
-import { kvmUnavailable, REPO, runCli, until } from '../helpers/guest.js';
+import { kvmUnavailable, REPO, describeCli, runCli, until } from '../helpers/guest.js';
 
 const noKvm = kvmUnavailable();
 /** A hang guard, not a speed check. */
@@ -173,7 +173,7 @@ describe.skipIf(noKvm !== undefined)(`the sandbox${noKvm ? ` (skipped: ${noKvm})
           );
         },
       });
-      expect(r.stdout).toContain('sandboxed guest says hello');
+      expect(r.stdout, describeCli(r)).toContain('sandboxed guest says hello');
       expect(r.code).toBe(143);
       expect(/"msg":"sandbox: (process confined with Landlock|files not confined)"/.test(r.stderr)).toBe(sandboxed);
     },

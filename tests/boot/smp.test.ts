@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { PROMPT, kvmUnavailable, describeCli, runCli, testCmdline, until } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 
 const noKvm = kvmUnavailable();
@@ -85,7 +85,7 @@ describe.skipIf(noKvm !== undefined)(`SMP${noKvm ? ` (skipped: ${noKvm})` : ''}`
       expect(r.stdout, how).toMatch(/@@ONLINE 0-3 4/);
       // A clock that is not the jiffies: without one, an idle guest cannot stop its tick (on the PVM host, where
       // tsvmm adds nopv, it comes from tsc_early_khz=; elsewhere it is kvm-clock).
-      expect(r.stdout).toMatch(/@@CLOCKSOURCE (tsc|kvm-clock)\r?\n/);
+      expect(r.stdout, describeCli(r)).toMatch(/@@CLOCKSOURCE (tsc|kvm-clock)\r?\n/);
       expect(r.signal).toBeNull();
       expect(r.code).toBe(143);
       expect(r.stderr).toContain('stopped by SIGTERM');

@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildPrintAndHaltKernel } from '../../src/testing/index.js';
 import { oneLine } from '../helpers/assert.js';
-import { kvmUnavailable, runCli, until } from '../helpers/guest.js';
+import { kvmUnavailable, describeCli, runCli, until } from '../helpers/guest.js';
 
 const USER = 65534;
 const NS = `tsvmm-unpriv-${process.pid}`;
@@ -117,7 +117,7 @@ describe.skipIf(skip !== undefined)(`an unprivileged user${skip ? ` (skipped: ${
         },
       });
       expect(r.stderr).not.toMatch(/permission|EPERM|EACCES/i);
-      expect(r.stdout).toContain('ok');
+      expect(r.stdout, describeCli(r)).toContain('ok');
       expect(stopped).toBe(true);
       expect(r.code).toBe(143);
       expect(r.stderr).toContain('stopped by SIGTERM');

@@ -8,7 +8,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { BOOT_TIMEOUT_MS, kvmUnavailable, runCli, testCmdline } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, kvmUnavailable, describeCli, runCli, testCmdline } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { oneLine, useTempDir } from '../helpers/assert.js';
 
@@ -123,7 +123,7 @@ describe.skipIf(noKvm !== undefined)(`tsvmm run --config${noKvm ? ` (skipped: ${
         timeoutMs: BOOT_TIMEOUT_MS,
       });
       expect(r.code, r.stderr).toBe(0);
-      expect(r.stdout).toMatch(/Command line: .*tsvmm\.from=config/);
+      expect(r.stdout, describeCli(r)).toMatch(/Command line: .*tsvmm\.from=config/);
       // 128M from the flag, not the file's 64M: the kernel sees more than 100 MiB.
       const total = Number(/Memory: \d+K\/(\d+)K available/.exec(r.stdout)?.[1]);
       expect(total).toBeGreaterThan(100 * 1024);

@@ -7,7 +7,7 @@ import { chmodSync, copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { kvmUnavailable, runCli } from '../helpers/guest.js';
+import { kvmUnavailable, describeCli, runCli } from '../helpers/guest.js';
 import { oneLine, useTempDir } from '../helpers/assert.js';
 
 const dir = useTempDir('tsvmm-cli-');
@@ -26,7 +26,7 @@ describe('tsvmm run: bad input', () => {
     const r = await runCli(['run', '--kernel', join(dir.path, 'nope')]);
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/cannot read kernel .*nope: no such file; give the path of a readable bzImage or vmlinux \(--kernel <path>\)/);
-    expect(r.stdout).toBe('');
+    expect(r.stdout, describeCli(r)).toBe('');
   });
 
   it('refuses an unreadable kernel', async () => {
@@ -69,7 +69,7 @@ describe('tsvmm run: bad input', () => {
     const r = await runCli(['run', '--kernel', fx.bzImage, '--initrd', fx.initramfs], { env: { TSVMM_HANDOFF_SPIN_US: '50ms' } });
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/TSVMM_HANDOFF_SPIN_US must be a whole number of microseconds from 0 to 1000 .*not '50ms'/);
-    expect(r.stdout).toBe('');
+    expect(r.stdout, describeCli(r)).toBe('');
   });
 
   it('says what to do when there is no KVM device', async () => {

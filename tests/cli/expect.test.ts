@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { fixtures } from '../../fixtures/index.js';
-import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, runCli, testCmdline, until } from '../helpers/guest.js';
+import { BOOT_TIMEOUT_MS, PROMPT, kvmUnavailable, describeCli, runCli, testCmdline, until } from '../helpers/guest.js';
 import { retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
 import { oneLine, useTempDir } from '../helpers/assert.js';
 
@@ -55,7 +55,7 @@ describe.skipIf(noKvm !== undefined)(`tsvmm run --expect, --timeout, --console-l
         },
       });
       expect(r.code, r.stderr).toBe(0);
-      expect(r.stdout).toContain('TSVMM-INIT-OK');
+      expect(r.stdout, describeCli(r)).toContain('TSVMM-INIT-OK');
       expect(readFileSync(log, 'latin1')).toBe(r.stdout);
     }),
     RETRY_TIMEOUT_MS,
@@ -68,9 +68,9 @@ describe.skipIf(noKvm !== undefined)(`tsvmm run --expect, --timeout, --console-l
         timeoutMs: BOOT_TIMEOUT_MS,
       });
       expect(r.code, r.stderr).toBe(0);
-      expect(r.stdout).toMatch(/Command line: .*console=ttyS0/);
+      expect(r.stdout, describeCli(r)).toMatch(/Command line: .*console=ttyS0/);
       // Stopped early: long before the kernel looked for a root file system.
-      expect(r.stdout).not.toContain('VFS:');
+      expect(r.stdout, describeCli(r)).not.toContain('VFS:');
     }),
     RETRY_TIMEOUT_MS,
   );

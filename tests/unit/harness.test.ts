@@ -10,6 +10,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { CONSOLE_TRANSCRIPT_LIMIT, ConsoleStream, ConsoleWaitError } from '../../src/vmm/console.js';
 import { runOnConsole } from '../../src/vmm/shell.js';
 import { EscapeKeys } from '../../src/escape-keys.js';
+import { describeCli } from '../../fixtures/guest.js';
+import { threadReport } from '../../fixtures/proc.js';
 
 function rejection(p: Promise<unknown>): Promise<ConsoleWaitError> {
   return p.then(
@@ -197,5 +199,35 @@ describe('the control socket', () => {
     } as never);
     clearTimeout(timer);
     expect(JSON.parse(JSON.stringify(c))).toEqual({ kernel: '(4096 bytes)', initrd: '/boot/initrd.gz', memory: '64M', profile: { path: 'p.txt' } });
+  });
+});
+
+describe('the hang report of a CLI child', () => {
+  it("names each thread with its state and the CPU it used: a busy loop's thread runs, a sleeper's sleeps", async () => {
+    const busy = spawn(process.execPath, ['-e', 'for (;;);']);
+    const sleeper = spawn('sleep', ['30']);
+    try {
+      await new Promise((r) => setTimeout(r, 300));
+      const b = await threadReport(busy.pid!, 500);
+      const main = b.split('\n').find((l) => l.includes(`${busy.pid} node:`));
+      expect(main, b).toMatch(/state R, cpu (\d{2,3})% \(guest 0%\)/);
+      expect(Number(/cpu (\d+)%/.exec(main!)![1])).toBeGreaterThan(30);
+      const s = await threadReport(sleeper.pid!, 200);
+      expect(s).toMatch(new RegExp(`${sleeper.pid} sleep: state S.*, cpu 0% \\(guest 0%\\)`));
+    } finally {
+      busy.kill('SIGKILL');
+      sleeper.kill('SIGKILL');
+    }
+    await new Promise((r) => sleeper.once('close', r));
+    expect(await threadReport(sleeper.pid!, 10)).toBe(`process ${sleeper.pid} has ended`);
+  });
+
+  it('describeCli gives the end of a long console, which the diff leaves out, and the end of stderr', () => {
+    const stdout = `${'early boot line\n'.repeat(2000)}the last line`;
+    const d = describeCli({ code: null, signal: 'SIGKILL', stdout, stderr: 'tsvmm: stopped', ms: 840_000, hang: 'threads of 7 over 1.0 s' });
+    expect(d).toMatch(/^tsvmm was killed by SIGKILL after 840\.0 s; the hang guard killed it, and before that threads of 7/);
+    expect(d).toContain('tsvmm: stopped');
+    expect(d).toContain('the last line\n---');
+    expect(d.length).toBeLessThan(6000);
   });
 });
