@@ -10,7 +10,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { CONSOLE_TRANSCRIPT_LIMIT, ConsoleStream, ConsoleWaitError } from '../../src/vmm/console.js';
 import { runOnConsole } from '../../src/vmm/shell.js';
 import { EscapeKeys } from '../../src/escape-keys.js';
-import { describeCli } from '../../fixtures/guest.js';
+import { describeCli, endingsSeen, processCrash, runCli } from '../../fixtures/guest.js';
+import { L1_PROCESS_CRASH } from '../helpers/host.js';
 import { threadReport } from '../../fixtures/proc.js';
 
 function rejection(p: Promise<unknown>): Promise<ConsoleWaitError> {
@@ -229,5 +230,18 @@ describe('the hang report of a CLI child', () => {
     expect(d).toContain('tsvmm: stopped');
     expect(d).toContain('the last line\n---');
     expect(d.length).toBeLessThan(6000);
+  });
+});
+
+describe('how runCli records a CLI child that crashed', () => {
+  it('a child that dies of SIGSEGV is recorded as a crash, which the L1 retry recognises; one killed by SIGKILL is not', async () => {
+    const crashed = await runCli([], { wrap: ['sh', '-c', 'kill -SEGV $$', '--'] });
+    expect(crashed.signal).toBe('SIGSEGV');
+    const crashEnding = endingsSeen.at(-1)!();
+    expect(crashEnding).toContain(processCrash('SIGSEGV'));
+    expect(crashEnding).toMatch(L1_PROCESS_CRASH);
+    const killed = await runCli([], { wrap: ['sh', '-c', 'kill -KILL $$', '--'] });
+    expect(killed.signal).toBe('SIGKILL');
+    expect(endingsSeen.at(-1)!()).not.toMatch(L1_PROCESS_CRASH);
   });
 });
