@@ -36,6 +36,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -275,6 +276,7 @@ std::map<int, EnvState*> ownedFds;
 
 void ForgetVm(int fd);
 void RecordSlot(void* base, int vmFd, uint32_t slot);
+bool IsGuestRam(void* base, size_t size);
 
 int Own(Napi::Env env, int fd) {
   EnvState* state = StateOf(env);
@@ -403,6 +405,11 @@ Napi::Value SetUserMemoryRegion(const Napi::CallbackInfo& info) {
   uint64_t size = ArgU64(info, 6);
   if (offset > ab.ByteLength() || size > ab.ByteLength() - offset || size == 0 || (offset & 0xfff) || (size & 0xfff))
     ThrowType(env, "memory region must be a non-empty page-aligned range inside the buffer");
+  // Only allocGuestMemory's mappings back a slot: they delete their slots
+  // before they are unmapped (DeleteSlots). A buffer JavaScript allocated
+  // could be freed under a running guest, which would then reach the host
+  // memory reused there.
+  if (!IsGuestRam(ab.Data(), ab.ByteLength())) ThrowType(env, "memory must be an ArrayBuffer from allocGuestMemory, still mapped");
   kvm_userspace_memory_region r = {};
   r.slot = ArgInt(info, 1);
   r.flags = ArgInt(info, 2);
@@ -522,6 +529,7 @@ struct Mapping {
   void* addr;
   size_t size;
   std::vector<MemSlot> slots;  // under mappingsMutex
+  bool guestRam;  // allocGuestMemory's (a memory slot may be backed by it), not a vCPU's kvm_run
 };
 
 std::mutex mappingsMutex;
@@ -536,6 +544,13 @@ void DeleteSlots(Mapping* m) {
     ioctl(s.vmFd, KVM_SET_USER_MEMORY_REGION, &r);
   }
   m->slots.clear();
+}
+
+// True when `base` starts a live allocGuestMemory mapping of `size` bytes.
+bool IsGuestRam(void* base, size_t size) {
+  std::lock_guard<std::mutex> lock(mappingsMutex);
+  auto it = mappings.find(base);
+  return it != mappings.end() && it->second->guestRam && it->second->size == size;
 }
 
 // After KVM_SET_USER_MEMORY_REGION: `slot` of `vmFd` is backed by the
@@ -583,8 +598,8 @@ Mapping* ReleaseMapping(void* addr, Mapping* expected) {
   return m;
 }
 
-Napi::Value ExternalMapping(Napi::Env env, void* addr, size_t size) {
-  auto* m = new Mapping{addr, size, {}};
+Napi::Value ExternalMapping(Napi::Env env, void* addr, size_t size, bool guestRam) {
+  auto* m = new Mapping{addr, size, {}, guestRam};
   {
     std::lock_guard<std::mutex> lock(mappingsMutex);
     mappings[addr] = m;
@@ -596,6 +611,66 @@ Napi::Value ExternalMapping(Napi::Env env, void* addr, size_t size) {
     }
     delete hint;
   }, m);
+}
+
+// Memory JavaScript and vCPU threads share (allocShared): the fast-read
+// table and the profiler's sample ring. The addon allocates it, never a
+// buffer JavaScript made: JavaScript could transfer such a buffer away
+// (structuredClone, postMessage) and let the collector free it while a
+// vCPU thread still writes it. Node marks an ArrayBuffer with an addon's
+// finalizer as untransferable (a transfer copies it instead), and a block
+// is freed only when the last of its owners lets go: the ArrayBuffer's
+// finalizer and each vCPU it was given to, whatever order an
+// environment's teardown takes. The registry is keyed by address, which
+// is not reused while the block lives.
+struct SharedBlock {
+  SharedBlock(void* d, size_t n) : data(d), size(n) {}
+  SharedBlock(const SharedBlock&) = delete;
+  SharedBlock& operator=(const SharedBlock&) = delete;
+  ~SharedBlock() { free(data); }
+  void* const data;
+  const size_t size;
+};
+
+std::mutex sharedMutex;
+std::map<void*, std::weak_ptr<SharedBlock>> sharedBlocks;
+
+constexpr size_t kMaxSharedBytes = 1 << 20;
+
+Napi::Value AllocShared(const Napi::CallbackInfo& info) {
+  uint64_t size = ArgU64(info, 0);
+  if (size == 0 || size > kMaxSharedBytes) ThrowType(info.Env(), "shared block size must be 1 to " + std::to_string(kMaxSharedBytes) + " bytes");
+  size_t rounded = (size + 63) & ~size_t{63};
+  void* p = aligned_alloc(64, rounded);
+  if (p == nullptr) ThrowErrno(info.Env(), "allocate a shared block", ENOMEM);
+  memset(p, 0, rounded);
+  auto* owner = new std::shared_ptr<SharedBlock>(std::make_shared<SharedBlock>(p, size));
+  {
+    std::lock_guard<std::mutex> lock(sharedMutex);
+    sharedBlocks[p] = *owner;
+  }
+  return Napi::ArrayBuffer::New(info.Env(), p, size, [](Napi::Env, void* data, std::shared_ptr<SharedBlock>* o) {
+    {
+      std::lock_guard<std::mutex> lock(sharedMutex);
+      sharedBlocks.erase(data);
+    }
+    delete o;  // frees the block unless a vCPU still holds it
+  }, owner);
+}
+
+// The block behind a typed array made over allocShared memory, holding
+// `bytes` from the array's start; null (and a TypeError thrown) otherwise.
+std::shared_ptr<SharedBlock> SharedOf(Napi::Env env, Napi::TypedArray ta, size_t bytes, const char* what) {
+  Napi::ArrayBuffer ab = ta.ArrayBuffer();
+  std::shared_ptr<SharedBlock> block;
+  {
+    std::lock_guard<std::mutex> lock(sharedMutex);
+    auto it = sharedBlocks.find(ab.Data());
+    if (it != sharedBlocks.end()) block = it->second.lock();
+  }
+  if (!block || ta.ByteOffset() > block->size || bytes > block->size - ta.ByteOffset())
+    ThrowType(env, std::string(what) + " must be a view of memory from allocShared (memory JavaScript allocated could be transferred away and freed)");
+  return block;
 }
 
 // Unmaps an ArrayBuffer made by ExternalMapping now and detaches it, so
@@ -624,7 +699,7 @@ Napi::Value AllocGuestMemory(const Napi::CallbackInfo& info) {
   if (p == MAP_FAILED) ThrowErrno(info.Env(), "mmap guest memory", errno);
   // KSM only when asked: merging pages across VMs is a timing side channel between them.
   if (info.Length() > 1 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value()) madvise(p, size, MADV_MERGEABLE);
-  return ExternalMapping(info.Env(), p, size);
+  return ExternalMapping(info.Env(), p, size, true);
 }
 
 Napi::Value MapVcpuRun(const Napi::CallbackInfo& info) {
@@ -633,7 +708,7 @@ Napi::Value MapVcpuRun(const Napi::CallbackInfo& info) {
   if (size < sizeof(kvm_run)) ThrowType(info.Env(), "kvm_run mapping too small");
   void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) ThrowErrno(info.Env(), "mmap kvm_run", errno);
-  return ExternalMapping(info.Env(), p, size);
+  return ExternalMapping(info.Env(), p, size, false);
 }
 
 // ---------------------------------------------------------------------------
@@ -668,7 +743,7 @@ struct VcpuThread {
   // Port reads answered here without a report (setFastReads): a table
   // JavaScript writes as its devices change (see ServeFastRead); null: none.
   std::atomic<int32_t*> fastReads{nullptr};
-  Napi::Reference<Napi::Value> fastReadsRef;
+  std::shared_ptr<SharedBlock> fastReadsBlock;  // what fastReads points into
   Napi::ThreadSafeFunction tsfn;
   std::thread thread;
   pthread_t tid{};
@@ -709,7 +784,7 @@ struct VcpuThread {
   std::mutex sampleMu;
   uint64_t* samples = nullptr;
   size_t sampleCap = 0;
-  Napi::Reference<Napi::Value> samplesRef;
+  std::shared_ptr<SharedBlock> samplesBlock;  // what samples points into
 
   // On the event loop's own thread instead (StartVcpuOnLoop): no thread,
   // an idle handle that runs KVM_RUN bursts, and the callback called there.
@@ -1250,9 +1325,7 @@ Napi::Value StartVcpu(const Napi::CallbackInfo& info) {
           vt->thread.join();
         }
         vt->state->vcpus.erase(vt->id);
-        vt->samplesRef.Reset();
-        vt->fastReadsRef.Reset();
-        delete vt;
+        delete vt;  // and with it the shared blocks it held
       },
       static_cast<void*>(nullptr));
   state->vcpus[v->id] = v;
@@ -1499,8 +1572,6 @@ void LoopVcpuHandleClosed(uv_handle_t* h) {
   if (--vt->openHandles == 0) {
     state->vcpus.erase(vt->id);
     vt->cb.Reset();
-    vt->samplesRef.Reset();
-    vt->fastReadsRef.Reset();
     napi_async_destroy(vt->env, vt->asyncContext);
     delete vt;
   }
@@ -1747,11 +1818,12 @@ Napi::Value SetSampleBuffer(const Napi::CallbackInfo& info) {
   Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
   size_t n = ta.ElementLength();
   if (n < 2) ThrowType(info.Env(), "sample buffer needs at least 2 slots");
+  std::shared_ptr<SharedBlock> block = SharedOf(info.Env(), ta, n * sizeof(uint64_t), "sample buffer");
   std::lock_guard<std::mutex> lock(v->sampleMu);
-  // Safe: a BigUint64Array's data is 8-byte aligned; samplesRef keeps it alive.
+  // Safe: a BigUint64Array's data is 8-byte aligned; samplesBlock keeps it alive.
   v->samples = reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
   v->sampleCap = n - 1;
-  v->samplesRef = Napi::Persistent(info[1]);
+  v->samplesBlock = std::move(block);
   return info.Env().Undefined();
 }
 
@@ -1763,12 +1835,13 @@ Napi::Value SetFastReads(const Napi::CallbackInfo& info) {
   if (ta.ElementLength() < kFastReadSlots) ThrowType(info.Env(), "fast-read table needs " + std::to_string(kFastReadSlots) + " slots");
   if (v->fastReads.load() != nullptr) ThrowType(info.Env(), "this vCPU has its fast-read table already");
   // Set once: the vCPU may be running (on its thread) and reads the pointer
-  // at every exit, so a table is never replaced. fastReadsRef keeps it alive
-  // as long as the vCPU; an Int32Array's data is 4-byte aligned, and the
-  // counts' slots are 8-byte aligned within the table.
+  // at every exit, so a table is never replaced. fastReadsBlock keeps it
+  // alive as long as the vCPU; an Int32Array's data is 4-byte aligned, and
+  // the counts' slots are 8-byte aligned within the table.
+  std::shared_ptr<SharedBlock> block = SharedOf(info.Env(), ta, kFastReadSlots * sizeof(int32_t), "fast-read table");
   auto* t = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
   if (reinterpret_cast<uintptr_t>(t) % 8 != 0) ThrowType(info.Env(), "fast-read table must start 8-byte aligned");
-  v->fastReadsRef = Napi::Persistent(info[1]);
+  v->fastReadsBlock = std::move(block);
   v->fastReads.store(t, std::memory_order_release);
   return info.Env().Undefined();
 }
@@ -2290,6 +2363,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   F("enableCap", EnableCap)
   F("unmap", Unmap)
   F("allocGuestMemory", AllocGuestMemory)
+  F("allocShared", AllocShared)
   F("mapVcpuRun", MapVcpuRun)
   F("getRegs", GetRegs)
   F("setRegs", SetRegs)

@@ -14,6 +14,7 @@
  * drains on a short timer while output flows.
  */
 import type { ReadMirror } from '../base/bus.js';
+import type { NativeAddon } from './native.js';
 
 /** Entries a table holds (kMaxFastReads). */
 export const MAX_FAST_READS = 4;
@@ -22,9 +23,21 @@ const ENTRY = 4;
 export const FAST_READ_SLOTS = HEADER + ENTRY * MAX_FAST_READS;
 
 export class FastReadTable {
-  /** Shared with the addon: see native/kvm.cc. */
-  readonly slots = new Int32Array(FAST_READ_SLOTS);
   private readonly ports: number[] = [];
+
+  /**
+   * A table over `slots`: for a vCPU, memory the addon allocated (see
+   * {@link FastReadTable.shared}), which the addon requires; a plain
+   * array serves device models' unit tests.
+   */
+  constructor(readonly slots: Int32Array = new Int32Array(FAST_READ_SLOTS)) {
+    if (slots.length < FAST_READ_SLOTS) throw new RangeError(`a fast-read table needs ${FAST_READ_SLOTS} slots, not ${slots.length}`);
+  }
+
+  /** A table the addon's vCPUs can be given: its slots are in memory the addon allocated (allocShared), which JavaScript cannot transfer away. */
+  static shared(addon: Pick<NativeAddon, 'allocShared'>): FastReadTable {
+    return new FastReadTable(new Int32Array(addon.allocShared(FAST_READ_SLOTS * Int32Array.BYTES_PER_ELEMENT)));
+  }
 
   /** The coalesced ring's page in the vCPU mapping, or 0 for none (the default). */
   set ringPage(page: number) {

@@ -206,8 +206,8 @@ export interface NativeAddon {
   /** KVM_IRQ_LINE. */
   irqLine(vmFd: number, irq: number, level: number): void;
   /**
-   * KVM_SET_USER_MEMORY_REGION backed by `memory` (from allocGuestMemory)
-   * at [offset, offset + size).
+   * KVM_SET_USER_MEMORY_REGION backed by `memory` (from allocGuestMemory,
+   * still mapped: any other buffer is refused) at [offset, offset + size).
    */
   setUserMemoryRegion(vmFd: number, slot: number, flags: number, guestAddr: number, memory: ArrayBuffer, offset: number, size: number): void;
   /** KVM_IOEVENTFD: `flags` as in struct kvm_ioeventfd; datamatch used when KVM_IOEVENTFD_FLAG_DATAMATCH is set. */
@@ -219,6 +219,13 @@ export interface NativeAddon {
   /** Anonymous private mapping for guest RAM; unmapped when the ArrayBuffer is collected. */
   /** `mergeable`: madvise(MADV_MERGEABLE), so the host's KSM may share identical pages. */
   allocGuestMemory(size: number, mergeable?: boolean): ArrayBuffer;
+  /**
+   * Zeroed memory the addon and JavaScript share (a fast-read table, a
+   * sample ring), 64-byte aligned, 1 byte to 1 MiB. Node does not let it be
+   * transferred (a transfer copies it), and it is freed only once the
+   * ArrayBuffer is collected and every vCPU given a view of it has ended.
+   */
+  allocShared(size: number): ArrayBuffer;
   /** mmap of the vCPU's kvm_run area; unmapped when collected. */
   mapVcpuRun(vcpuFd: number, size: number): ArrayBuffer;
   /**
@@ -316,14 +323,14 @@ export interface NativeAddon {
   setClock(vmFd: number, ns: bigint): void;
   /**
    * Gives the vCPU thread a buffer for RIP samples: a BigUint64Array view
-   * where index 0 counts samples written and samples follow at 1.. (a ring
-   * when full).
+   * of allocShared memory (any other is refused) where index 0 counts
+   * samples written and samples follow at 1.. (a ring when full).
    */
   setSampleBuffer(handle: number, buf: BigUint64Array): void;
   /**
-   * Gives the vCPU the fast-read table (FastReadTable's slots): 1-byte port
-   * reads it answers without a report. Once per vCPU, while it runs or
-   * before.
+   * Gives the vCPU the fast-read table (FastReadTable's slots, a view of
+   * allocShared memory: any other is refused): 1-byte port reads it
+   * answers without a report. Once per vCPU, while it runs or before.
    */
   setFastReads(handle: number, table: Int32Array): void;
 

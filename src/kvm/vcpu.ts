@@ -314,9 +314,17 @@ export class Vcpu {
     if (this.handle !== undefined && this.running) this.addon.sampleVcpu(this.handle);
   }
 
-  setSampleBuffer(buf: BigUint64Array): void {
+  /**
+   * Gives the thread a ring for `slots` RIP samples, in memory the addon
+   * allocated, and returns it: index 0 counts the samples written (see
+   * {@link sample}), 1..slots hold them. A new ring replaces the last.
+   */
+  sampleRing(slots: number): BigUint64Array {
     if (this.handle === undefined) throw new VcpuError(this.id, 'not started');
-    this.addon.setSampleBuffer(this.handle, buf);
+    if (!Number.isInteger(slots) || slots < 1) throw new RangeError(`a sample ring needs at least 1 slot, not ${slots}`);
+    const ring = new BigUint64Array(this.addon.allocShared((slots + 1) * BigUint64Array.BYTES_PER_ELEMENT));
+    this.addon.setSampleBuffer(this.handle, ring);
+    return ring;
   }
 
   /** Lets the addon answer the table's port reads itself (see FastReadTable). Once, after start. */

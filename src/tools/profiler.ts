@@ -375,7 +375,8 @@ export interface SampledVcpu {
   readonly id: number;
   readonly running: boolean;
   sample(): void;
-  setSampleBuffer(buf: BigUint64Array): void;
+  /** Gives the vCPU's thread a ring of `slots` samples, and returns it: index 0 counts the samples written, 1..slots hold them. */
+  sampleRing(slots: number): BigUint64Array;
 }
 
 interface Sampler {
@@ -482,9 +483,7 @@ export class Profiler implements VmObserver {
       vcpus.map((v) => v.id),
     );
     this.samplers = vcpus.map((vcpu) => {
-      const ring = new BigUint64Array(RING_SLOTS + 1);
-      vcpu.setSampleBuffer(ring);
-      return { vcpu, ring, read: 0 };
+      return { vcpu, ring: vcpu.sampleRing(RING_SLOTS), read: 0 };
     });
     this.startedAt = performance.now();
     this.nextTickAt = this.startedAt;

@@ -203,7 +203,7 @@ export async function buildMachine(config: MachineConfig, prepared: PreparedInpu
     managers.push(legacy, mmioDevices);
 
     // The UART's LSR, polled before each byte printed, answered in the addon.
-    const fastReads = config.coalescedIo !== false ? new FastReadTable() : undefined;
+    const fastReads = config.coalescedIo !== false ? FastReadTable.shared(kvm.addon) : undefined;
     const { consoleStream, serial, hvc } = await consoleDevices(legacy, consoleKind, serialTarget, observers, events, log, fastReads);
     const pit = legacyDevices(legacy, config, events, log);
     const acpiOn = config.acpi !== false;

@@ -15,7 +15,8 @@ import { connect, createServer } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CONTINUE, STOP } from '../../src/kvm/exits.js';
 import { Kvm } from '../../src/kvm/kvm.js';
-import { FastReadTable } from '../../src/kvm/fast-reads.js';
+import { FAST_READ_SLOTS, FastReadTable } from '../../src/kvm/fast-reads.js';
+import { native } from '../../src/kvm/native.js';
 import { TinyGuest } from '../../src/kvm/probe.js';
 import { withTimeout } from '../helpers/assert.js';
 import { kvmUnavailable } from '../helpers/guest.js';
@@ -129,8 +130,7 @@ describe.skipIf(noKvm !== undefined)(`a vCPU on the event loop${noKvm ? ` (skipp
     let wrote!: () => void;
     const firstExit = new Promise<void>((r) => (wrote = r));
     const guest = spinningGuest(() => wrote());
-    const ring = new BigUint64Array(8);
-    guest.vcpu.setSampleBuffer(ring);
+    const ring = guest.vcpu.sampleRing(7);
     // Past its port write, the guest spins on the jmp (a fixed 50 ms was not enough in the emulated AMD-V host).
     await withGuard(firstExit, 'the port write');
     await new Promise((r) => setTimeout(r, 50));
@@ -252,7 +252,7 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
     }
 
     it('answers every read from the published value, without an exit', async () => {
-      const table = new FastReadTable();
+      const table = FastReadTable.shared(native());
       table.add(0x3fd).publish(7);
       // setFastReads comes just after start: on a vCPU thread the first
       // reads may still exit, and TypeScript answers them with the same 7.
@@ -263,7 +263,7 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(
     });
 
     it('lets the reads reach TypeScript while no value is published, and follows the value as it changes', async () => {
-      const table = new FastReadTable();
+      const table = FastReadTable.shared(native());
       const mirror = table.add(0x3fd);
       // TypeScript answers 1; from its 100th read on it publishes 3, and the rest never exit.
       const { sum, readsSeen } = await run(table, (n) => {
@@ -312,6 +312,54 @@ describe.skipIf(noKvm !== undefined).each(['thread', 'loop'] as const)(`the addo
     } else {
       expect(names).not.toContain('tsvmm-vcpu0'); // vCPU 0 runs on the main thread
       expect(names.filter((n) => n === 'tsvmm-watcher')).toHaveLength(1);
+    }
+  });
+});
+
+describe.skipIf(noKvm !== undefined)(`memory the addon shares with JavaScript${noKvm ? ` (skipped: ${noKvm})` : ''}`, () => {
+  const guests = guestPerTest();
+
+  it('is refused when JavaScript allocated it, for a fast-read table, a sample ring and guest RAM', () => {
+    const addon = native();
+    const guest = guests.create(OUT_THEN_SPIN);
+    guest.vcpu.start({ onExit: () => STOP, onError: () => {}, on: 'thread' });
+    const handle = (guest.vcpu as unknown as { handle: number }).handle;
+    // A plain array could be transferred away and collected while the vCPU thread writes it.
+    expect(() => addon.setFastReads(handle, new Int32Array(FAST_READ_SLOTS))).toThrow(/fast-read table must be a view of memory from allocShared/);
+    expect(() => addon.setSampleBuffer(handle, new BigUint64Array(8))).toThrow(/sample buffer must be a view of memory from allocShared/);
+    // A view too short for the table, even of shared memory.
+    expect(() => addon.setFastReads(handle, new Int32Array(addon.allocShared(FAST_READ_SLOTS * 4), 8, FAST_READ_SLOTS - 2))).toThrow(
+      `fast-read table needs ${FAST_READ_SLOTS} slots`,
+    );
+    // A memory slot over a buffer the collector may free, or over a vCPU's kvm_run.
+    const vm = guest.vm;
+    expect(() => addon.setUserMemoryRegion(vm.fd, 9, 0, 0x100000, new ArrayBuffer(4096), 0, 4096)).toThrow(
+      /memory must be an ArrayBuffer from allocGuestMemory/,
+    );
+    const run = addon.mapVcpuRun(guest.vcpu.fd, 4096);
+    expect(() => addon.setUserMemoryRegion(vm.fd, 9, 0, 0x100000, run, 0, 4096)).toThrow(/memory must be an ArrayBuffer from allocGuestMemory/);
+    addon.unmap(run);
+    const ram = addon.allocGuestMemory(4096);
+    addon.unmap(ram);
+    expect(() => addon.setUserMemoryRegion(vm.fd, 9, 0, 0x100000, ram, 0, 4096)).toThrow(
+      'memory region must be a non-empty page-aligned range inside the buffer',
+    ); // unmapped: detached, 0 bytes
+  });
+
+  it('stays with its owner when JavaScript transfers it: a transfer copies it, or is refused', () => {
+    const table = FastReadTable.shared(native());
+    table.add(0x3fd).publish(0x60);
+    let copy: Int32Array | undefined;
+    try {
+      copy = structuredClone(table.slots, { transfer: [table.slots.buffer as ArrayBuffer] });
+    } catch (err) {
+      expect((err as Error).name).toBe('DataCloneError'); // Node 21 and later refuse the transfer
+    }
+    expect(table.slots.length).toBe(FAST_READ_SLOTS);
+    expect(table.slots.buffer.byteLength).toBe(FAST_READ_SLOTS * 4);
+    if (copy) {
+      expect(copy.buffer).not.toBe(table.slots.buffer);
+      expect(Array.from(copy)).toEqual(Array.from(table.slots));
     }
   });
 });

@@ -257,8 +257,9 @@ class FakeVcpu implements SampledVcpu {
     readonly id: number,
     private readonly rips: () => bigint[],
   ) {}
-  setSampleBuffer(buf: BigUint64Array): void {
-    this.ring = buf;
+  sampleRing(slots: number): BigUint64Array {
+    this.ring = new BigUint64Array(slots + 1);
+    return this.ring;
   }
   sample(): void {
     this.kicks++;
