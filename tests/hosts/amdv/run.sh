@@ -112,12 +112,20 @@ mapfile -t shares < <(
   [[ -z $results ]] || share results "$results"
   [[ -z ${cwd_share:-} ]] || share cwd "$cwd_share" readonly
 )
+# A hung L1 kernel panics, and so ends QEMU (panic=-1, -no-reboot), instead
+# of holding the run until --timeout: a CPU stuck in the kernel for 60 s
+# (the soft-lockup watchdog at twice watchdog_thresh), or a task blocked
+# for 120 s (the hung-task detector). Under the emulator, L1's kernel has
+# hung both ways: a TLB-flush IPI that another CPU never answered (a CPU
+# stuck in smp_call_function_many_cond for 400 s and more, 2026-12-06),
+# and kvm_destroy_vm waiting on kthread_stop (2026-12-03).
+l1_hang_panics="softlockup_panic=1 watchdog_thresh=30 hung_task_panic=1"
 qemu=(qemu-system-x86_64
   -machine q35 -accel "tcg,thread=$tcg_threads" -cpu EPYC,+svm,+npt,-xsave
   -smp "$smp" -m "$memory"
   -nodefaults -no-user-config -display none -no-reboot
   -kernel "$l1/vmlinux" -initrd "$l1/initrd.gz"
-  -append "console=ttyS0 panic=-1 tsc=reliable"
+  -append "console=ttyS0 panic=-1 tsc=reliable $l1_hang_panics"
   -chardev "file,id=con,path=$(esc "$console")" -serial chardev:con
   "${shares[@]}"
   -device virtio-rng-pci)

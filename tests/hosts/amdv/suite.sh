@@ -6,7 +6,8 @@
 #
 # L1 is QEMU's TCG emulating a whole machine, and now and then its kernel
 # dies under the emulator (a lockup or a "stack guard page was hit" in its
-# own exception entry, with no L2 code on the stack). When that happens
+# own exception entry, with no L2 code on the stack), or hangs, which its
+# kernel command line turns into a panic (run.sh). When that happens
 # (run.sh exits 125), the test files that had not ended run again in a
 # fresh L1, up to TSVMM_AMDV_ATTEMPTS times in all (default 3); the same
 # when vitest's main process dies of SIGSEGV there (exit 139), which runs
