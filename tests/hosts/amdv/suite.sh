@@ -9,7 +9,7 @@
 # own exception entry, with no L2 code on the stack), or hangs, which its
 # kernel command line turns into a panic (run.sh). When that happens
 # (run.sh exits 125), the test files that had not ended run again in a
-# fresh L1, up to TSVMM_AMDV_ATTEMPTS times in all (default 3); the same
+# fresh L1, up to TSVMM_AMDV_ATTEMPTS times in all (default 5); the same
 # when vitest's main process dies of SIGSEGV there (exit 139), which runs
 # no VMM code. A test that fails is never run again: only files L1 did not
 # let finish are.
@@ -42,7 +42,7 @@ cd "$repo"
 vitest=(npx vitest run --maxWorkers=1 --minWorkers=1 --reporter=default --reporter=./tests/hosts/amdv/recorder.ts)
 (($#)) && exec "$here/run.sh" -- "${vitest[@]}" "$@"
 
-attempts=${TSVMM_AMDV_ATTEMPTS:-3}
+attempts=${TSVMM_AMDV_ATTEMPTS:-5}
 [[ $attempts =~ ^[1-9][0-9]*$ ]] || die "TSVMM_AMDV_ATTEMPTS must be a positive number, not '$attempts'"
 files=(tests/boot/*.test.ts tests/cli/*.test.ts)
 record=$(mktemp -d "${TMPDIR:-/tmp}/tsvmm-amdv-record.XXXXXX")
