@@ -482,9 +482,7 @@ export class Profiler implements VmObserver {
       this.symbols,
       vcpus.map((v) => v.id),
     );
-    this.samplers = vcpus.map((vcpu) => {
-      return { vcpu, ring: vcpu.sampleRing(RING_SLOTS), read: 0 };
-    });
+    this.samplers = vcpus.map((vcpu) => ({ vcpu, ring: vcpu.sampleRing(RING_SLOTS), read: 0 }));
     this.startedAt = performance.now();
     this.nextTickAt = this.startedAt;
     this.schedule();

@@ -14,7 +14,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { probeHostOnce } from '../../src/kvm/probe.js';
 import { fixtures, type Fixtures } from '../../fixtures/index.js';
 import { hardwareVirtUnavailable, inEmulatedAmdvHost, retryEmulatorFault, RETRY_TIMEOUT_MS } from '../helpers/host.js';
-import { PROMPT, kvmUnavailable, describeCli, runCli, testCmdline, until } from '../helpers/guest.js';
+import { CRASH_SIGNALS, PROMPT, kvmUnavailable, describeCli, runCli, testCmdline, until } from '../helpers/guest.js';
 import { withTimeout } from '../helpers/assert.js';
 
 const noKvm = kvmUnavailable();
@@ -59,12 +59,12 @@ async function stopSinks(): Promise<void> {
 }
 
 /**
- * Signals that end a helper Node process in the emulated AMD-V host on
- * their own: there, now and then a Node process dies in V8's JIT code
- * before it has done anything (the emulator's fault: bench/README.md,
- * 2026-12-03, and tests/hosts/amdv/README.md).
+ * How many times the TCP sink is started while it dies of a crash signal
+ * ({@link CRASH_SIGNALS}) in the emulated AMD-V host: there, now and then
+ * a Node process dies in V8's JIT code before it has done anything (the
+ * emulator's fault: bench/README.md, 2026-12-03, and
+ * tests/hosts/amdv/README.md).
  */
-const L1_CRASH_SIGNALS = new Set(['SIGSEGV', 'SIGBUS', 'SIGILL', 'SIGTRAP']);
 const SINK_ATTEMPTS = 3;
 
 /**
@@ -81,7 +81,7 @@ async function startSink(): Promise<{ result: Promise<string> }> {
   for (let attempt = 1; ; attempt++) {
     const started = await startSinkOnce();
     if ('result' in started) return started;
-    const retry = inEmulatedAmdvHost && started.signal !== null && L1_CRASH_SIGNALS.has(started.signal) && attempt < SINK_ATTEMPTS;
+    const retry = inEmulatedAmdvHost && started.signal !== null && CRASH_SIGNALS.has(started.signal) && attempt < SINK_ATTEMPTS;
     if (!retry) throw new Error(started.message);
     console.warn(`[amdv] starting the TCP sink again (attempt ${attempt + 1} of ${SINK_ATTEMPTS}): ${started.message}`);
   }

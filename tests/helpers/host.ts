@@ -5,7 +5,7 @@
  * again inside the emulated AMD-V host (tests/hosts/amdv/), where they run.
  */
 import { probeHostOnce } from '../../src/kvm/probe.js';
-import { BOOT_TIMEOUT_MS, consolesSeen, endingsSeen, kvmUnavailable } from './guest.js';
+import { BOOT_TIMEOUT_MS, CRASH_SIGNALS, consolesSeen, endingsSeen, kvmUnavailable } from './guest.js';
 
 /** How many times a boot test runs at most while each failure shows the emulator's fault. */
 export const EMULATOR_FAULT_ATTEMPTS = 3;
@@ -72,7 +72,7 @@ export const L1_GUEST_TRIPLE_FAULT = /guest triple fault \(the CPU reset itself\
  * so a crash of tsvmm's own code still shows: every boot test runs on the
  * PVM host too.
  */
-export const L1_PROCESS_CRASH = /\[the tsvmm process died of SIG(SEGV|BUS|ILL|TRAP)\]/;
+export const L1_PROCESS_CRASH = new RegExp(`\\[the tsvmm process died of (${[...CRASH_SIGNALS].join('|')})\\]`);
 
 /** True inside the emulated AMD-V host (tests/hosts/amdv/run.sh sets it). */
 export const inEmulatedAmdvHost = process.env.TSVMM_AMDV_L1 === '1';
